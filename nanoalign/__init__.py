@@ -1,0 +1,1 @@
+"""nanoalign: preference alignment for LLaVA-style vision-language models."""
