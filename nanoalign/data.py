@@ -1,0 +1,484 @@
+"""Data: one loader per published format -> `Example` records, counted skip reasons, DDPO token weights.
+
+`load_examples(path, fmt, image_root=None, strict=False) -> (examples, SkipCounts)` with fmt one of
+
+  rlhfv       RLHF-V parquet (openbmb/RLHF-V-Dataset): `image` {bytes, path} struct, `text` a JSON string with
+              question / chosen / rejected. prompt = "<image>\\n" + question. Needs pyarrow.
+  povid       POVID JSON list: {id, image, conversations: [{from: human, value: "<image>\\n..."}, {from: gpt, value}],
+              rejected_conversations: [...]}. Images under image_root. chosen / rejected = the first gpt turn of each.
+  vlfeedback  VLFeedback JSONL: {id, prompt, img_path, completions: [{model, response, annotations: {Helpfulness,
+              Visual Faithfulness, Ethical Considerations: {Rating, Rationale}}}]}. Every C(n, 2) pair of completions,
+              ranked by the mean of the three ratings; ties skipped and counted (`rating_tie`, not an error in strict
+              mode: they are part of the pairing rule); a completion with a missing or non-numeric rating is left out
+              of every pair and counted (`nonnumeric_rating`).
+  llava       LLaVA-Instruct JSON list for SFT: prompt = first human turn, chosen = first gpt turn, rejected None.
+              Multi-turn rows: only the first exchange is the example; the later (human, gpt) turns are kept in
+              extra["later_turns"] (nothing is skipped or counted for them). Rows without `image` are text-only.
+  prefs       generic preference JSONL (what the project's data tools write): {image, prompt, chosen, rejected,
+              [chosen_segments], [rejected_segments], [id], ...}; segments are [[start, end), ...] character spans of
+              the response; every other key is kept in extra.
+
+`<image>` placeholder: the prompt of an example with an image holds `<image>` exactly once; a text-only prompt holds
+none. Only rlhfv and vlfeedback prepend "<image>\\n" when it is absent, because their published text never carries
+the placeholder (the image is a separate field); povid, llava and prefs must already have it (else `no_image_token`).
+
+Image paths: relative paths are resolved against image_root (default: the data file's folder) and must stay inside
+it after resolving symlinks (else `path_escape`). With image_root=None an absolute path is accepted as is. At load
+time only existence and a cheap PIL header check (`Image.open(...).verify()`) are done; pixels are decoded later by
+`load_image`.
+
+Bad rows are skipped and counted per reason (SKIP_REASONS); strict=True raises ValueError naming file, row and reason
+at the first bad row; a file with no usable example raises ValueError with the counts.
+"""
+from __future__ import annotations
+
+import difflib
+import io
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+FORMATS = ("rlhfv", "povid", "vlfeedback", "llava", "prefs")
+IMAGE_TOKEN = "<image>"
+SKIP_REASONS = {
+    "malformed_json": "malformed JSON line",
+    "missing_field": "missing or mistyped field",
+    "missing_image": "missing image file",
+    "unreadable_image": "unreadable image",
+    "path_escape": "image path escapes image_root",
+    "no_image_token": "no <image> in the prompt of an example with an image",
+    "extra_image_token": "<image> more than once, or in a prompt without image",
+    "empty_chosen": "empty chosen",
+    "empty_rejected": "empty rejected",
+    "chosen_equals_rejected": "chosen identical to rejected",
+    "nonnumeric_rating": "missing or non-numeric rating (completion left out)",
+    "rating_tie": "tied ratings (pair skipped)",
+    "bad_segments": "segment spans not [start, end) inside the response",
+}
+NOT_FATAL = {"rating_tie"}  # reasons that strict mode does not turn into errors
+
+
+@dataclass
+class Example:
+    id: str
+    image: Any  # path str (resolved), bytes, PIL.Image, or None for text-only
+    prompt: str  # holds "<image>" once iff there is an image
+    chosen: str
+    rejected: str | None = None  # None for SFT rows
+    chosen_segments: list[tuple[int, int]] | None = None  # character spans [start, end) of chosen
+    rejected_segments: list[tuple[int, int]] | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class SkipCounts(Counter):
+    """Counter reason -> number of skipped rows (or pairs / completions), with the first few row labels of each."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows: dict[str, list[str]] = {}
+
+    def add(self, reason: str, row: str) -> None:
+        self[reason] += 1
+        self.rows.setdefault(reason, [])
+        if len(self.rows[reason]) < 5:
+            self.rows[reason].append(row)
+
+    def total(self) -> int:
+        return sum(self.values())
+
+    def __str__(self) -> str:
+        if not self:
+            return "skipped: none"
+        return "\n".join(f"skipped {n}: {SKIP_REASONS.get(r, r)} [{r}] (e.g. {', '.join(self.rows.get(r, []))})"
+                         for r, n in sorted(self.items()))
+
+
+class _BadRow(Exception):
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(reason)
+        self.reason, self.detail = reason, detail
+
+
+class _Ctx:
+    """Per-file state: where images live, the counts, strict mode."""
+
+    def __init__(self, path: str, image_root: str | None, strict: bool, verify_images: bool):
+        self.path, self.strict, self.verify = path, strict, verify_images
+        self.explicit_root = image_root is not None
+        self.root = os.path.realpath(image_root if image_root is not None else os.path.dirname(os.path.abspath(path)))
+        self.counts = SkipCounts()
+        self.checked: dict[str, _BadRow | None] = {}  # image path -> verify result (rows often share images)
+
+    def skip(self, row: str, reason: str, detail: str = "") -> None:
+        if self.strict and reason not in NOT_FATAL:
+            raise ValueError(f"{self.path}: {row}: {SKIP_REASONS[reason]} [{reason}]{': ' + detail if detail else ''}")
+        self.counts.add(reason, row)
+
+    def image_path(self, raw: Any) -> str:
+        """Resolve and check an image path from the data; raises _BadRow."""
+        if not isinstance(raw, str) or not raw.strip():
+            raise _BadRow("missing_field", "image path is not a non-empty string")
+        if os.path.isabs(raw) and not self.explicit_root:
+            full = os.path.realpath(raw)
+        else:
+            full = os.path.realpath(os.path.join(self.root, raw))
+            if os.path.commonpath([full, self.root]) != self.root:
+                raise _BadRow("path_escape", f"{raw!r} is outside {self.root}")
+        if not os.path.isfile(full):
+            raise _BadRow("missing_image", full)
+        if self.verify:
+            if full not in self.checked:
+                try:
+                    _verify_image(full)
+                    self.checked[full] = None
+                except _BadRow as e:
+                    self.checked[full] = e
+            if self.checked[full] is not None:
+                raise self.checked[full]
+        return full
+
+
+def _verify_image(src: Any) -> None:
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
+            im.verify()
+    except Exception as e:  # PIL raises many kinds (UnidentifiedImageError, SyntaxError, OSError, ...)
+        raise _BadRow("unreadable_image", f"{type(e).__name__}: {e}") from None
+
+
+def load_image(example: Example, image_root: str | None = None):
+    """Decode the example's image to an RGB PIL image (relative paths are joined to image_root)."""
+    from PIL import Image
+
+    img = example.image
+    if img is None:
+        raise ValueError(f"example {example.id}: has no image")
+    if isinstance(img, Image.Image):
+        return img.convert("RGB")
+    try:
+        if isinstance(img, (bytes, bytearray)):
+            with Image.open(io.BytesIO(img)) as im:
+                return im.convert("RGB")
+        path = img if image_root is None or os.path.isabs(img) else os.path.join(image_root, img)
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"example {example.id}: cannot read image: {type(e).__name__}: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------------- checks
+
+def _text(row: dict, key: str) -> str:
+    v = row.get(key)
+    if not isinstance(v, str):
+        raise _BadRow("missing_field", f"{key!r} is {type(v).__name__}, expected a string")
+    return v
+
+
+def _check_pair(prompt: str, has_image: bool, chosen: str, rejected: str | None, prepend: bool = False) -> str:
+    """Validate an example's text; returns the (possibly prefixed) prompt. Raises _BadRow."""
+    n = prompt.count(IMAGE_TOKEN)
+    if has_image and n == 0 and prepend:
+        prompt, n = IMAGE_TOKEN + "\n" + prompt, 1
+    if has_image and n == 0:
+        raise _BadRow("no_image_token")
+    if n > 1 or (n == 1 and not has_image):
+        raise _BadRow("extra_image_token", f"{n} x <image>, image {'present' if has_image else 'absent'}")
+    if not chosen.strip():
+        raise _BadRow("empty_chosen")
+    if rejected is not None:
+        if not rejected.strip():
+            raise _BadRow("empty_rejected")
+        if chosen.strip() == rejected.strip():
+            raise _BadRow("chosen_equals_rejected")
+    return prompt
+
+
+def _segments(row: dict, key: str, text: str) -> list[tuple[int, int]] | None:
+    v = row.get(key)
+    if v is None:
+        return None
+    try:
+        spans = [(int(s), int(e)) for s, e in v]
+        ok = all(isinstance(s, int) and isinstance(e, int) for s, e in v)
+    except (TypeError, ValueError):
+        raise _BadRow("bad_segments", f"{key} is not a list of [start, end] pairs") from None
+    if not ok or any(not (0 <= s < e <= len(text)) for s, e in spans):
+        raise _BadRow("bad_segments", f"{key}={v!r} not inside [0, {len(text)}]")
+    return spans
+
+
+def _turns(conv: Any, who: str) -> list[str]:
+    if not isinstance(conv, list):
+        raise _BadRow("missing_field", "conversations is not a list")
+    return [t["value"] for t in conv if isinstance(t, dict) and t.get("from") == who and isinstance(t.get("value"), str)]
+
+
+# ---------------------------------------------------------------------------------------------------- readers
+
+def _read_json_list(ctx: _Ctx) -> list[tuple[str, Any]]:
+    try:
+        with open(ctx.path) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{ctx.path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    if not isinstance(data, list):
+        raise ValueError(f"{ctx.path}: expected a JSON list of rows, found {type(data).__name__}")
+    return [(f"row {i}", r) for i, r in enumerate(data)]
+
+
+def _read_jsonl(ctx: _Ctx) -> list[tuple[str, Any]]:
+    rows = []  # a malformed line becomes a _BadRow in its place, so strict mode stops at the first bad row in order
+    with open(ctx.path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((f"line {n}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                rows.append((f"line {n}", _BadRow("malformed_json", f"{e.msg} at column {e.colno}")))
+    return rows
+
+
+def _read_parquet(ctx: _Ctx) -> list[tuple[str, Any]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ImportError(f"reading the RLHF-V parquet {ctx.path} needs pyarrow: pip install pyarrow") from None
+    try:
+        table = pq.read_table(ctx.path)
+    except Exception as e:
+        raise ValueError(f"{ctx.path}: not a readable parquet file ({type(e).__name__}: {e})") from None
+    return [(f"row {i}", r) for i, r in enumerate(table.to_pylist())]
+
+
+# ---------------------------------------------------------------------------------------------------- formats
+# each parser: (ctx, row_label, row) -> list[Example]; raises _BadRow for a bad row
+
+def _parse_rlhfv(ctx, label, row):
+    img = row.get("image")
+    data = img.get("bytes") if isinstance(img, dict) else img
+    if isinstance(data, (bytes, bytearray)) and data:
+        data = bytes(data)
+        if ctx.verify:
+            _verify_image(data)
+    elif isinstance(img, dict) and img.get("path"):  # no bytes inside: a path relative to image_root
+        data = ctx.image_path(img["path"])
+    else:
+        raise _BadRow("missing_image", "no image bytes")
+    try:
+        text = json.loads(row["text"]) if isinstance(row.get("text"), str) else row.get("text")
+    except json.JSONDecodeError as e:
+        raise _BadRow("malformed_json", f"text: {e.msg}") from None
+    if not isinstance(text, dict):
+        raise _BadRow("missing_field", "text is not a JSON object")
+    q, c, r = _text(text, "question"), _text(text, "chosen"), _text(text, "rejected")
+    prompt = _check_pair(q, True, c, r, prepend=True)
+    extra = {k: row[k] for k in ("ds_name", "origin_dataset", "origin_split", "image_path") if k in row}
+    return [Example(str(row.get("idx", label)), data, prompt, c, r, extra=extra)]
+
+
+def _parse_povid(ctx, label, row):
+    if not isinstance(row, dict):
+        raise _BadRow("missing_field", "row is not an object")
+    human, gpt = _turns(row.get("conversations"), "human"), _turns(row.get("conversations"), "gpt")
+    rej = _turns(row.get("rejected_conversations"), "gpt")
+    if not human or not gpt or not rej:
+        raise _BadRow("missing_field", "conversations / rejected_conversations lack a human or gpt turn")
+    image = ctx.image_path(row.get("image"))
+    prompt = _check_pair(human[0], True, gpt[0], rej[0])
+    return [Example(str(row.get("id", label)), image, prompt, gpt[0], rej[0])]
+
+
+def _parse_llava(ctx, label, row):
+    if not isinstance(row, dict):
+        raise _BadRow("missing_field", "row is not an object")
+    human, gpt = _turns(row.get("conversations"), "human"), _turns(row.get("conversations"), "gpt")
+    if not human or not gpt:
+        raise _BadRow("missing_field", "conversations lack a human or gpt turn")
+    image = ctx.image_path(row["image"]) if row.get("image") is not None else None
+    prompt = _check_pair(human[0], image is not None, gpt[0], None)
+    later = list(zip(human[1:], gpt[1:]))
+    return [Example(str(row.get("id", label)), image, prompt, gpt[0], None,
+                    extra={"later_turns": later} if later else {})]
+
+
+def _rating(completion: dict) -> float | None:
+    ann = completion.get("annotations")
+    if not isinstance(ann, dict):
+        return None
+    vals = []
+    for aspect in ("Helpfulness", "Visual Faithfulness", "Ethical Considerations"):
+        a = ann.get(aspect)
+        try:
+            vals.append(float(a["Rating"] if isinstance(a, dict) else a))
+        except (TypeError, ValueError, KeyError):
+            return None
+    return sum(vals) / 3 if all(v == v for v in vals) else None  # v == v rejects NaN
+
+
+def _parse_vlfeedback(ctx, label, row):
+    if not isinstance(row, dict):
+        raise _BadRow("missing_field", "row is not an object")
+    prompt, comps = _text(row, "prompt"), row.get("completions")
+    if not isinstance(comps, list):
+        raise _BadRow("missing_field", "completions is not a list")
+    image = ctx.image_path(row.get("img_path"))
+    scored = []
+    for k, c in enumerate(comps):
+        s = _rating(c) if isinstance(c, dict) else None
+        if s is None:
+            ctx.skip(f"{label} completion {k}", "nonnumeric_rating")
+        elif not isinstance(c.get("response"), str):
+            ctx.skip(f"{label} completion {k}", "missing_field", "response is not a string")
+        else:
+            scored.append((k, s, c))
+    out = []
+    for i in range(len(scored)):
+        for j in range(i + 1, len(scored)):
+            (ki, si, ci), (kj, sj, cj) = scored[i], scored[j]
+            pair = f"{label} pair ({ki},{kj})"
+            if si == sj:
+                ctx.skip(pair, "rating_tie")
+                continue
+            (kc, sc, cc), (kr, sr, cr) = (scored[i], scored[j]) if si > sj else (scored[j], scored[i])
+            try:
+                p = _check_pair(prompt, True, cc["response"], cr["response"], prepend=True)
+            except _BadRow as e:
+                ctx.skip(pair, e.reason, e.detail)
+                continue
+            out.append(Example(f"{row.get('id', label)}:{kc}>{kr}", image, p, cc["response"], cr["response"],
+                               extra={"chosen_model": cc.get("model"), "rejected_model": cr.get("model"),
+                                      "chosen_score": sc, "rejected_score": sr}))
+    return out
+
+
+PREFS_KEYS = ("id", "image", "prompt", "chosen", "rejected", "chosen_segments", "rejected_segments")
+
+
+def _parse_prefs(ctx, label, row):
+    if not isinstance(row, dict):
+        raise _BadRow("missing_field", "row is not an object")
+    prompt, chosen, rejected = _text(row, "prompt"), _text(row, "chosen"), _text(row, "rejected")
+    image = ctx.image_path(row["image"]) if row.get("image") is not None else None
+    prompt = _check_pair(prompt, image is not None, chosen, rejected)
+    cs, rs = _segments(row, "chosen_segments", chosen), _segments(row, "rejected_segments", rejected)
+    extra = {k: v for k, v in row.items() if k not in PREFS_KEYS}
+    return [Example(str(row.get("id", label)), image, prompt, chosen, rejected, cs, rs, extra)]
+
+
+_FORMATS = {"rlhfv": (_read_parquet, _parse_rlhfv), "povid": (_read_json_list, _parse_povid),
+            "vlfeedback": (_read_jsonl, _parse_vlfeedback), "llava": (_read_json_list, _parse_llava),
+            "prefs": (_read_jsonl, _parse_prefs)}
+
+
+def load_examples(path: str, fmt: str, image_root: str | None = None, strict: bool = False,
+                  verify_images: bool = True) -> tuple[list[Example], SkipCounts]:
+    """Read a data file of format `fmt` (see the module docstring) -> (examples, skip counts)."""
+    if fmt not in _FORMATS:
+        raise ValueError(f"unknown data format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data file {path} not found")
+    if image_root is not None and not os.path.isdir(image_root):
+        raise FileNotFoundError(f"image root {image_root} is not a directory")
+    ctx = _Ctx(path, image_root, strict, verify_images)
+    read, parse = _FORMATS[fmt]
+    rows = read(ctx)
+    examples: list[Example] = []
+    for label, row in rows:
+        try:
+            if isinstance(row, _BadRow):
+                raise row
+            examples.extend(parse(ctx, label, row))
+        except _BadRow as e:
+            ctx.skip(label, e.reason, e.detail)
+        except (KeyError, TypeError, AttributeError) as e:  # a row of the wrong shape
+            ctx.skip(label, "missing_field", f"{type(e).__name__}: {e}")
+    if not examples:
+        counts = ", ".join(f"{r}={n}" for r, n in sorted(ctx.counts.items())) or "the file has no rows"
+        raise ValueError(f"{path}: no usable example in {len(rows)} rows (format {fmt}); skipped: {counts}")
+    return examples, ctx.counts
+
+
+# ---------------------------------------------------------------------------------------------------- DDPO weights
+
+def ddpo_token_weights(chosen_ids: list[int], rejected_ids: list[int], gamma: float, min_match: int = 3,
+                       autojunk: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token DDPO weights of the two responses from a token-level diff (RLHF-V rule).
+
+    RLHF-V (Yu et al. 2024, shared/papers/001_b3fc2a759b82d26f.txt, Eq. 5) scores a response as
+        log pi(y|x) = (1/N) [ sum_{y_i in y_u} log p(y_i|.) + gamma * sum_{y_i in y_c} log p(y_i|.) ],
+        N = |y_u| + gamma |y_c|,
+    y_c = tokens of corrected segments, y_u = unchanged tokens. With w_i = gamma on y_c and 1 on y_u this is
+    sum_i w_i log p_i / sum_i w_i (the "average" form; the sum form drops the division -- the caller's flag).
+
+    The corrected segments are not stored in the data; as in RLHF-V's public code (thunlp/Muffin) they are found by
+    diffing the token ids: difflib.SequenceMatcher(None, rejected, chosen) (autojunk as difflib's default), matching
+    blocks shorter than `min_match` tokens dropped, the gaps between the remaining blocks (and before the first /
+    after the last) are modified spans; a gap non-empty on both sides gets weight gamma on its tokens on both sides,
+    a pure insertion or deletion keeps weight 1. Ids are the response tokens only.
+    Returns (w_chosen (len(chosen_ids),), w_rejected (len(rejected_ids),)) float32.
+    """
+    rej, cho = list(rejected_ids), list(chosen_ids)
+    w_c, w_r = torch.ones(len(cho)), torch.ones(len(rej))
+    blocks = difflib.SequenceMatcher(None, rej, cho, autojunk=autojunk).get_matching_blocks()
+    kept = [b for b in blocks[:-1] if b.size >= min_match] + [blocks[-1]]  # last = (len(rej), len(cho), 0)
+    r0 = c0 = 0
+    for b in kept:
+        if b.a > r0 and b.b > c0:  # gap non-empty on both sides: a modified span
+            w_r[r0:b.a] = gamma
+            w_c[c0:b.b] = gamma
+        r0, c0 = b.a + b.size, b.b + b.size
+    return w_c, w_r
+
+
+def span_token_weights(offsets: list[tuple[int, int]], spans: list[tuple[int, int]] | None,
+                       gamma: float) -> torch.Tensor:
+    """Weights (len(offsets),) float32 from explicit character spans: a token whose character range
+    [start, end) (from the tokenizer's encoding of the response) overlaps any span [s, e) gets gamma, others 1.
+    Zero-width tokens (special tokens) keep 1."""
+    w = torch.ones(len(offsets))
+    for i, (a, b) in enumerate(offsets):
+        if b > a and any(a < e and s < b for s, e in spans or ()):
+            w[i] = gamma
+    return w
+
+
+def example_token_weights(example: Example, chosen_ids: list[int], rejected_ids: list[int], gamma: float,
+                          chosen_offsets: list[tuple[int, int]] | None = None,
+                          rejected_offsets: list[tuple[int, int]] | None = None,
+                          min_match: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """DDPO weights for one pair: from the example's character spans when it has them (and offsets are given),
+    else from the token diff. A side without spans in a pair that has them keeps weight 1."""
+    has_spans = example.chosen_segments is not None or example.rejected_segments is not None
+    if has_spans and chosen_offsets is not None and rejected_offsets is not None:
+        return (span_token_weights(chosen_offsets, example.chosen_segments, gamma),
+                span_token_weights(rejected_offsets, example.rejected_segments, gamma))
+    return ddpo_token_weights(chosen_ids, rejected_ids, gamma, min_match)
+
+
+def write_prefs(path: str, examples: list[Example]) -> None:
+    """Write examples as `prefs` JSONL (image paths as given; bytes / PIL images must be saved to files first).
+    Written to a temporary name, then renamed."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        for e in examples:
+            if e.image is not None and not isinstance(e.image, str):
+                raise ValueError(f"write_prefs: example {e.id} holds its image as {type(e.image).__name__}; "
+                                 "save it to a file and store the path")
+            if e.rejected is None:
+                raise ValueError(f"write_prefs: example {e.id} has no rejected response")
+            row = {**e.extra, "id": e.id, "image": e.image, "prompt": e.prompt, "chosen": e.chosen,
+                   "rejected": e.rejected}
+            if e.chosen_segments is not None:
+                row["chosen_segments"] = [list(x) for x in e.chosen_segments]
+            if e.rejected_segments is not None:
+                row["rejected_segments"] = [list(x) for x in e.rejected_segments]
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
