@@ -1,0 +1,352 @@
+"""Image preprocessing for LLaVA-1.5 and LLaVA-1.6 (AnyRes), in PIL + numpy + torch (no torchvision).
+
+LLaVA-1.5 ("llava"):  [pad to square with the CLIP mean colour (122, 116, 104)] -> resize the shortest side to
+    `size` (PIL bicubic) -> center crop S x S -> x / 255 -> (x - mean) / std.          pixel_values (B, 3, S, S)
+LLaVA-1.6 ("llava_next", AnyRes): pick the best pinpoint (h*, w*) from `image_grid_pinpoints` (largest effective
+    resolution, then least waste), resize keeping the aspect ratio to fit (h*, w*), pad with black (centered) to
+    exactly (h*, w*), cut into (h*/S) x (w*/S) tiles of S x S (row-major), and put the whole image squashed to S x S
+    in front; every tile then goes through resize/crop/rescale/normalize.  pixel_values (B, n_max, 3, S, S), images
+    with fewer tiles padded with zeros; image_sizes (B, 2) = (height, width) of the original image.
+
+Numerics vs transformers 5.x: its `LlavaImageProcessor` / `LlavaNextImageProcessor` need torchvision (not installed
+here); the PIL-backend variants `LlavaImageProcessorPil` / `LlavaNextImageProcessorPil` run, and they are what we
+match. Both resize uint8 images with PIL bicubic (`Image.resize`, resample=3), pad/crop in uint8, rescale in float64
+then cast to float32 and normalize in float32 -- the same operations in the same order as here, so the outputs are
+bit-identical (max abs error 0.0, checked in tests/test_image.py over square/non-square images and several pinpoint
+grids). Versus the torchvision ("fast") backend, which resizes float tensors with torch's antialiased bicubic,
+differences of a few 1/255 steps (about 0.01-0.05 after normalization) are expected at edges; that backend cannot
+be run here, so this number is not measured.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+PREPROCESSOR_FILE = "preprocessor_config.json"
+
+
+def _cfg_get(cfg, *path, default=None):
+    """Read cfg.a.b (dataclass/object) or cfg["a"]["b"] (dict); `default` when any step is missing or None."""
+    cur = cfg
+    for key in path:
+        if cur is None:
+            return default
+        cur = cur.get(key) if isinstance(cur, dict) else getattr(cur, key, None)
+    return default if cur is None else cur
+
+
+def select_best_resolution(image_size: tuple[int, int], pinpoints: list) -> tuple[int, int]:
+    """AnyRes pinpoint choice. image_size and pinpoints are (height, width).
+
+    For each (h*, w*): scale = min(w*/w, h*/h); effective = min(int(w*scale) * int(h*scale), w*h);
+    wasted = h*w* - effective. Keep the largest effective, ties broken by the smallest waste (first one wins).
+    """
+    h, w = image_size
+    best, best_eff, best_waste = None, -1, math.inf
+    for ph, pw in pinpoints:
+        scale = min(pw / w, ph / h)
+        eff = min(int(w * scale) * int(h * scale), w * h)
+        waste = ph * pw - eff
+        if eff > best_eff or (eff == best_eff and waste < best_waste):
+            best, best_eff, best_waste = (int(ph), int(pw)), eff, waste
+    return best
+
+
+def _fit_size(image_size: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:
+    """(height, width) after resizing to fit inside target keeping the aspect ratio (ceil, clamped)."""
+    h, w = image_size
+    th, tw = target
+    sw, sh = tw / w, th / h
+    if sw < sh:
+        return min(math.ceil(h * sw), th), tw
+    return th, min(math.ceil(w * sh), tw)
+
+
+def unpadded_grid(image_size: tuple[int, int], grid_h: int, grid_w: int) -> tuple[int, int]:
+    """Rows and columns of the AnyRes feature grid (grid_h x grid_w) left after removing the rows/columns that
+    only cover the black padding of a (height, width) image -- the same arithmetic as LLaVA-NeXT's unpad_image."""
+    h, w = image_size
+    if w / h > grid_w / grid_h:  # wider than the grid: padding rows top and bottom
+        new_h = int(round(h * (grid_w / w), 7))
+        grid_h -= 2 * ((grid_h - new_h) // 2)
+    else:
+        new_w = int(round(w * (grid_h / h), 7))
+        grid_w -= 2 * ((grid_w - new_w) // 2)
+    return grid_h, grid_w
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """RGB, compositing any transparency onto white (as transformers does)."""
+    if "A" in img.getbands() or img.info.get("transparency") is not None:
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+@dataclass
+class ImageProcessor:
+    model_type: str = "llava"                  # "llava" (1.5) | "llava_next" (1.6 AnyRes)
+    size: dict = field(default_factory=lambda: {"shortest_edge": 336})  # or {"height": h, "width": w}
+    crop_size: int = 336                       # S: side of every square fed to the vision tower
+    patch_size: int = 14                       # vision tower patch (for token counts)
+    vision_feature_select_strategy: str = "default"  # "default" drops CLS, "full" keeps it
+    image_grid_pinpoints: list | None = None   # [[h, w], ...] for llava_next
+    image_mean: tuple = CLIP_MEAN
+    image_std: tuple = CLIP_STD
+    rescale_factor: float = 1 / 255
+    resample: int = 3                          # PIL.Image.BICUBIC
+    pad_to_square: bool = True                 # llava only: LLaVA-1.5's expand2square with the mean colour
+    do_resize: bool = True
+    do_center_crop: bool = True
+    do_rescale: bool = True
+    do_normalize: bool = True
+
+    def __post_init__(self):
+        if self.model_type not in ("llava", "llava_next"):
+            raise ValueError(f"ImageProcessor: model_type {self.model_type!r} is not 'llava' or 'llava_next'")
+        if self.vision_feature_select_strategy not in ("default", "full"):
+            raise ValueError(f"ImageProcessor: vision_feature_select_strategy "
+                             f"{self.vision_feature_select_strategy!r} is not 'default' or 'full'")
+        if self.model_type == "llava_next":
+            if not self.image_grid_pinpoints:
+                raise ValueError("ImageProcessor: llava_next needs image_grid_pinpoints")
+            for p in self.image_grid_pinpoints:
+                if len(p) != 2 or p[0] % self.crop_size or p[1] % self.crop_size:
+                    raise ValueError(f"ImageProcessor: image_grid_pinpoints entry {p} is not a multiple of "
+                                     f"crop_size {self.crop_size}")
+            self.image_grid_pinpoints = [[int(a), int(b)] for a, b in self.image_grid_pinpoints]
+        if len(self.image_mean) != 3 or len(self.image_std) != 3:
+            raise ValueError("ImageProcessor: image_mean and image_std need 3 values")
+        self.image_mean, self.image_std = tuple(self.image_mean), tuple(self.image_std)
+
+    # ------------------------------------------------------------------ construction / saving
+    @classmethod
+    def from_dict(cls, d: dict, model_config=None) -> "ImageProcessor":
+        """From a transformers preprocessor_config.json dict (LlavaImageProcessor, LlavaNextImageProcessor or
+        CLIPImageProcessor keys). The model config (LlavaConfig or config.json dict), when given, decides
+        model_type, patch_size and the select strategy; otherwise the dict's own keys or the defaults do."""
+        kind = str(d.get("image_processor_type", ""))
+        model_type = _cfg_get(model_config, "model_type") or d.get("model_type") or (
+            "llava_next" if "LlavaNext" in kind or d.get("image_grid_pinpoints") else "llava")
+        crop = d.get("crop_size", _cfg_get(model_config, "vision_config", "image_size", default=336))
+        if isinstance(crop, dict):
+            if crop.get("height") != crop.get("width"):
+                raise ValueError(f"{PREPROCESSOR_FILE}: crop_size {crop} is not square")
+            crop = crop["height"]
+        size = d.get("size", {"shortest_edge": crop})
+        if isinstance(size, int):
+            size = {"shortest_edge": size}
+        if not isinstance(size, dict) or not ("shortest_edge" in size or {"height", "width"} <= set(size)):
+            raise ValueError(f"{PREPROCESSOR_FILE}: size {size!r} needs 'shortest_edge' or 'height' and 'width'")
+        return cls(
+            model_type=model_type,
+            size={k: int(v) for k, v in size.items() if v is not None},
+            crop_size=int(crop),
+            patch_size=int(_cfg_get(model_config, "vision_config", "patch_size", default=d.get("patch_size", 14))),
+            vision_feature_select_strategy=_cfg_get(model_config, "vision_feature_select_strategy",
+                                                    default=d.get("vision_feature_select_strategy", "default")),
+            image_grid_pinpoints=d.get("image_grid_pinpoints") or _cfg_get(model_config, "image_grid_pinpoints"),
+            image_mean=tuple(d.get("image_mean", CLIP_MEAN)),
+            image_std=tuple(d.get("image_std", CLIP_STD)),
+            rescale_factor=float(d.get("rescale_factor", 1 / 255)),
+            resample=int(d.get("resample", 3)),
+            # transformers' LlavaImageProcessor / CLIPImageProcessor default to no square padding
+            pad_to_square=bool(d.get("do_pad", False)) if model_type == "llava" else True,
+            do_resize=bool(d.get("do_resize", True)),
+            do_center_crop=bool(d.get("do_center_crop", True)),
+            do_rescale=bool(d.get("do_rescale", True)),
+            do_normalize=bool(d.get("do_normalize", True)),
+        )
+
+    @classmethod
+    def from_model_config(cls, model_config) -> "ImageProcessor":
+        """Defaults for a model with no preprocessor_config.json: LLaVA-1.5 pads to square, S = vision image_size."""
+        s = int(_cfg_get(model_config, "vision_config", "image_size", default=336))
+        return cls(
+            model_type=_cfg_get(model_config, "model_type", default="llava"),
+            size={"shortest_edge": s}, crop_size=s,
+            patch_size=int(_cfg_get(model_config, "vision_config", "patch_size", default=14)),
+            vision_feature_select_strategy=_cfg_get(model_config, "vision_feature_select_strategy", default="default"),
+            image_grid_pinpoints=_cfg_get(model_config, "image_grid_pinpoints"),
+            pad_to_square=True)
+
+    @classmethod
+    def from_pretrained(cls, path: str, model_config=None) -> "ImageProcessor":
+        """Read `path`/preprocessor_config.json when present, else defaults from the model config (the argument,
+        or `path`/config.json)."""
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"ImageProcessor.from_pretrained: {path}: no such directory")
+        if model_config is None and os.path.isfile(os.path.join(path, "config.json")):
+            model_config = _read_json(os.path.join(path, "config.json"))
+        pre = os.path.join(path, PREPROCESSOR_FILE)
+        if os.path.isfile(pre):
+            return cls.from_dict(_read_json(pre), model_config)
+        if model_config is None:
+            raise FileNotFoundError(f"{path}: neither {PREPROCESSOR_FILE} nor config.json found")
+        return cls.from_model_config(model_config)
+
+    def to_dict(self) -> dict:
+        """A preprocessor_config.json that transformers' Llava(Next)ImageProcessor loads to the same behaviour."""
+        nxt = self.model_type == "llava_next"
+        d = {
+            "image_processor_type": "LlavaNextImageProcessor" if nxt else "LlavaImageProcessor",
+            "processor_class": "LlavaNextProcessor" if nxt else "LlavaProcessor",
+            "do_convert_rgb": True,
+            "do_resize": self.do_resize, "size": dict(self.size), "resample": self.resample,
+            "do_center_crop": self.do_center_crop,
+            "crop_size": {"height": self.crop_size, "width": self.crop_size},
+            "do_rescale": self.do_rescale, "rescale_factor": self.rescale_factor,
+            "do_normalize": self.do_normalize,
+            "image_mean": list(self.image_mean), "image_std": list(self.image_std),
+            "do_pad": True if nxt else self.pad_to_square,
+        }
+        if nxt:
+            d["image_grid_pinpoints"] = [list(p) for p in self.image_grid_pinpoints]
+        return d
+
+    def save(self, path: str) -> None:
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, PREPROCESSOR_FILE), "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+
+    # ------------------------------------------------------------------ token counts
+    def num_image_tokens(self, height, width=None) -> int:
+        """Image tokens one (height, width) image becomes (== the model's feature count for it).
+
+        llava: (S/p)^2, +1 with `full` (CLS kept).
+        llava_next: base (S/p)^2 (+1 `full`) + rows*cols of the unpadded tile grid + one image_newline per row,
+        the grid being (h*/S * S/p) x (w*/S * S/p) for the chosen pinpoint (h*, w*) -- LlavaNextProcessor's count.
+        Also accepts a single (height, width) tuple.
+        """
+        if width is None:
+            height, width = height
+        g = self.crop_size // self.patch_size
+        base = g * g + (1 if self.vision_feature_select_strategy == "full" else 0)
+        if self.model_type == "llava":
+            return base
+        bh, bw = select_best_resolution((height, width), self.image_grid_pinpoints)
+        rows, cols = unpadded_grid((height, width), bh // self.crop_size * g, bw // self.crop_size * g)
+        return base + rows * cols + rows
+
+    def num_tiles(self, height: int, width: int) -> int:
+        """Number of S x S crops (base + tiles) an image becomes (1 for llava)."""
+        if self.model_type == "llava":
+            return 1
+        bh, bw = select_best_resolution((height, width), self.image_grid_pinpoints)
+        return 1 + (bh // self.crop_size) * (bw // self.crop_size)
+
+    # ------------------------------------------------------------------ processing
+    def _resize(self, img: Image.Image) -> Image.Image:
+        w, h = img.size
+        if "shortest_edge" in self.size:
+            s = self.size["shortest_edge"]
+            short, long = (w, h) if w <= h else (h, w)
+            new_long = int(s * long / short)
+            nh, nw = (new_long, s) if w <= h else (s, new_long)
+        else:
+            nh, nw = self.size["height"], self.size["width"]
+        return img if (nw, nh) == (w, h) else img.resize((nw, nh), resample=self.resample)
+
+    def _finish(self, img: Image.Image) -> np.ndarray:
+        """resize -> center crop (zero-pad if too small) -> rescale -> normalize: (3, S, S) float32."""
+        if self.do_resize:
+            img = self._resize(img)
+        x = np.asarray(img, dtype=np.uint8)  # (H, W, 3)
+        if self.do_center_crop:
+            s = self.crop_size
+            h, w = x.shape[:2]
+            top, left = (h - s) // 2, (w - s) // 2
+            if top >= 0 and left >= 0:
+                x = x[top:top + s, left:left + s]
+            else:  # smaller than the crop: zero pad around it (transformers' center_crop does the same)
+                nh, nw = max(s, h), max(s, w)
+                canvas = np.zeros((nh, nw, 3), dtype=np.uint8)
+                pt, pl = math.ceil((nh - h) / 2), math.ceil((nw - w) / 2)
+                canvas[pt:pt + h, pl:pl + w] = x
+                top, left = (nh - s) // 2, (nw - s) // 2
+                x = canvas[top:top + s, left:left + s]
+        x = x.transpose(2, 0, 1)  # (3, S, S)
+        if self.do_rescale:
+            x = (x.astype(np.float64) * self.rescale_factor).astype(np.float32)
+        x = x.astype(np.float32)
+        if self.do_normalize:
+            mean = np.asarray(self.image_mean, dtype=np.float32)[:, None, None]
+            std = np.asarray(self.image_std, dtype=np.float32)[:, None, None]
+            x = (x - mean) / std
+        return x
+
+    def _anyres_crops(self, img: Image.Image) -> list[Image.Image]:
+        """[base image squashed to S x S] + row-major S x S tiles of the image fitted and padded to the pinpoint."""
+        w, h = img.size
+        bh, bw = select_best_resolution((h, w), self.image_grid_pinpoints)
+        nh, nw = _fit_size((h, w), (bh, bw))
+        fitted = img.resize((nw, nh), resample=self.resample)
+        canvas = Image.new("RGB", (bw, bh), (0, 0, 0))
+        canvas.paste(fitted, ((bw - nw) // 2, (bh - nh) // 2))
+        s = self.crop_size
+        tiles = [canvas.crop((j, i, j + s, i + s)) for i in range(0, bh, s) for j in range(0, bw, s)]
+        if "shortest_edge" in self.size:
+            base_hw = (self.size["shortest_edge"], self.size["shortest_edge"])
+        else:
+            base_hw = (self.size["height"], self.size["width"])
+        base = img.resize((base_hw[1], base_hw[0]), resample=self.resample)
+        return [base] + tiles
+
+    def _square(self, img: Image.Image) -> Image.Image:
+        w, h = img.size
+        if w == h:
+            return img
+        m = max(w, h)
+        colour = tuple(int(c * 255) for c in self.image_mean)  # (122, 116, 104) for CLIP
+        canvas = Image.new("RGB", (m, m), colour)
+        canvas.paste(img, ((m - w) // 2, (m - h) // 2))
+        return canvas
+
+    def process(self, images: list) -> dict:
+        """images: list of PIL images -> dict(pixel_values, image_sizes).
+
+        llava: pixel_values (B, 3, S, S); llava_next: (B, n_max, 3, S, S) zero-padded over tiles.
+        image_sizes: (B, 2) long, (height, width) of each original image.
+        """
+        if isinstance(images, Image.Image):
+            images = [images]
+        arrays, sizes = [], []
+        for i, img in enumerate(images):
+            if not isinstance(img, Image.Image):
+                raise ValueError(f"ImageProcessor.process: images[{i}] is {type(img).__name__}, not a PIL image")
+            if img.width < 1 or img.height < 1:
+                raise ValueError(f"ImageProcessor.process: images[{i}] is empty ({img.width}x{img.height})")
+            img = _to_rgb(img)
+            sizes.append((img.height, img.width))
+            if self.model_type == "llava":
+                arrays.append(self._finish(self._square(img) if self.pad_to_square else img))
+            else:
+                arrays.append(np.stack([self._finish(c) for c in self._anyres_crops(img)]))  # (n_i, 3, S, S)
+        if not arrays:
+            raise ValueError("ImageProcessor.process: no images given")
+        if self.model_type == "llava_next":
+            n_max = max(a.shape[0] for a in arrays)
+            arrays = [np.concatenate([a, np.zeros((n_max - a.shape[0],) + a.shape[1:], np.float32)]) for a in arrays]
+        return {"pixel_values": torch.from_numpy(np.stack(arrays)),
+                "image_sizes": torch.tensor(sizes, dtype=torch.long)}
+
+    __call__ = process
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return d
