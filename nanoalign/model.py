@@ -270,10 +270,14 @@ class CLIPVisionTransformer(nn.Module):
         return [hs[i] for i in idx]
 
 
-class VisionTower(nn.Module):  # only holds the `vision_model.` level of the hub key names
+class VisionTower(nn.Module):  # holds the `vision_model.` level of the hub key names
     def __init__(self, c: VisionConfig):
         super().__init__()
         self.vision_model = CLIPVisionTransformer(c)
+
+    def forward(self, pixel_values, layers: list[int]) -> list[torch.Tensor]:
+        # called as a module (not vision_model.hidden_states directly) so that FSDP's hooks on this unit run
+        return self.vision_model.hidden_states(pixel_values, layers)
 
 
 class Projector(nn.Module):
@@ -499,7 +503,7 @@ class LlavaModel(nn.Module):
     def _encode(self, pixel_values):  # (n,3,S,S) -> (n, N, H): vision tower + select + projector
         layers = self.config.vision_feature_layer
         layer_list = [layers] if isinstance(layers, int) else list(layers)
-        hs = self.vision_tower.vision_model.hidden_states(pixel_values, layer_list)
+        hs = self.vision_tower(pixel_values, layer_list)
         x = torch.cat(hs, dim=-1)  # (n, 1+N, Hv * n_layers)
         if self.config.vision_feature_select_strategy == "default":
             x = x[:, 1:]  # drop CLS
