@@ -1,0 +1,91 @@
+"""Reference log-prob cache: score every example once with the reference model, then train without it.
+
+RLHF-V precomputes the reference model's log-probs once and caches them *per token*, so the DDPO weight gamma can
+change without recomputing anything; TRL refuses `precompute_ref_log_probs` for vision data sets. Here the cache is
+one safetensors file per reference checkpoint:
+
+    CACHE_DIR/ref-<checkpoint fingerprint>.safetensors
+        "<example key>.c" -> float32 (n_chosen_tokens,)    log p_ref of each scored chosen token, in order
+        "<example key>.r" -> float32 (n_rejected_tokens,)  the same for the rejected response
+
+The example key hashes exactly what the reference model sees: the chosen and rejected token ids (so the prompt
+template, the tokenizer, truncation and the number of image tokens are all in it), the image bytes, and the image
+processing settings. A changed example, checkpoint or setting is a new key, hence a recompute; stale keys are
+simply never read. The checkpoint fingerprint hashes config.json, every safetensors header and samples of every
+safetensors file's content (hashing 14 GB of a 7B checkpoint in full takes longer than scoring a small data set).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def checkpoint_fingerprint(model_dir: str | os.PathLike) -> str:
+    """A short hash of a checkpoint folder: config.json, safetensors headers and 18 content samples per file."""
+    model_dir = Path(model_dir)
+    h = hashlib.sha256()
+    config = model_dir / "config.json"
+    if config.exists():
+        h.update(config.read_bytes())
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{model_dir}: no *.safetensors file to fingerprint")
+    for f in files:
+        size = f.stat().st_size
+        h.update(f.name.encode() + str(size).encode())
+        with open(f, "rb") as fh:
+            header_len = int.from_bytes(fh.read(8), "little")
+            h.update(fh.read(min(header_len, 1 << 24)))
+            # 16 evenly spaced 64 KiB samples plus the first and last MiB of the tensor data.
+            offsets = [0, max(0, size - (1 << 20))] + [size * i // 17 for i in range(1, 17)]
+            for off in offsets:
+                fh.seek(off)
+                h.update(fh.read(1 << 20 if off in offsets[:2] else 1 << 16))
+    return h.hexdigest()[:20]
+
+
+def example_key(chosen_ids, rejected_ids, image_bytes: bytes | None, settings: dict) -> str:
+    """Hash of what the reference model sees for one pair (token ids, image bytes, image settings)."""
+    h = hashlib.sha256()
+    h.update(json.dumps(settings, sort_keys=True).encode())
+    h.update(b"c" + torch.as_tensor(list(chosen_ids), dtype=torch.int64).numpy().tobytes())
+    h.update(b"r" + torch.as_tensor(list(rejected_ids), dtype=torch.int64).numpy().tobytes())
+    h.update(b"i" + (hashlib.sha256(image_bytes).digest() if image_bytes is not None else b"none"))
+    return h.hexdigest()[:32]
+
+
+class RefLogpCache:
+    """A dict from example key to (chosen, rejected) per-token reference log-probs, stored in one safetensors file."""
+
+    def __init__(self, cache_dir: str | os.PathLike, fingerprint: str):
+        self.path = Path(cache_dir) / f"ref-{fingerprint}.safetensors"
+        self.fingerprint = fingerprint
+        self.entries: dict[str, torch.Tensor] = {}
+        if self.path.exists():
+            try:
+                self.entries = load_file(str(self.path))
+            except Exception as e:  # a truncated cache is only a recompute, never a failed run
+                print(f"warning: reference cache {self.path} is unreadable ({e}); recomputing it")
+                self.entries = {}
+
+    def __contains__(self, key: str) -> bool:
+        return f"{key}.c" in self.entries and f"{key}.r" in self.entries
+
+    def get(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.entries[f"{key}.c"], self.entries[f"{key}.r"]
+
+    def put(self, key: str, chosen_logps: torch.Tensor, rejected_logps: torch.Tensor) -> None:
+        self.entries[f"{key}.c"] = chosen_logps.detach().float().cpu().contiguous()
+        self.entries[f"{key}.r"] = rejected_logps.detach().float().cpu().contiguous()
+
+    def save(self) -> None:
+        """Write atomically: a crash mid-save leaves the previous cache file whole."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + f".tmp-{os.getpid()}")
+        save_file(self.entries, str(tmp), metadata={"fingerprint": self.fingerprint})
+        os.replace(tmp, self.path)

@@ -1,0 +1,235 @@
+"""What train.py needs besides the training loop: the schedule, checkpoints and resume, metrics, progress.
+
+Checkpoint folder (one per save, `OUT/step-000123`, and `OUT/final`):
+    config.json, model.safetensors, tokenizer.json, preprocessor_config.json   -- llava-hf layout, loads in transformers
+                                                                                  (LoRA runs: adapters merged in)
+    adapter/adapter_config.json, adapter/adapter_model.safetensors             -- LoRA runs only, PEFT layout
+    train_state.pt   optimizer (full, unsharded), scheduler, step, RNG states of every rank, args
+The folder is written under a temporary name and renamed at the end, so a crash mid-save leaves the previous
+checkpoint whole; only the newest `keep` step folders are kept.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from nanoalign.checkpoint import save_state_dict
+from nanoalign.lora import merge_lora_state_dict, save_lora_adapter
+
+STEP_PREFIX = "step-"
+
+
+# ------------------------------------------------------------------------------------------------ distributed
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def print0(*a, **kw):
+    if rank() == 0:
+        print(*a, **kw, flush=True)
+
+
+def all_mean(x: float) -> float:
+    """Mean of a python float over ranks."""
+    if not dist.is_initialized():
+        return float(x)
+    t = torch.tensor([float(x)], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t) / world()
+
+
+# ------------------------------------------------------------------------------------------------ schedule
+
+def cosine_with_warmup(step: int, total: int, warmup: int, min_ratio: float = 0.0) -> float:
+    """LR multiplier: linear warm-up from 1/warmup to 1 over `warmup` steps, then cosine down to min_ratio."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ------------------------------------------------------------------------------------------------ state dicts
+
+def full_state_dict(model) -> dict[str, torch.Tensor]:
+    """The whole model's parameters as plain CPU tensors on every rank (FSDP shards gathered)."""
+    if dist.is_initialized():
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def optimizer_state(model, optimizer) -> dict:
+    if dist.is_initialized():
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        return get_optimizer_state_dict(model, optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return optimizer.state_dict()
+
+
+def load_optimizer_state(model, optimizer, state: dict) -> None:
+    if dist.is_initialized():
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(model, optimizer, optim_state_dict=state,
+                                 options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(state)
+
+
+def rng_states() -> list:
+    """Every rank's torch RNG state (gathered on all ranks)."""
+    mine = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        mine["cuda"] = torch.cuda.get_rng_state()
+    if not dist.is_initialized():
+        return [mine]
+    out = [None] * world()
+    dist.all_gather_object(out, mine)
+    return out
+
+
+def set_rng_state(states: list) -> None:
+    if len(states) != world():
+        print0(f"warning: checkpoint has RNG states of {len(states)} ranks, this run has {world()}: "
+               "random draws after resume will differ from the uninterrupted run")
+        return
+    mine = states[rank()]
+    torch.set_rng_state(mine["cpu"])
+    if "cuda" in mine and torch.cuda.is_available():
+        torch.cuda.set_rng_state(mine["cuda"])
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+def save_checkpoint(out_dir: Path, name: str, model, model_config, processor, lora_layers: dict, optimizer=None,
+                    scheduler=None, step: int = 0, args=None, keep: int | None = None) -> Path:
+    """Write OUT/name atomically (collective: every rank must call it; rank 0 writes)."""
+    sd = full_state_dict(model)
+    opt = optimizer_state(model, optimizer) if optimizer is not None else None
+    rngs = rng_states()
+    path = out_dir / name
+    if rank() == 0:
+        tmp = out_dir / f".{name}.tmp-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        scaling = next(iter(lora_layers.values())).scaling if lora_layers else 1.0
+        # itself atomic; tmp becomes the checkpoint only at the rename below
+        save_state_dict(model_config, merge_lora_state_dict(sd, scaling), processor, tmp)
+        if lora_layers:
+            save_lora_adapter(model, str(tmp / "adapter"), state_dict=sd)
+        if optimizer is not None:
+            torch.save({"step": step, "optimizer": opt, "scheduler": scheduler.state_dict() if scheduler else None,
+                        "rng": rngs, "args": vars(args) if args is not None else None}, tmp / "train_state.pt")
+        if path.exists():
+            old = out_dir / f".{name}.old-{os.getpid()}"
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+        if keep is not None and name.startswith(STEP_PREFIX):
+            steps = sorted(p for p in out_dir.glob(STEP_PREFIX + "*") if p.is_dir())
+            for old in steps[:-keep] if keep > 0 else steps:
+                shutil.rmtree(old, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
+    return path
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    steps = sorted(p for p in out_dir.glob(STEP_PREFIX + "*") if (p / "train_state.pt").is_file())
+    return steps[-1] if steps else None
+
+
+def load_train_state(ckpt: Path) -> dict:
+    try:
+        return torch.load(ckpt / "train_state.pt", map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise ValueError(f"{ckpt / 'train_state.pt'}: cannot read the training state ({e})") from None
+
+
+# ------------------------------------------------------------------------------------------------ logging
+
+def git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parents[1], timeout=5).stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+class Progress:
+    """A progress line with rate and ETA on rank 0 (tqdm when installed)."""
+
+    def __init__(self, total: int, initial: int = 0, desc: str = "train", unit: str = "step"):
+        self.total, self.n, self.t0, self.start, self.bar = total, initial, time.time(), initial, None
+        self.enabled = rank() == 0
+        if self.enabled:
+            try:
+                from tqdm import tqdm
+                self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, file=sys.stderr,
+                                dynamic_ncols=True)
+            except ImportError:
+                pass
+
+    def update(self, postfix: str = "") -> None:
+        self.n += 1
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.set_postfix_str(postfix, refresh=False)
+            self.bar.update(1)
+        else:
+            rate = (self.n - self.start) / max(time.time() - self.t0, 1e-9)
+            eta = (self.total - self.n) / rate if rate > 0 else float("inf")
+            print(f"\r{self.n}/{self.total} {rate:.2f} it/s ETA {eta:.0f}s {postfix}", end="", file=sys.stderr)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif self.enabled:
+            print(file=sys.stderr)
+
+
+class MetricsLog:
+    """OUT/metrics.jsonl: a header line (config, git SHA, argv), then one JSON object per step (rank 0 only).
+    On resume, lines of steps beyond the resumed step are dropped so the file stays one line per step."""
+
+    def __init__(self, path: Path, header: dict, resume_step: int | None):
+        self.path = path
+        if rank() != 0:
+            return
+        lines = []
+        if resume_step is not None and path.exists():
+            for line in path.read_text().splitlines():
+                rec = json.loads(line)
+                if "step" not in rec or rec["step"] <= resume_step:
+                    lines.append(line)
+        else:
+            lines.append(json.dumps({"header": header}))
+        path.write_text("".join(line + "\n" for line in lines))
+
+    def write(self, rec: dict) -> None:
+        if rank() == 0:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
