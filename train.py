@@ -150,7 +150,7 @@ def main(args):
     def make_batch(indices, sides):
         items = [encoded[i] for i in indices]
         images = [open_image(examples[it.index], args.image_root) for it in items]
-        return items, collate(items, sides, processor, images)
+        return items, images, collate(items, sides, processor, images)
 
     # ------------------------------------------------------------------------------------- reference log-probs
     # Offline algorithms score every pair once with the initial weights (= the reference) and never load a
@@ -172,7 +172,7 @@ def main(args):
         model.to(device).eval()
         with torch.no_grad():
             for i in range(0, len(mine), args.batch_size):
-                items, b = make_batch(mine[i:i + args.batch_size], ["chosen", "rejected"])
+                items, _, b = make_batch(mine[i:i + args.batch_size], ["chosen", "rejected"])
                 logp = response_logps(model, b, device)
                 P = len(items)
                 for k, it in enumerate(items):
@@ -268,40 +268,30 @@ def main(args):
             wandb = None
 
     # --------------------------------------------------------------------------------------------- rollout hook
-    def rollout(items, b):
+    def rollout(items, images, b):
         """The one place where algorithms make responses during training (online / mixed / RL issues plug in
         here). POVID: run the chosen tokens under a noised image and take the policy's argmax at every response
-        position (teacher forcing); those tokens, scored under the clean image, are the noisy-self rejected."""
+        position (teacher forcing); those tokens, scored under the clean image, are the noisy-self rejected.
+        Returns the batch with rows [chosen | data rejected | noisy-self] and the reference log-probs of the last."""
         P = len(items)
-        chosen = {k: (v[:P] if torch.is_tensor(v) and v.shape[0] == 2 * P else v) for k, v in b.items()}
-        if b["pixel_values"] is not None:
-            chosen["pixel_values"], chosen["image_sizes"] = b["pixel_values"][:P], b["image_sizes"][:P]
+        noisy = b["pixel_values"]
+        if noisy is not None:  # a fresh draw every call, as POVID does
             ip = processor.image_processor
-            noisy = noisy_pixel_values(chosen["pixel_values"], ip.image_mean, ip.image_std, args.noise_step)
-        else:
-            noisy = None
+            noisy = noisy_pixel_values(noisy, ip.image_mean, ip.image_std, args.noise_step)
         with torch.no_grad():
-            h = model(chosen["input_ids"].to(device), to(noisy, device), to(chosen["image_sizes"], device),
-                      chosen["attention_mask"].to(device))
-            labels = chosen["labels"].to(device)
-            rows = labels != -100
-            logits = h[rows].float() @ model.lm_head_weight.float().T  # (n_rows, V): response rows only
+            h = forward(model, {**b, "pixel_values": noisy}, device, rows=slice(0, P))  # (P,T,H) chosen rows
+            scored = b["labels"][:P].to(device) != -100  # (P,T)
+            logits = h[scored].float() @ model.lm_head_weight.float().T  # (n_scored, V): response rows only
             if 0 <= model_config.image_token_index < logits.shape[1]:
                 logits[:, model_config.image_token_index] = -float("inf")  # never emit the image placeholder
-            argmax = logits.argmax(-1)  # (n_rows,)
-        noisy_self = []
-        for k, it in enumerate(items):
-            n = int(rows[k].sum())
-            taken = argmax[int(rows[:k].sum()):int(rows[:k].sum()) + n].tolist()
-            noisy_self.append(taken)
-        for it, toks in zip(items, noisy_self):
-            it.noisy_ids, it.noisy_w = toks, None
-        images = [open_image(examples[it.index], args.image_root) for it in items]
-        b3 = collate(items, ["chosen", "rejected", "noisy"], processor, images)
+            argmax = logits.argmax(-1).cpu()  # (n_scored,)
+        for it, toks in zip(items, argmax.split(scored.sum(1).tolist())):
+            it.noisy_ids, it.noisy_w = toks.tolist(), None
+        b3 = collate(items, ["chosen", "rejected", "noisy"], processor, [None] * P)  # text only, then the images:
+        b3.update(pixel_values=b["pixel_values"], image_sizes=b["image_sizes"],
+                  image_index=None if b["image_index"] is None else torch.arange(P).repeat(3))
         with torch.no_grad():
-            hr = ref_model(b3["input_ids"][2 * P:].to(device), to(b3["pixel_values"], device, slice(2 * P, None)),
-                           to(b3["image_sizes"], device, slice(2 * P, None)),
-                           b3["attention_mask"][2 * P:].to(device))
+            hr = forward(ref_model, b3, device, rows=slice(2 * P, 3 * P))
             ref_noisy = token_logprobs(hr, ref_model.lm_head_weight, b3["labels"][2 * P:].to(device)).cpu()
         return b3, ref_noisy
 
@@ -315,36 +305,34 @@ def main(args):
         for micro in range(args.grad_accum):
             idx = batch_indices(step, micro)
             if args.algo == "sft":
-                items, b = make_batch(idx, ["chosen"])
-                h = model(b["input_ids"].to(device), to(b["pixel_values"], device), to(b["image_sizes"], device),
-                          b["attention_mask"].to(device))
+                items, _, b = make_batch(idx, ["chosen"])
+                h = forward(model, b, device)
                 labels = b["labels"].to(device)
                 logp = token_logprobs(h, model.lm_head_weight, labels)  # (R,T), never (R,T,V) logits
                 n = (labels != -100).sum()
                 loss = -logp.sum() / n.clamp_min(1)
                 metrics = {"nll": loss.detach()}
             else:
-                items, b = make_batch(idx, ["chosen", "rejected"])
+                items, images, b = make_batch(idx, ["chosen", "rejected"])
                 P = len(items)
                 ref = scatter_response_values(b["labels"], [ref_cache.get(keys[it.index])[0] for it in items] +
                                               [ref_cache.get(keys[it.index])[1] for it in items])
                 if args.algo in ROLLOUT_ALGOS:
-                    b, ref_noisy = rollout(items, b)
+                    b, ref_noisy = rollout(items, images, b)
                     ref = torch.cat([torch.nn.functional.pad(ref, (0, b["labels"].shape[1] - ref.shape[1])),
                                      ref_noisy], 0)
-                h = model(b["input_ids"].to(device), to(b["pixel_values"], device), to(b["image_sizes"], device),
-                          b["attention_mask"].to(device))
+                h = forward(model, b, device)  # (2P or 3P, T, H)
                 labels, w, ref = b["labels"].to(device), b["token_weights"].to(device), ref.to(device)
-                pairs = [slice(P, 2 * P)] + ([slice(2 * P, 3 * P)] if args.algo in ROLLOUT_ALGOS else [])
+                rejected_sets = [P] + ([2 * P] if args.algo in ROLLOUT_ALGOS else [])
                 loss, metrics = 0.0, {}
-                for rej in pairs:  # povid: the mean of DPO against the data's rejected and the noisy-self one
-                    rows = torch.cat([torch.arange(P), torch.arange(rej.start, rej.stop)]).to(device)
+                for r0 in rejected_sets:  # povid: the mean of DPO against the data's rejected and the noisy-self one
+                    rows = slice(None, 2 * P) if r0 == P else torch.cat([torch.arange(P), torch.arange(r0, r0 + P)])
                     l, m = preference_loss(h[rows], model.lm_head_weight, labels[rows], w[rows], ref[rows],
                                            loss_type=loss_fn, beta=args.beta, sft_weight=args.sft_weight,
                                            average=args.ddpo_average and args.algo == "ddpo")
-                    loss = loss + l / len(pairs)
+                    loss = loss + l / len(rejected_sets)
                     for k, v in m.items():
-                        metrics[k] = metrics.get(k, 0) + v.float().mean() / len(pairs)
+                        metrics[k] = metrics.get(k, 0) + v.float().mean() / len(rejected_sets)
                 n = (labels[:P] != -100).sum()
             if not torch.isfinite(loss):
                 raise SystemExit(f"error: non-finite loss {float(loss.detach())} at step {step + 1}, micro-step {micro}, "
@@ -385,18 +373,18 @@ def main(args):
     return final
 
 
-def to(x, device, rows=None):
-    """Move an optional tensor to the device, optionally taking a slice of rows."""
-    if x is None:
-        return None
-    return (x[rows] if rows is not None else x).to(device)
+def forward(model, b: dict, device, rows=slice(None)):
+    """Hidden states (R,T,H) of the batch rows `rows` (a slice), each image through the vision tower once."""
+    to = lambda x: None if x is None else x.to(device)
+    return model(b["input_ids"][rows].to(device), to(b["pixel_values"]), to(b["image_sizes"]),
+                 b["attention_mask"][rows].to(device),
+                 image_index=None if b["image_index"] is None else to(b["image_index"][rows]))
 
 
 @torch.no_grad()
 def response_logps(model, b, device) -> list[torch.Tensor]:
     """Per-row 1-D tensors of log p(response token) under `model` (used for the reference cache)."""
-    h = model(b["input_ids"].to(device), to(b["pixel_values"], device), to(b["image_sizes"], device),
-              b["attention_mask"].to(device))
+    h = forward(model, b, device)
     labels = b["labels"].to(device)
     logp = token_logprobs(h, model.lm_head_weight, labels).cpu()
     return [logp[r][labels[r].cpu() != -100] for r in range(logp.shape[0])]

@@ -156,11 +156,12 @@ def collate(items: list[Encoded], which: list[str], processor, images: list[Imag
     Rows are ordered [all items' `which[0]`, all items' `which[1]`, ...], so for which=["chosen", "rejected"] the
     chosen sequences are rows [0, P) and the rejected ones rows [P, 2P).
     Returns input_ids (R,T), attention_mask (R,T), labels (R,T) (-100 off-response), token_weights (R,T) float,
-    pixel_values / image_sizes for the R rows (each image repeated once per row that uses it).
+    pixel_values / image_sizes of the len(items) images (each processed once) and image_index (R,): the image of
+    each row, for the model's forward (the vision tower then runs once per image, not once per row).
     """
-    seqs, weights, label_rows, row_images = [], [], [], []
+    seqs, weights, label_rows = [], [], []
     for side in which:
-        for it, img in zip(items, images):
+        for it in items:
             resp = getattr(it, f"{side}_ids")
             w = getattr(it, f"{side}_w")
             w = [1.0] * len(resp) if w is None else w.tolist()
@@ -170,7 +171,6 @@ def collate(items: list[Encoded], which: list[str], processor, images: list[Imag
             seqs.append(ids)
             label_rows.append([-100] * (n_p - 1) + resp + [-100])
             weights.append([0.0] * (n_p - 1) + w + [0.0])
-            row_images.append(img)
     pad = processor.pad_id
     batch = {
         "input_ids": _pad_rows(seqs, pad),
@@ -179,6 +179,7 @@ def collate(items: list[Encoded], which: list[str], processor, images: list[Imag
         "token_weights": _pad_rows(weights, 0.0),
         "pixel_values": None,
         "image_sizes": None,
+        "image_index": None,
     }
     if pad_to is not None and batch["input_ids"].shape[1] < pad_to:
         extra = pad_to - batch["input_ids"].shape[1]
@@ -186,11 +187,12 @@ def collate(items: list[Encoded], which: list[str], processor, images: list[Imag
         batch["attention_mask"] = torch.nn.functional.pad(batch["attention_mask"], (0, extra), value=0)
         batch["labels"] = torch.nn.functional.pad(batch["labels"], (0, extra), value=-100)
         batch["token_weights"] = torch.nn.functional.pad(batch["token_weights"], (0, extra), value=0.0)
-    present = [im for im in row_images if im is not None]
+    present = [im for im in images if im is not None]
     if present:
-        if len(present) != len(row_images):
+        if len(present) != len(images):
             raise ValueError("collate: a batch mixes examples with and without images")
         batch.update(processor.image_processor.process(present))
+        batch["image_index"] = torch.arange(len(items)).repeat(len(which))  # row r uses image r % len(items)
     return batch
 
 

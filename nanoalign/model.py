@@ -556,11 +556,14 @@ class LlavaModel(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None, position_ids=None,
-                kv_cache: KVCache | None = None):
+                kv_cache: KVCache | None = None, image_index=None):
         """input_ids (B,T) -> final-normed hidden states (B,T,H).
 
         attention_mask (B, T_cached + T), 1 = real token (left padding). position_ids (B,T) default: from the
-        attention mask (cumsum - 1), else T_cached + arange(T)."""
+        attention mask (cumsum - 1), else T_cached + arange(T).
+        image_index (n_uses,) long, optional: the image (row of pixel_values) used by each `<image>` occurrence in
+        row-major order, so an image shared by several rows (chosen and rejected of a pair) runs through the vision
+        tower once; by default every occurrence has its own image, in order."""
         B, T = input_ids.shape
         lm = self.language_model.model
         is_img = input_ids == self.config.image_token_index  # (B,T)
@@ -570,7 +573,10 @@ class LlavaModel(nn.Module):
         x = lm.embed_tokens(input_ids)  # (B,T,H)
         n_tok = int(is_img.sum())
         if pixel_values is not None:
-            feats = torch.cat(self.vision_features(pixel_values, image_sizes))  # (n_feat, H)
+            per_image = self.vision_features(pixel_values, image_sizes)  # list of (n_i, H)
+            if image_index is not None:
+                per_image = [per_image[i] for i in image_index.tolist()]
+            feats = torch.cat(per_image)  # (n_feat, H)
             if n_tok != feats.shape[0]:
                 raise ValueError(f"image tokens and image features do not match: input_ids hold {n_tok} tokens "
                                  f"with image_token_index {self.config.image_token_index}, the images give "

@@ -111,7 +111,8 @@ def test_policy_logps_match_transformers(world, tmp_path):
     b = collate(items, ["chosen", "rejected"], processor, [open_image(exs[it.index], str(world / "img")) for it in items])
     hf = transformers.LlavaForConditionalGeneration.from_pretrained(str(world / "ckpt")).eval()
     with torch.no_grad():
-        logits = hf(input_ids=b["input_ids"], pixel_values=b["pixel_values"], attention_mask=b["attention_mask"]).logits
+        logits = hf(input_ids=b["input_ids"], pixel_values=b["pixel_values"][b["image_index"]],  # one image per row
+                    attention_mask=b["attention_mask"]).logits
     labels = b["labels"]
     lp = torch.log_softmax(logits.double(), -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
     seq = (lp * (labels != -100)).sum(1)  # (4,)
