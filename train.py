@@ -106,7 +106,7 @@ def main(args):
     # ------------------------------------------------------------------------------------------- distributed init
     distributed = "RANK" in os.environ
     cuda = torch.cuda.is_available()
-    if distributed:
+    if distributed and not dist.is_initialized():  # main() may run more than once per process (toy pipeline)
         dist.init_process_group(backend="nccl" if cuda else "gloo")
     rank, world = tu.rank(), tu.world()
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
@@ -367,9 +367,6 @@ def main(args):
     final = tu.save_checkpoint(out, "final", model, model_config, processor, lora_layers, optimizer, scheduler,
                                max_steps, args)
     tu.print0(f"saved {final}")
-    if distributed:
-        dist.barrier()
-        dist.destroy_process_group()
     return final
 
 
@@ -402,3 +399,6 @@ def clip_grad_norm(model, max_norm: float) -> float:
 
 if __name__ == "__main__":
     main(parse_args())
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
