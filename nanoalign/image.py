@@ -70,17 +70,24 @@ def _fit_size(image_size: tuple[int, int], target: tuple[int, int]) -> tuple[int
     return th, min(math.ceil(w * sh), tw)
 
 
-def unpadded_grid(image_size: tuple[int, int], grid_h: int, grid_w: int) -> tuple[int, int]:
-    """Rows and columns of the AnyRes feature grid (grid_h x grid_w) left after removing the rows/columns that
-    only cover the black padding of a (height, width) image -- the same arithmetic as LLaVA-NeXT's unpad_image."""
+def unpadded_bounds(image_size: tuple[int, int], grid_h: int, grid_w: int) -> tuple[int, int, int, int]:
+    """Rows/cols [r0, r1) x [c0, c1) of a grid_h x grid_w AnyRes feature map that cover the (height, width) image, not
+    its black padding -- the same rounding as LLaVA-NeXT's unpad_image: the padded side shrinks by
+    2 * ((current - round(original * scale)) // 2)."""
     h, w = image_size
     if w / h > grid_w / grid_h:  # wider than the grid: padding rows top and bottom
         new_h = int(round(h * (grid_w / w), 7))
-        grid_h -= 2 * ((grid_h - new_h) // 2)
-    else:
-        new_w = int(round(w * (grid_h / h), 7))
-        grid_w -= 2 * ((grid_w - new_w) // 2)
-    return grid_h, grid_w
+        pad = (grid_h - new_h) // 2
+        return pad, grid_h - pad, 0, grid_w
+    new_w = int(round(w * (grid_h / h), 7))
+    pad = (grid_w - new_w) // 2
+    return 0, grid_h, pad, grid_w - pad
+
+
+def unpadded_grid(image_size: tuple[int, int], grid_h: int, grid_w: int) -> tuple[int, int]:
+    """(rows, cols) of the AnyRes feature grid left after unpadding (see unpadded_bounds)."""
+    r0, r1, c0, c1 = unpadded_bounds(image_size, grid_h, grid_w)
+    return r1 - r0, c1 - c0
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanoalign.image import select_best_resolution, unpadded_bounds
+
 SUPPORTED_MODEL_TYPES = ("llava", "llava_next")
 
 
@@ -430,32 +432,6 @@ def causal_mask(attention_mask, T: int, device) -> torch.Tensor | None:
 
 
 # ---------------------------------------------------------------------------------------------------- AnyRes
-def select_best_resolution(image_size, pinpoints) -> tuple[int, int]:
-    """LLaVA-NeXT's best fit: the pinpoint (h, w) keeping most of the original resolution, then wasting least."""
-    h, w = image_size
-    best, best_eff, best_waste = None, 0, float("inf")
-    for ph, pw in pinpoints:
-        scale = min(pw / w, ph / h)
-        eff = min(int(w * scale) * int(h * scale), w * h)
-        waste = ph * pw - eff
-        if eff > best_eff or (eff == best_eff and waste < best_waste):
-            best, best_eff, best_waste = (ph, pw), eff, waste
-    return best
-
-
-def unpadded_grid(image_size, grid_h: int, grid_w: int) -> tuple[int, int, int, int]:
-    """Rows/cols (r0, r1, c0, c1) of a grid_h x grid_w feature map that hold the image, not the AnyRes padding.
-    Same rounding as LLaVA-NeXT: the padded side shrinks by 2 * ((current - round(original * scale)) // 2)."""
-    h, w = image_size
-    if w / h > grid_w / grid_h:  # wider than the grid: rows were padded
-        new_h = int(round(h * (grid_w / w), 7))
-        pad = (grid_h - new_h) // 2
-        return pad, grid_h - pad, 0, grid_w
-    new_w = int(round(w * (grid_h / h), 7))
-    pad = (grid_w - new_w) // 2
-    return 0, grid_h, pad, grid_w - pad
-
-
 # ---------------------------------------------------------------------------------------------------- LLaVA
 class LlavaModel(nn.Module):
     def __init__(self, config: LlavaConfig):
@@ -497,7 +473,7 @@ class LlavaModel(nn.Module):
         if self.config.model_type != "llava_next":
             return n
         gh, gw = self._grid(image_size)
-        r0, r1, c0, c1 = unpadded_grid(image_size, gh * side, gw * side)
+        r0, r1, c0, c1 = unpadded_bounds(image_size, gh * side, gw * side)
         return n + (r1 - r0) * (c1 - c0 + 1)
 
     def _encode(self, pixel_values):  # (n,3,S,S) -> (n, N, H): vision tower + select + projector
@@ -547,7 +523,7 @@ class LlavaModel(nn.Module):
             base, tiles = f[0], f[1:]  # (N,H), (gh*gw,N,H)
             H = tiles.shape[-1]
             grid = tiles.view(gh, gw, side, side, H).permute(0, 2, 1, 3, 4).reshape(gh * side, gw * side, H)
-            r0, r1, c0, c1 = unpadded_grid(size, gh * side, gw * side)
+            r0, r1, c0, c1 = unpadded_bounds(size, gh * side, gw * side)
             grid = grid[r0:r1, c0:c1]  # (h', w', H)
             nl = self.image_newline.to(grid.dtype).expand(grid.shape[0], 1, H)
             grid = torch.cat([grid, nl], dim=1).reshape(-1, H)  # (h' * (w'+1), H)
