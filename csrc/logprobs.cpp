@@ -1,0 +1,310 @@
+// Fused row log-probs on CPU: logp[n] = logit[n, y[n]] - logsumexp_v(logit[n, v]), logits = h @ w.T, and its
+// backward, without ever holding a (N, V) logits tensor. The contract is "Low-level log-prob primitive" in
+// helpers/CONTRACT.md; nanoalign/native.py builds this file on first use and nanoalign/ops.py dispatches to it.
+//
+// Build (done for you by nanoalign/native.py, cached under ~/.cache/nanoalign/torch_extensions/<hash>/):
+//   torch.utils.cpp_extension.load(name="nanoalign_native_<hash>", sources=["csrc/logprobs.cpp"],
+//       extra_cflags=["-O3", "-fopenmp", "-march=native"], extra_ldflags=["-fopenmp"], is_python_module=False)
+// then torch.ops.nanoalign.logprob_rows_fwd / logprob_rows_bwd.
+//
+// Design. The (N, V) logits are cut into tiles of ROW_TILE rows x V_BLOCK vocabulary columns. OpenMP threads take
+// whole vocabulary blocks (schedule dynamic). For its block a thread runs, per row tile, one single-threaded
+// MKL GEMM (at::mm_out, MKL does not thread inside an OpenMP region) into a private ROW_TILE x V_BLOCK fp32 scratch
+// (256 KB: it stays in L2), and while that tile is hot it
+//   fwd: takes the row maxima, the online sum of exp (own vectorised exp) and picks the target logit;
+//        per-thread (max, sum) pairs are merged at the end, so lse is exact whatever the split.
+//   bwd: overwrites the tile with grad_logits = g * (1[v == y] - exp(logit - lse)) and feeds it to two GEMMs:
+//        grad_w[block] += G^T @ h_tile (written straight into grad_w, the thread owns the block: no atomics) and
+//        grad_h_partial[thread] += G @ w_block (summed over threads at the end).
+// What it does better than the pure-torch chunked path (nanoalign.ops, chunk of rows x full V):
+//   * no (chunk, V) logits tensor: the torch path writes and re-reads chunk x 32000 fp32 values 4-6 times
+//     (matmul out, max, sub, exp, sum, gather; in backward softmax, scatter, two matmuls), each a pass over
+//     memory larger than the caches; here every logit is produced and consumed in L2 exactly once.
+//   * one exp per logit in each direction and no temporaries, so the time is the GEMMs' time; the elementwise
+//     work runs at SIMD speed between GEMMs instead of as separate memory-bound kernels.
+//   * the w block a thread works on (256 x H) stays in cache across all row tiles.
+// bf16/fp16 inputs are converted to fp32 (h once, w one block at a time into a private buffer); all arithmetic and
+// accumulation is fp32; grad_h / grad_w are returned in h.dtype / w.dtype.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <tuple>
+
+namespace {
+
+#ifndef NANOALIGN_ROW_TILE
+#define NANOALIGN_ROW_TILE 256
+#endif
+#ifndef NANOALIGN_V_BLOCK
+#define NANOALIGN_V_BLOCK 256
+#endif
+constexpr int64_t ROW_TILE = NANOALIGN_ROW_TILE;
+constexpr int64_t V_BLOCK = NANOALIGN_V_BLOCK;
+// Per-thread fp32 grad_h partials (threads x rows x H) are capped at this size; more rows are done in chunks.
+// NANOALIGN_NATIVE_PARTIAL_BYTES overrides it (the tests use it to exercise the chunked path at small shapes).
+int64_t partial_bytes() {
+  const char* env = std::getenv("NANOALIGN_NATIVE_PARTIAL_BYTES");
+  return env != nullptr ? std::max<int64_t>(1, std::atoll(env)) : (256LL << 20);
+}
+constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+
+// exp(x) for fp32, branch-free so that GCC vectorises the loops that call it. Cephes-style: x = k ln2 + r,
+// |r| <= ln2/2, exp(r) by a degree-6 polynomial, 2^k from the exponent bits. Relative error about 2e-7.
+// x <= -87.3 (and -inf) gives 0; NaN propagates.
+inline float fast_exp(float x) {
+  x = x > 88.37f ? 88.37f : x;
+  x = x < -87.33f ? -87.33f : x;
+  float k = std::floor(x * 1.44269504088896341f + 0.5f);
+  float r = x - k * 0.693359375f;
+  r = r - k * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(float));
+  return p * scale;
+}
+
+bool is_float_type(at::ScalarType t) {
+  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
+}
+
+void check_rows(const at::Tensor& h, const at::Tensor& w, const at::Tensor& y, const char* fn) {
+  TORCH_CHECK_VALUE(h.device().is_cpu() && w.device().is_cpu() && y.device().is_cpu(),
+                    fn, ": h, w and y must be CPU tensors");
+  TORCH_CHECK_VALUE(h.dim() == 2, fn, ": h must be (N, H), got shape ", h.sizes());
+  TORCH_CHECK_VALUE(w.dim() == 2, fn, ": w must be (V, H), got shape ", w.sizes());
+  TORCH_CHECK_VALUE(h.size(1) == w.size(1), fn, ": hidden sizes differ: h ", h.sizes(), " vs w ", w.sizes());
+  TORCH_CHECK_VALUE(w.size(0) > 0, fn, ": w has an empty vocabulary");
+  TORCH_CHECK_VALUE(is_float_type(h.scalar_type()) && is_float_type(w.scalar_type()),
+                    fn, ": h and w must be float32/bfloat16/float16, got ", h.scalar_type(), " and ", w.scalar_type());
+  TORCH_CHECK_VALUE(y.dim() == 1 && y.size(0) == h.size(0), fn, ": y must be (N,) = (", h.size(0),
+                    ",), got shape ", y.sizes());
+  TORCH_CHECK_VALUE(y.scalar_type() == at::kLong, fn, ": y must be int64, got ", y.scalar_type());
+  if (y.numel() > 0) {
+    auto mm = at::aminmax(y);
+    int64_t lo = std::get<0>(mm).item<int64_t>(), hi = std::get<1>(mm).item<int64_t>();
+    TORCH_CHECK_VALUE(lo >= 0 && hi < w.size(0), fn, ": y must be in [0, ", w.size(0), "), got values in [",
+                      lo, ", ", hi, "]");
+  }
+}
+
+at::Tensor f32_contig(const at::Tensor& t) {
+  return t.scalar_type() == at::kFloat ? t.contiguous() : t.to(at::kFloat).contiguous();
+}
+
+// Pointer to rows [v0, v0 + bv) of w as contiguous fp32 (bv, H): w itself if it is fp32, else converted into buf.
+const float* w_block_f32(const at::Tensor& w, bool w_f32, int64_t v0, int64_t bv, float* buf) {
+  const int64_t H = w.size(1);
+  if (w_f32) return w.data_ptr<float>() + v0 * H;
+  at::from_blob(buf, {bv, H}, at::kFloat).copy_(w.narrow(0, v0, bv));
+  return buf;
+}
+
+// S (rt, bv) with row stride V_BLOCK = h_tile (rt, H) @ w_block (bv, H)^T, one thread.
+void logits_tile(const float* h_tile, const float* w_blk, int64_t rt, int64_t bv, int64_t H, float* S) {
+  auto opts = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor out = at::from_blob(S, {rt, bv}, {V_BLOCK, 1}, opts);
+  at::Tensor a = at::from_blob(const_cast<float*>(h_tile), {rt, H}, opts);
+  at::Tensor b = at::from_blob(const_cast<float*>(w_blk), {bv, H}, opts);
+  at::mm_out(out, a, b.t());
+}
+
+std::tuple<at::Tensor, at::Tensor> logprob_rows_fwd(const at::Tensor& h, const at::Tensor& w, const at::Tensor& y) {
+  check_rows(h, w, y, "logprob_rows_fwd");
+  const int64_t N = h.size(0), H = h.size(1), V = w.size(0);
+  auto f32 = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor logp = at::empty({N}, f32), lse = at::empty({N}, f32);
+  if (N == 0) return {logp, lse};
+  at::Tensor h32 = f32_contig(h).detach();               // (N, H)
+  const bool w_f32 = w.scalar_type() == at::kFloat;
+  at::Tensor wc = w.contiguous().detach();               // (V, H)
+  at::Tensor yc = y.contiguous();
+  const int64_t nvb = (V + V_BLOCK - 1) / V_BLOCK;
+  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nvb)));
+  at::Tensor run_max = at::full({nt, N}, NEG_INF, f32);  // per-thread running max of each row
+  at::Tensor run_sum = at::zeros({nt, N}, f32);          // per-thread sum of exp(logit - run_max)
+  at::Tensor target = at::empty({N}, f32);               // logit[n, y[n]], written by the block holding y[n]
+  at::Tensor scratch = at::empty({nt, ROW_TILE * V_BLOCK}, f32);
+  at::Tensor wbuf = w_f32 ? at::Tensor() : at::empty({nt, V_BLOCK * H}, f32);
+  const float* hp = h32.data_ptr<float>();
+  const int64_t* yp = yc.data_ptr<int64_t>();
+  float* tp = target.data_ptr<float>();
+
+#pragma omp parallel num_threads(nt)
+  {
+    const int tid = omp_get_thread_num();
+    float* S = scratch.data_ptr<float>() + tid * ROW_TILE * V_BLOCK;
+    float* m_t = run_max.data_ptr<float>() + tid * N;
+    float* s_t = run_sum.data_ptr<float>() + tid * N;
+    float* wb_buf = w_f32 ? nullptr : wbuf.data_ptr<float>() + tid * V_BLOCK * H;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t b = 0; b < nvb; ++b) {
+      const int64_t v0 = b * V_BLOCK, bv = std::min(V_BLOCK, V - v0);
+      const float* wb = w_block_f32(wc, w_f32, v0, bv, wb_buf);
+      for (int64_t r0 = 0; r0 < N; r0 += ROW_TILE) {
+        const int64_t rt = std::min(ROW_TILE, N - r0);
+        logits_tile(hp + r0 * H, wb, rt, bv, H, S);
+        for (int64_t i = 0; i < rt; ++i) {
+          const float* row = S + i * V_BLOCK;
+          const int64_t n = r0 + i;
+          float bm = NEG_INF;
+#pragma omp simd reduction(max : bm)
+          for (int64_t j = 0; j < bv; ++j) bm = std::max(bm, row[j]);
+          const float m_new = std::max(m_t[n], bm);
+          if (m_new == NEG_INF) continue;  // every logit so far is -inf: nothing to add (guards -inf - -inf)
+          float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+          for (int64_t j = 0; j < bv; ++j) acc += fast_exp(row[j] - m_new);
+          s_t[n] = s_t[n] * fast_exp(m_t[n] - m_new) + acc;
+          m_t[n] = m_new;
+          const int64_t yy = yp[n] - v0;
+          if (yy >= 0 && yy < bv) tp[n] = row[yy];
+        }
+      }
+    }
+  }
+
+  // Merge the per-thread (max, sum) pairs: lse = M + log(sum_t s_t exp(m_t - M)).
+  const float* mp = run_max.data_ptr<float>();
+  const float* sp = run_sum.data_ptr<float>();
+  float* lp = lse.data_ptr<float>();
+  float* op = logp.data_ptr<float>();
+  for (int64_t n = 0; n < N; ++n) {
+    float M = NEG_INF;
+    for (int t = 0; t < nt; ++t) M = std::max(M, mp[t * N + n]);
+    double s = 0.0;
+    if (M != NEG_INF)
+      for (int t = 0; t < nt; ++t)
+        if (mp[t * N + n] != NEG_INF) s += sp[t * N + n] * std::exp(static_cast<double>(mp[t * N + n] - M));
+    lp[n] = M == NEG_INF ? NEG_INF : M + static_cast<float>(std::log(s));
+    op[n] = tp[n] - lp[n];
+  }
+  return {logp, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> logprob_rows_bwd(const at::Tensor& h, const at::Tensor& w, const at::Tensor& y,
+                                                    const at::Tensor& lse, const at::Tensor& g, bool need_grad_w) {
+  check_rows(h, w, y, "logprob_rows_bwd");
+  const int64_t N = h.size(0), H = h.size(1), V = w.size(0);
+  TORCH_CHECK_VALUE(lse.device().is_cpu() && lse.dim() == 1 && lse.size(0) == N,
+                    "logprob_rows_bwd: lse must be a CPU tensor of shape (", N, ",), got ", lse.sizes());
+  TORCH_CHECK_VALUE(g.device().is_cpu() && g.dim() == 1 && g.size(0) == N,
+                    "logprob_rows_bwd: g must be a CPU tensor of shape (", N, ",), got ", g.sizes());
+  TORCH_CHECK_VALUE(at::isFloatingType(lse.scalar_type()) && at::isFloatingType(g.scalar_type()),
+                    "logprob_rows_bwd: lse and g must be floating point");
+  // need_grad_w = false (frozen LM head, e.g. LoRA): skip the grad_w GEMM, a third of the work; grad_w is then (0,).
+  at::Tensor grad_w = need_grad_w ? at::empty({V, H}, w.options().memory_format(at::MemoryFormat::Contiguous))
+                                  : at::empty({0}, w.options());
+  if (N == 0) {
+    grad_w.zero_();
+    return {at::zeros_like(h, at::MemoryFormat::Contiguous), grad_w};
+  }
+  auto f32 = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor h32 = f32_contig(h).detach();  // (N, H)
+  at::Tensor lse32 = f32_contig(lse), g32 = f32_contig(g), yc = y.contiguous();
+  const bool w_f32 = w.scalar_type() == at::kFloat;
+  at::Tensor wc = w.contiguous().detach();
+  const int64_t nvb = (V + V_BLOCK - 1) / V_BLOCK;
+  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nvb)));
+
+  // Rows are done in chunks so that the per-thread grad_h partials (nt, chunk, H) fit partial_bytes().
+  int64_t chunk = partial_bytes() / (static_cast<int64_t>(nt) * H * 4);
+  chunk = std::max<int64_t>(ROW_TILE, chunk / ROW_TILE * ROW_TILE);
+  chunk = std::min(chunk, N);
+  const int64_t n_chunks = (N + chunk - 1) / chunk;
+  // grad_w accumulates in fp32: in grad_w itself when it is fp32; else in a per-block buffer when one chunk
+  // covers all rows (copied out once per block), else in a full fp32 (V, H) buffer.
+  at::Tensor gw_full = (need_grad_w && !w_f32 && n_chunks > 1) ? at::empty({V, H}, f32) : at::Tensor();
+  at::Tensor gw_blocks = (need_grad_w && !w_f32 && n_chunks == 1) ? at::empty({nt, V_BLOCK * H}, f32) : at::Tensor();
+  at::Tensor gh32 = at::empty({N, H}, f32);  // grad_h in fp32
+  at::Tensor partial = at::empty({nt, chunk, H}, f32);  // grad_h partial of each thread
+  at::Tensor scratch = at::empty({nt, ROW_TILE * V_BLOCK}, f32);
+  at::Tensor wbuf = w_f32 ? at::Tensor() : at::empty({nt, V_BLOCK * H}, f32);
+  const float* hp = h32.data_ptr<float>();
+  const float* lsep = lse32.data_ptr<float>();
+  const float* gp = g32.data_ptr<float>();
+  const int64_t* yp = yc.data_ptr<int64_t>();
+
+  for (int64_t c0 = 0; c0 < N; c0 += chunk) {
+    const int64_t cn = std::min(chunk, N - c0);
+    partial.zero_();
+#pragma omp parallel num_threads(nt)
+    {
+      const int tid = omp_get_thread_num();
+      float* S = scratch.data_ptr<float>() + tid * ROW_TILE * V_BLOCK;
+      float* P = partial.data_ptr<float>() + tid * chunk * H;
+      float* wb_buf = w_f32 ? nullptr : wbuf.data_ptr<float>() + tid * V_BLOCK * H;
+      auto opts = at::TensorOptions().dtype(at::kFloat);
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t b = 0; b < nvb; ++b) {
+        const int64_t v0 = b * V_BLOCK, bv = std::min(V_BLOCK, V - v0);
+        const float* wb = w_block_f32(wc, w_f32, v0, bv, wb_buf);
+        float* gw = nullptr;  // fp32 (bv, H) accumulator of grad_w[v0 : v0 + bv]
+        if (!need_grad_w) {
+        } else if (w_f32) gw = grad_w.data_ptr<float>() + v0 * H;
+        else if (n_chunks > 1) gw = gw_full.data_ptr<float>() + v0 * H;
+        else gw = gw_blocks.data_ptr<float>() + tid * V_BLOCK * H;
+        at::Tensor gw_t = need_grad_w ? at::from_blob(gw, {bv, H}, opts) : at::Tensor();
+        at::Tensor wb_t = at::from_blob(const_cast<float*>(wb), {bv, H}, opts);
+        for (int64_t r0 = c0; r0 < c0 + cn; r0 += ROW_TILE) {
+          const int64_t rt = std::min(ROW_TILE, c0 + cn - r0);
+          logits_tile(hp + r0 * H, wb, rt, bv, H, S);
+          // S <- grad_logits = g * (1[v == y] - exp(logit - lse))   (rt, bv)
+          for (int64_t i = 0; i < rt; ++i) {
+            float* row = S + i * V_BLOCK;
+            const int64_t n = r0 + i;
+            const float gn = gp[n], l = lsep[n];
+            if (gn == 0.f) {
+              std::memset(row, 0, bv * sizeof(float));
+              continue;
+            }
+#pragma omp simd
+            for (int64_t j = 0; j < bv; ++j) row[j] = -gn * fast_exp(row[j] - l);
+            const int64_t yy = yp[n] - v0;
+            if (yy >= 0 && yy < bv) row[yy] += gn;
+          }
+          at::Tensor G = at::from_blob(S, {rt, bv}, {V_BLOCK, 1}, opts);
+          at::Tensor h_t = at::from_blob(const_cast<float*>(hp + r0 * H), {rt, H}, opts);
+          if (need_grad_w && r0 == 0) at::mm_out(gw_t, G.t(), h_t);  // first rows: overwrite (not zeroed)
+          else if (need_grad_w) gw_t.addmm_(G.t(), h_t);              // grad_w[block] += G^T @ h_tile  (bv, H)
+          at::Tensor P_t = at::from_blob(P + (r0 - c0) * H, {rt, H}, opts);
+          P_t.addmm_(G, wb_t);                        // grad_h partial += G @ w_block   (rt, H)
+        }
+        if (need_grad_w && !w_f32 && n_chunks == 1) grad_w.narrow(0, v0, bv).copy_(gw_t);
+      }
+    }
+    // grad_h[c0 : c0 + cn] = sum over threads of the partials
+    at::Tensor gh_chunk = gh32.narrow(0, c0, cn);
+    at::sum_out(gh_chunk, partial.narrow(1, 0, cn), {0});
+  }
+  if (need_grad_w && !w_f32 && n_chunks > 1) grad_w.copy_(gw_full);
+  at::Tensor grad_h = h.scalar_type() == at::kFloat ? gh32 : gh32.to(h.scalar_type());
+  return {grad_h, grad_w};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(nanoalign, m) {
+  m.def("logprob_rows_fwd(Tensor h, Tensor w, Tensor y) -> (Tensor, Tensor)");
+  m.def("logprob_rows_bwd(Tensor h, Tensor w, Tensor y, Tensor lse, Tensor g, bool need_grad_w=True)"
+        " -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(nanoalign, CPU, m) {
+  m.impl("logprob_rows_fwd", &logprob_rows_fwd);
+  m.impl("logprob_rows_bwd", &logprob_rows_bwd);
+}

@@ -1,0 +1,157 @@
+"""The native CPU log-prob primitive (csrc/logprobs.cpp via nanoalign.native) against a float64 torch reference.
+
+The reference is computed from the same (possibly bf16/fp16-rounded) inputs in float64 with full logits, so the only
+expected error is fp32 arithmetic plus the rounding of the returned gradients to the input dtype.
+"""
+import os
+import shutil
+
+import pytest
+import torch
+
+from nanoalign import native
+
+
+def _require_native():
+    if native.available():
+        return
+    if shutil.which(os.environ.get("CXX", "c++")) is None and os.environ.get("NANOALIGN_REQUIRE_NATIVE") != "1":
+        pytest.skip("no C++ compiler: the native op cannot be built here")
+    pytest.fail(f"a compiler exists but the native op did not build: {native.build_info()}")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    _require_native()
+
+
+def _ref(h, w, y, g):
+    """float64 logp, lse, grad_h, grad_w of sum(g * logp) with full (N, V) logits."""
+    h64 = h.double().requires_grad_()
+    w64 = w.double().requires_grad_()
+    logits = h64 @ w64.T  # (N, V)
+    lse = torch.logsumexp(logits, dim=-1)
+    logp = logits.gather(1, y[:, None])[:, 0] - lse
+    (logp * g.double()).sum().backward()
+    return logp.detach(), lse.detach(), h64.grad, w64.grad
+
+
+def _rel(a, b):
+    """Normwise relative error max|a - b| / max|b| (0 for empty tensors)."""
+    if b.numel() == 0:
+        return 0.0
+    return ((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+# tolerance on (logp, lse) and on the gradients, which are rounded to the input dtype
+TOL = {torch.float32: (2e-6, 1e-5), torch.bfloat16: (2e-6, 1e-2), torch.float16: (2e-6, 2e-3)}
+
+
+def _inputs(n, hdim, v, dtype, scale=1.0, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    h = (torch.randn(n, hdim, generator=gen) * scale).to(dtype)
+    w = (torch.randn(v, hdim, generator=gen) / hdim**0.5).to(dtype)
+    y = torch.randint(0, v, (n,), generator=gen)
+    g = torch.randn(n, generator=gen)
+    if n > 2:
+        g[1] = 0.0  # a row that does not contribute to the loss
+    return h, w, y, g
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,hdim,v", [(300, 64, 1000), (257, 40, 513), (7, 16, 255), (1, 8, 1), (600, 24, 300)])
+def test_values_and_gradients_match_float64(dtype, n, hdim, v):
+    # N and V deliberately not multiples of the 256 x 256 tiles; (1, 8, 1) is a one-word vocabulary.
+    h, w, y, g = _inputs(n, hdim, v, dtype, scale=2.0)
+    logp, lse = native.logprob_rows_fwd(h, w, y)
+    grad_h, grad_w = native.logprob_rows_bwd(h, w, y, lse, g)
+    r_logp, r_lse, r_gh, r_gw = _ref(h, w, y, g)
+    assert logp.dtype == lse.dtype == torch.float32 and logp.shape == lse.shape == (n,)
+    assert grad_h.dtype == h.dtype and grad_h.shape == h.shape
+    assert grad_w.dtype == w.dtype and grad_w.shape == w.shape
+    tol_val, tol_grad = TOL[dtype]
+    assert _rel(logp, r_logp) < tol_val + 1e-7 * r_lse.abs().max().item()
+    assert _rel(lse, r_lse) < tol_val
+    assert _rel(grad_h, r_gh) < tol_grad
+    assert _rel(grad_w, r_gw) < tol_grad
+
+
+def test_empty_rows():
+    h, w, y, g = _inputs(0, 16, 300, torch.float32)
+    logp, lse = native.logprob_rows_fwd(h, w, y)
+    assert logp.shape == lse.shape == (0,)
+    grad_h, grad_w = native.logprob_rows_bwd(h, w, y, lse, g)
+    assert grad_h.shape == (0, 16) and grad_w.shape == (300, 16)
+    assert torch.count_nonzero(grad_w) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_large_logits(dtype):
+    # logits of order 1e3-1e4: a naive exp overflows; the online log-sum-exp must not.
+    h, w, y, g = _inputs(70, 32, 600, dtype, scale=300.0, seed=1)
+    logp, lse = native.logprob_rows_fwd(h, w, y)
+    grad_h, grad_w = native.logprob_rows_bwd(h, w, y, lse, g)
+    r_logp, r_lse, r_gh, r_gw = _ref(h, w, y, g)
+    assert torch.isfinite(logp).all() and torch.isfinite(lse).all()
+    assert r_lse.abs().max() > 500  # the test really has large logits
+    # absolute error of a difference of numbers ~1e3 in fp32 is ~1e-4; compare against the scale of the logits
+    assert (logp.double() - r_logp).abs().max() < 1e-5 * r_lse.abs().max()
+    assert _rel(grad_h, r_gh) < TOL[dtype][1]
+    assert _rel(grad_w, r_gw) < TOL[dtype][1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_chunked_backward(dtype, monkeypatch):
+    # A tiny partial-buffer budget forces the backward to walk the rows in 256-row chunks (the path large N takes),
+    # including the full fp32 grad_w accumulator used for low-precision weights.
+    monkeypatch.setenv("NANOALIGN_NATIVE_PARTIAL_BYTES", "1")
+    h, w, y, g = _inputs(700, 24, 520, dtype, seed=2)  # 3 chunks of 256 rows
+    logp, lse = native.logprob_rows_fwd(h, w, y)
+    grad_h, grad_w = native.logprob_rows_bwd(h, w, y, lse, g)
+    _, _, r_gh, r_gw = _ref(h, w, y, g)
+    assert _rel(grad_h, r_gh) < TOL[dtype][1]
+    assert _rel(grad_w, r_gw) < TOL[dtype][1]
+
+
+def test_mixed_dtypes_and_single_thread():
+    # bf16 rows with an fp32 head, computed with one thread, must match the default (multi-thread) result closely.
+    h, w, y, g = _inputs(300, 32, 700, torch.float32, seed=3)
+    h = h.to(torch.bfloat16)
+    logp, lse = native.logprob_rows_fwd(h, w, y)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        logp1, lse1 = native.logprob_rows_fwd(h, w, y)
+    finally:
+        torch.set_num_threads(old)
+    r_logp, r_lse, _, _ = _ref(h, w, y, g)
+    assert _rel(logp, r_logp) < 1e-5 and _rel(logp1, r_logp) < 1e-5 and _rel(lse1, lse) < 1e-6
+
+
+def test_bad_input_raises_clear_errors():
+    h, w, y, g = _inputs(10, 16, 50, torch.float32)
+    with pytest.raises(ValueError, match="y must be in"):
+        native.logprob_rows_fwd(h, w, torch.full((10,), 50))
+    with pytest.raises(ValueError, match="y must be in"):
+        native.logprob_rows_fwd(h, w, torch.full((10,), -100))
+    with pytest.raises(ValueError, match="hidden sizes differ"):
+        native.logprob_rows_fwd(h, w[:, :8], y)
+    with pytest.raises(ValueError, match="y must be"):
+        native.logprob_rows_fwd(h, w, y[:5])
+    with pytest.raises(ValueError, match="int64"):
+        native.logprob_rows_fwd(h, w, y.int())
+    with pytest.raises(ValueError, match="float32/bfloat16/float16"):
+        native.logprob_rows_fwd(h.double(), w, y)
+    logp, lse = native.logprob_rows_fwd(h, w, y)
+    with pytest.raises(ValueError, match="g must be"):
+        native.logprob_rows_bwd(h, w, y, lse, g[:3])
+
+
+def test_frozen_head_skips_grad_w():
+    # need_grad_w=False (LoRA with a frozen LM head) must give the same grad_h and no grad_w.
+    h, w, y, g = _inputs(300, 32, 700, torch.float32, seed=4)
+    logp, lse = native.logprob_rows_fwd(h, w, y)
+    grad_h, grad_w = native.logprob_rows_bwd(h, w, y, lse, g, need_grad_w=False)
+    assert grad_w is None
+    _, _, r_gh, _ = _ref(h, w, y, g)
+    assert _rel(grad_h, r_gh) < TOL[torch.float32][1]
