@@ -142,13 +142,15 @@ def logprob_rows_fwd(h, w, y):
 
 def logprob_rows_bwd(h, w, y, lse, g, need_grad_w=True):
     """Dispatched row primitive (backward); N == 0 -> zero grads. need_grad_w=False returns None for grad_w (the
-    torch path then skips its matmul; the native/Triton primitives of CONTRACT.md always compute it)."""
+    torch and native paths then skip its matmul; the Triton kernel always computes it)."""
     if h.shape[0] == 0:
         return torch.zeros_like(h), (torch.zeros_like(w) if need_grad_w else None)
     args = (h.contiguous(), w.contiguous(), y.contiguous(), lse.contiguous(), g.float().contiguous())
     backend = _backend(h.device)
     if backend is _TORCH:
         return logprob_rows_bwd_torch(*args, need_grad_w=need_grad_w)
+    if backend is not _TORCH and getattr(backend, "__name__", "") == "nanoalign.native":
+        return backend.logprob_rows_bwd(*args, need_grad_w=need_grad_w)  # skips the grad_w GEMM when frozen
     gh, gw = backend.logprob_rows_bwd(*args)
     return gh, (gw if need_grad_w else None)
 
@@ -267,19 +269,22 @@ class _FusedPreferenceLoss(torch.autograd.Function):
         row = torch.div(flat, T, rounding_mode="floor")  # (N,) row in [0, 2P)
         pair = row % P
         y = labels.reshape(-1).index_select(0, flat).long()  # (N,)
-        w_tok = token_weights.reshape(-1).index_select(0, flat).float()  # (N,)
-        ref_tok = ref_logps.reshape(-1).index_select(0, flat).float()  # (N,)
-        den = torch.zeros(B, device=dev).index_add_(0, row, w_tok)  # (2P,) sum of weights
-        n_tok = torch.bincount(row, minlength=B).float()  # (2P,)
-        ref = torch.zeros(B, device=dev).index_add_(0, row, w_tok * ref_tok)  # (2P,)
+        # Sequence scores, margins and their gradients are (2P,)-sized: kept in float64, so summing thousands of
+        # fp32 token log-probs does not cost the 1e-5 relative gradient accuracy the rows themselves reach.
+        f64 = torch.float64
+        w_tok = token_weights.reshape(-1).index_select(0, flat).to(f64)  # (N,)
+        ref_tok = ref_logps.reshape(-1).index_select(0, flat).to(f64)  # (N,)
+        den = torch.zeros(B, device=dev, dtype=f64).index_add_(0, row, w_tok)  # (2P,) sum of weights
+        n_tok = torch.bincount(row, minlength=B).to(f64)  # (2P,)
+        ref = torch.zeros(B, device=dev, dtype=f64).index_add_(0, row, w_tok * ref_tok)  # (2P,)
         if average:
             ref = torch.where(den > 0, ref / den.clamp_min(1e-30), torch.zeros_like(ref))
         hidden_rows = hidden.reshape(-1, H)
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         grad_hidden = torch.zeros_like(hidden_rows) if need_grad else None  # (2P*T, H)
         grad_weight = None  # (V, H) fp32 accumulator over chunks
-        pol = torch.zeros(B, device=dev)  # (2P,) policy scores
-        loss_pairs, sft_nll = torch.zeros(P, device=dev), torch.zeros(P, device=dev)
+        pol = torch.zeros(B, device=dev, dtype=f64)  # (2P,) policy scores
+        loss_pairs, sft_nll = torch.zeros(P, device=dev, dtype=f64), torch.zeros(P, device=dev, dtype=f64)
         step = P if chunk_pairs is None else max(1, int(chunk_pairs))
         for p0 in range(0, P, step):
             p1 = min(P, p0 + step)
@@ -288,22 +293,22 @@ class _FusedPreferenceLoss(torch.autograd.Function):
             r = row[tok]  # (n,)
             h = hidden_rows.index_select(0, flat[tok])  # (n, H)
             logp, lse = logprob_rows_fwd(h, weight, y[tok])  # (n,), (n,)
-            pol.index_add_(0, r, w_tok[tok] * logp)
+            pol.index_add_(0, r, w_tok[tok] * logp.to(f64))
             if average:
                 for s in (c, rej):
                     pol[s] = torch.where(den[s] > 0, pol[s] / den[s].clamp_min(1e-30), 0.0)
-            logp_sum = torch.zeros(B, device=dev).index_add_(0, r, logp)  # (2P,)
+            logp_sum = torch.zeros(B, device=dev, dtype=f64).index_add_(0, r, logp.to(f64))  # (2P,)
             sft_nll[c] = -logp_sum[c] / n_tok[c].clamp_min(1)
             margin = (pol[c] - ref[c]) - (pol[rej] - ref[rej])  # (c,) rho
             loss_pairs[c] = L.pair_losses(loss_type, margin, beta)
             if not need_grad or tok.numel() == 0:
                 continue
             dm = L.loss_grad(loss_type, margin, beta) / P  # (c,) dL/drho, L = mean over pairs
-            dscore = torch.zeros(B, device=dev)  # (2P,) dL/ds
+            dscore = torch.zeros(B, device=dev, dtype=f64)  # (2P,) dL/ds
             dscore[c], dscore[rej] = dm, -dm
             if average:  # s = num / den: ds/dnum = 1/den (0 for an empty row)
                 dscore = torch.where(den > 0, dscore / den.clamp_min(1e-30), 0.0)
-            g = dscore[r] * w_tok[tok]  # (n,) dL/dlogp
+            g = dscore[r] * w_tok[tok]  # (n,) dL/dlogp (float64; the row primitive takes it as fp32)
             if sft_weight:
                 g = g + torch.where(r < P, -sft_weight / (P * n_tok[r].clamp_min(1)), 0.0)
             gh, gw = logprob_rows_bwd(h, weight, y[tok], lse, g, need_grad_w=ctx.needs_input_grad[1])
@@ -317,8 +322,8 @@ class _FusedPreferenceLoss(torch.autograd.Function):
             if grad_weight is None and ctx.needs_input_grad[1]:
                 grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=dev)
             ctx.grads = [grad_hidden.view(B, T, H), None if grad_weight is None else grad_weight.to(weight.dtype)]
-        loss = loss_pairs.mean() + sft_weight * sft_nll.mean()
-        stats = torch.stack([pol[:P], pol[P:], ref[:P], ref[P:], sft_nll, loss_pairs], dim=1)  # (P, 6)
+        loss = (loss_pairs.mean() + sft_weight * sft_nll.mean()).float()
+        stats = torch.stack([pol[:P], pol[P:], ref[:P], ref[P:], sft_nll, loss_pairs], dim=1).float()  # (P, 6)
         ctx.mark_non_differentiable(stats)
         return loss, stats
 

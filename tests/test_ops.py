@@ -3,6 +3,7 @@ float64 references written out here, fused == unfused, and the bad-input errors.
 tests/test_kernels*.py."""
 import functools
 import importlib.util
+import os
 import warnings
 
 import pytest
@@ -33,6 +34,8 @@ def backend(request, monkeypatch):
     if request.param == "native":
         ok, why = _native_status()
         if not ok:
+            if os.environ.get("NANOALIGN_REQUIRE_NATIVE") == "1":  # set by .ci/run: CI must test the native path
+                pytest.fail(f"NANOALIGN_REQUIRE_NATIVE=1 but {why}")
             pytest.skip(f"native backend skipped: {why}")
     monkeypatch.setenv("NANOALIGN_LOGPROBS_BACKEND", request.param)
     return request.param
