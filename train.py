@@ -87,6 +87,9 @@ def parse_args(argv=None):
     g.add_argument("--keep", type=int, default=2, help="keep the newest K step checkpoints")
     g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     g.add_argument("--wandb", default=None, help="log to this Weights & Biases project (needs wandb installed)")
+    g.add_argument("--toy-cache", default=None, help="toy world cache folder (no --model/--data; default "
+                   "~/.cache/nanoalign/toy/<hash>)")
+    g.add_argument("--toy-seed", type=int, default=0, help="seed of the toy world and its SFT base model")
     args = p.parse_args(argv)
     if args.beta is None:
         args.beta = DEFAULT_BETA.get(args.algo, 0.1)
@@ -97,8 +100,8 @@ def parse_args(argv=None):
     for name in ("batch_size", "grad_accum"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.model is None or args.data is None:
-        p.error("--model and --data are required (the built-in toy-world default is not available yet)")
+    if (args.model is None) != (args.data is None):
+        p.error("--model and --data go together (give neither for the built-in toy-world run)")
     return args
 
 
@@ -309,9 +312,8 @@ def main(args):
                 h = forward(model, b, device)
                 labels = b["labels"].to(device)
                 logp = token_logprobs(h, model.lm_head_weight, labels)  # (R,T), never (R,T,V) logits
-                n = (labels != -100).sum()
-                loss = -logp.sum() / n.clamp_min(1)
-                metrics = {"nll": loss.detach()}
+                loss = -logp.sum() / (labels != -100).sum().clamp_min(1)  # token-mean NLL of the responses
+                metrics = {}
             else:
                 items, images, b = make_batch(idx, ["chosen", "rejected"])
                 P = len(items)
@@ -333,7 +335,6 @@ def main(args):
                     loss = loss + l / len(rejected_sets)
                     for k, v in m.items():
                         metrics[k] = metrics.get(k, 0) + v.float().mean() / len(rejected_sets)
-                n = (labels[:P] != -100).sum()
             if not torch.isfinite(loss):
                 raise SystemExit(f"error: non-finite loss {float(loss.detach())} at step {step + 1}, micro-step {micro}, "
                                  f"rank {rank}, examples {[examples[i].id for i in idx]}; stopping before the "
@@ -398,7 +399,18 @@ def clip_grad_norm(model, max_norm: float) -> float:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    _args = parse_args()
+    try:
+        if _args.model is None and _args.data is None:
+            from nanoalign import toyrun
+            toyrun.default_run(_args, main)
+        else:
+            main(_args)
+    except (ValueError, FileNotFoundError, ImportError) as e:  # bad input: one line, not a traceback
+        if os.environ.get("NANOALIGN_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

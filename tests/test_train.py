@@ -196,3 +196,11 @@ def test_two_ranks_match_one_rank(world, tmp_path):
     for a, b in zip(one, two):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+
+
+def test_cli_bad_input_is_one_line(world, tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), "--model", str(world / "ckpt"), "--data",
+                        str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [f"error: data file {tmp_path / 'missing.jsonl'} not found"]
