@@ -347,6 +347,11 @@ class KVCache:
         self.v[layer][:, :, self.length:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
+    def attend(self, layer: int, q, k, v, mask):
+        """Append this step's k/v (B,Hkv,Tnew,D) and attend q (B,nh,Tnew,D) to all cached keys -> (B,Tnew,nh*D)."""
+        k, v = self.update(layer, k, v)  # (B,Hkv,T_past+Tnew,D)
+        return attention(q, k, v, mask, is_causal=mask is None and k.shape[2] == q.shape[2])
+
     def fork(self, rows) -> "KVCache":
         """A new cache holding batch rows `rows` (LongTensor, repeats allowed): prefill a shared prefix once,
         then continue several sequences from it. The caller forks its attention mask / positions the same way."""
@@ -374,9 +379,9 @@ class LlamaAttention(nn.Module):
         k = self.k_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)  # (B,nkv,T,D)
         v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if kv_cache is not None:
-            k, v = kv_cache.update(layer_idx, k, v)  # (B,nkv,T_past+T,D)
-        return self.o_proj(attention(q, k, v, mask, is_causal=mask is None and k.shape[2] == T))
+        if kv_cache is not None:  # the cache stores the new keys and attends (dense here, ragged in sample.py)
+            return self.o_proj(kv_cache.attend(layer_idx, q, k, v, mask))
+        return self.o_proj(attention(q, k, v, mask, is_causal=mask is None))
 
 
 class LlamaMLP(nn.Module):  # SwiGLU

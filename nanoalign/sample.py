@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from nanoalign.model import KVCache, apply_rope, attention, causal_mask, rope_cos_sin, sample_next
+from nanoalign.model import KVCache, attention, causal_mask, rope_cos_sin, sample_next
 
 RHO_TH = 0.99
 
@@ -160,6 +160,19 @@ class RaggedKVCache:
         return new
 
 
+    def attend(self, layer: int, q, k, v, mask):
+        """Called by LlamaAttention: write the new keys/values (B,Hkv,N,D) at each row's own slots (self.step, set by
+        ragged_forward) and attend q (B,nh,N,D) over the row's valid slots -> (B,N,nh*D)."""
+        bi, ii, si, Tk, end, kernel = self.step
+        ck, cv = self.k[layer], self.v[layer]
+        ck[bi, :, si] = k.transpose(1, 2)[bi, ii].to(ck.dtype)  # (nvalid,nkv,D)
+        cv[bi, :, si] = v.transpose(1, 2)[bi, ii].to(cv.dtype)
+        if kernel is not None:  # one query per row: the Triton decode kernel over the ragged cache
+            B, nh, _, D = q.shape
+            return kernel(q[:, :, 0], ck, cv, end).reshape(B, 1, nh * D)
+        return attention(q, ck[:, :, :Tk], cv[:, :, :Tk], mask)
+
+
 def _decode_kernel():
     try:
         from nanoalign.kernels.decode_attention import decode_attention
@@ -192,6 +205,7 @@ def ragged_forward(model, cache: RaggedKVCache, x, n_new, pos, use_kernel: bool 
     if use_kernel is None:
         use_kernel = x.is_cuda and one_step
     kernel = _decode_kernel() if use_kernel else None
+    mask = None  # the kernel masks by the per-row lengths itself
     if kernel is None and one_step:
         mask = (torch.arange(Tk, device=dev)[None, :] < end[:, None])[:, None, None]  # (B,1,1,Tk)
     elif kernel is None:
@@ -200,22 +214,9 @@ def ragged_forward(model, cache: RaggedKVCache, x, n_new, pos, use_kernel: bool 
         mask = mask | (k_idx == slots.clamp(max=Tk - 1)[:, :, None])  # padded queries stay finite
         mask = mask[:, None]  # (B,1,N,Tk)
     cos, sin = _rope(model, pos, x.dtype)
+    cache.step = (bi, ii, si, Tk, end, kernel)  # where this call's keys go; read by cache.attend in every layer
     for li, layer in enumerate(model.language_model.model.layers):
-        att = layer.self_attn
-        h = layer.input_layernorm(x)
-        q = att.q_proj(h).view(B, N, att.nh, att.hd).transpose(1, 2)  # (B,nh,N,D)
-        k = att.k_proj(h).view(B, N, att.nkv, att.hd).transpose(1, 2)  # (B,nkv,N,D)
-        v = att.v_proj(h).view(B, N, att.nkv, att.hd).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        ck, cv = cache.k[li], cache.v[li]
-        ck[bi, :, si] = k.transpose(1, 2)[bi, ii].to(ck.dtype)  # (nvalid,nkv,D)
-        cv[bi, :, si] = v.transpose(1, 2)[bi, ii].to(cv.dtype)
-        if kernel is not None:
-            o = kernel(q[:, :, 0], ck, cv, end).reshape(B, 1, att.nh * att.hd)  # (B,1,nh*D)
-        else:
-            o = attention(q, ck[:, :, :Tk], cv[:, :, :Tk], mask)  # (B,N,nh*D)
-        x = x + att.o_proj(o)
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
+        x = layer(x, cos, sin, mask, cache, li)
     cache.lens = end
     cache.next_pos = cache.next_pos + n_new
     return model.language_model.model.norm(x)
