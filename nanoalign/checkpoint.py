@@ -13,6 +13,7 @@ renames it into place; an existing checkpoint at `path` stays intact until that 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -126,6 +127,21 @@ def _listing(keys, n=5) -> str:
     return ", ".join(keys[:n]) + more
 
 
+@contextlib.contextmanager
+def _skip_init():
+    """Make nn.init's fills no-ops while a model whose weights are about to be loaded is built: on the meta device
+    they do nothing useful, and a random fill there imports torch._dynamo (about 3 s per process)."""
+    names = ("normal_", "uniform_", "kaiming_uniform_", "zeros_", "ones_")
+    saved = {n: getattr(torch.nn.init, n) for n in names}
+    for n in names:
+        setattr(torch.nn.init, n, lambda tensor, *a, **kw: tensor)
+    try:
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(torch.nn.init, n, f)
+
+
 def load_pretrained(path, dtype=torch.float32, device="cpu"):
     """Checkpoint directory -> (LlavaModel in eval mode, Processor or None).
 
@@ -137,7 +153,7 @@ def load_pretrained(path, dtype=torch.float32, device="cpu"):
     sd, origin = _read_weights(path, dtype, device)
     if config.tie_word_embeddings:
         sd.pop("language_model.lm_head.weight", None)
-    with torch.device("meta"):
+    with torch.device("meta"), _skip_init():
         model = LlavaModel(config)
     expected = {k: v for k, v in model.state_dict().items()}
     if config.tie_word_embeddings:
