@@ -1,0 +1,112 @@
+"""The toy pipeline end to end at a tiny size (nanoalign/toyrun.py): world -> SFT base -> DDPO pairs -> DDPO -> eval,
+and the cache (a second run reuses the world and the base model)."""
+import json
+from pathlib import Path
+
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # train.py lives at the repo root
+import train  # noqa: E402
+from nanoalign import toyrun  # noqa: E402
+from nanoalign import toyworld as tw  # noqa: E402
+
+TINY = dict(n_train=24, n_eval=4, vocab_size=320, sft_steps=6, sft_batch=4, eval_max_new_tokens=20, vision_steps=3)
+ALIGN = {"steps": 2, "lr": 1e-4, "batch": 2, "pair_scenes": 4, "samples": 1, "temperature": 1.0,
+         "rewrite_missing": True, "max_new_tokens": 20}
+
+
+def _run(tmp_path, out, monkeypatch, algo="ddpo"):
+    monkeypatch.setitem(toyrun.ALIGN, "default", ALIGN)
+    args = train.parse_args(["--algo", algo, "--out", str(tmp_path / out), "--toy-cache", str(tmp_path / "cache")])
+    return toyrun.default_run(args, train.main, settings=TINY)
+
+
+def test_smoke_pipeline_and_cache(tmp_path, monkeypatch):
+    calls = []
+    real = train.main
+
+    def counting_main(args):
+        calls.append(args.algo)
+        return real(args)
+
+    monkeypatch.setattr(train, "main", counting_main)
+    s1 = _run(tmp_path, "a", monkeypatch)
+    assert calls == ["sft", "ddpo"]
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    for side in ("before", "after"):
+        for k in ("chair_i", "chair_s", "recall", "pope_adversarial_acc", "mean_length"):
+            v = summary[side][k]
+            assert isinstance(v, float) and (k == "mean_length" or 0.0 <= v <= 1.0), (side, k, v)
+    assert summary["pairs"]["pairs"] >= 1
+    # the pairs are RLHF-V corrections: every rejected caption differs from its chosen one, spans lie inside
+    rows = [json.loads(l) for l in open(tmp_path / "a" / "pairs.jsonl")]
+    for r in rows:
+        assert r["chosen"] != r["rejected"]
+        for a, b in r.get("rejected_segments") or []:
+            assert 0 <= a < b <= len(r["rejected"])
+    cache = Path(s1["cache"])
+    assert (cache / "base" / "DONE.json").is_file() and (cache / "init" / "model.safetensors").is_file()
+    # second run: world and base reused (no SFT call; the world manifest and base weights untouched)
+    stamp = {p: p.stat().st_mtime_ns for p in [cache / "world" / "manifest.json", cache / "base" / "final" /
+                                                 "model.safetensors", cache / "init" / "model.safetensors"]}
+    calls.clear()
+    s2 = _run(tmp_path, "b", monkeypatch)
+    assert calls == ["ddpo"]
+    assert {p: p.stat().st_mtime_ns for p in stamp} == stamp
+    assert s2["before"] == s1["before"]  # same base, same held-out scenes, greedy
+    assert s2["after"] == s1["after"]  # same seed -> same numbers
+
+
+def test_init_checkpoint_std_and_layout(tmp_path):
+    from nanoalign.checkpoint import load_pretrained
+    world = tw.build_world(str(tmp_path / "w"), 4, 2, 0, 1, 320)
+    toyrun.init_checkpoint(world, tmp_path / "init", {**toyrun.SETTINGS, "init_std": 0.02}, 0)
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json"):
+        assert (tmp_path / "init" / f).is_file(), f
+    model, proc = load_pretrained(tmp_path / "init")
+    w = model.language_model.model.embed_tokens.weight
+    assert abs(float(w.detach().std()) - 0.02) < 0.002
+    assert torch.all(model.language_model.model.norm.weight == 1)
+    assert proc.tokenizer.vocab_size == model.config.text_config.vocab_size
+
+
+def test_companion_fraction_and_table(tmp_path):
+    p = tmp_path / "r.jsonl"
+    rows = [{"gt_objects": ["fork"], "hallucinated": ["knife", "tree"]}, {"gt_objects": ["cup"], "hallucinated": []}]
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert toyrun.companion_fraction(p) == 0.5  # knife is fork's companion, tree is unpaired
+    t = toyrun.table({"chair_i": 0.5, "mean_length": 10.0}, {"chair_i": 0.25, "mean_length": 9.0})
+    assert "| chair_i | 50.0 | 25.0 | -25.0 |" in t and "| mean_length | 10.0 | 9.0 | -1.0 |" in t
+
+
+def test_cache_key_depends_on_settings():
+    a = toyrun.cache_key(toyrun.SETTINGS)
+    assert a == toyrun.cache_key(dict(toyrun.SETTINGS))
+    assert a != toyrun.cache_key({**toyrun.SETTINGS, "sft_steps": toyrun.SETTINGS["sft_steps"] + 1})
+
+
+def test_train_parse_args_toy_default():
+    a = train.parse_args(["--algo", "ddpo"])
+    assert a.model is None and a.data is None and a.toy_seed == 0 and a.toy_cache is None
+    with pytest.raises(SystemExit):
+        train.parse_args(["--algo", "ddpo", "--model", "x"])  # --model without --data
+
+
+def test_reproduce_table_and_plot(tmp_path, monkeypatch):
+    from nanoalign import reproduce
+    monkeypatch.setattr(toyrun, "SETTINGS", {**toyrun.SETTINGS, **TINY})
+    monkeypatch.setitem(toyrun.ALIGN, "default", ALIGN)
+    rc = reproduce.main(["--algos", "ddpo", "povid", "--seeds", "0", "1", "--max-steps", "1", "--out",
+                         str(tmp_path / "rep"), "--toy-cache", str(tmp_path / "cache")])
+    assert rc == 0
+    md = (tmp_path / "rep" / "results.md").read_text()
+    rows = [l for l in md.splitlines() if l.startswith("| ") and not l.startswith("| model")]
+    assert [r.split("|")[1].strip() for r in rows] == ["SFT base", "ddpo", "povid"]
+    assert all(r.split("|")[2].strip() == "2" for r in rows)  # two seeds each
+    assert (tmp_path / "rep" / "results.png").stat().st_size > 1000
+    s = json.loads((tmp_path / "rep" / "povid-s1" / "summary.json").read_text())
+    assert s["seed"] == 1 and s["algo"] == "povid"
+    assert reproduce.main(["--algos", "nope", "--out", str(tmp_path / "x")]) == 2
