@@ -19,7 +19,6 @@ with the initial weights (RLHF-V does the same); POVID's noisy-self reference lo
 model kept in memory, since that response changes every step.
 """
 import argparse
-import json
 import math
 import os
 import sys
@@ -317,8 +316,8 @@ def main(args):
             else:
                 items, images, b = make_batch(idx, ["chosen", "rejected"])
                 P = len(items)
-                ref = scatter_response_values(b["labels"], [ref_cache.get(keys[it.index])[0] for it in items] +
-                                              [ref_cache.get(keys[it.index])[1] for it in items])
+                cached = [ref_cache.get(keys[it.index]) for it in items]  # (chosen, rejected) per pair
+                ref = scatter_response_values(b["labels"], [c for c, _ in cached] + [r for _, r in cached])
                 if args.algo in ROLLOUT_ALGOS:
                     b, ref_noisy = rollout(items, images, b)
                     ref = torch.cat([torch.nn.functional.pad(ref, (0, b["labels"].shape[1] - ref.shape[1])),

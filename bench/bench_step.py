@@ -190,7 +190,6 @@ def nanoalign_batch(d: Path, order: list[int]):
 def check_inputs(d: Path) -> dict:
     """Our collated step-1 batch vs TRL's DataCollatorForVisionPreference on the same rows: identical token ids,
     identical scored positions, pixel values. Prints both token sequences of the first differing row."""
-    import torch
     from transformers import AutoProcessor
     from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
     order = step1_order(8)

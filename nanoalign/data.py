@@ -342,7 +342,7 @@ def _parse_vlfeedback(ctx, label, row):
     out = []
     for i in range(len(scored)):
         for j in range(i + 1, len(scored)):
-            (ki, si, ci), (kj, sj, cj) = scored[i], scored[j]
+            (ki, si, _), (kj, sj, _) = scored[i], scored[j]
             pair = f"{label} pair ({ki},{kj})"
             if si == sj:
                 ctx.skip(pair, "rating_tie")

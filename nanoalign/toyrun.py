@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from nanoalign import toyworld as tw
+from nanoalign import trainutil as tu
 
 TOY_VERSION = 1
 SETTINGS = {  # everything the cached world and base depend on
@@ -47,24 +48,11 @@ TRAIN_DEFAULTS = {"lr": 1e-5, "batch_size": 4}  # train.py's parse_args defaults
 
 
 # ------------------------------------------------------------------------------------------------- distributed
-def _rank():
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _world():
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def _say(*a):
-    if _rank() == 0:
-        print(*a, flush=True)
-
-
 def _on_rank(fn, src=0):
     """Run fn() on rank `src` only; every rank returns its result (the others wait on the broadcast). An exception
     on src stops every rank with its message instead of leaving them in a barrier."""
     res = [None, None]
-    if _rank() == src:
+    if tu.rank() == src:
         try:
             res = [True, fn()]
         except (Exception, SystemExit) as e:
@@ -79,14 +67,14 @@ def _on_rank(fn, src=0):
 def _in_parallel(fns):
     """Rank r runs fns[r] (ranks beyond len(fns) run nothing); every rank returns the list of all results."""
     mine = [None, None]
-    if _rank() < len(fns):
+    if tu.rank() < len(fns):
         try:
-            mine = [True, fns[_rank()]()]
+            mine = [True, fns[tu.rank()]()]
         except (Exception, SystemExit) as e:
             mine = [False, f"{type(e).__name__}: {e}"]
     got = [mine]
     if dist.is_initialized():
-        got = [None] * _world()
+        got = [None] * tu.world()
         dist.all_gather_object(got, mine)
     for r, (ok, res) in enumerate(got[:len(fns)]):
         if not ok:
@@ -399,16 +387,16 @@ def prepare_base(train_main, cache, settings, toy_seed, progress=True):
     world = _on_rank(world_step)
     base = cache / "base"
     if _done(base):
-        _say(f"toy: reusing the SFT base model {base / 'final'} (world and base cached in {cache})")
+        tu.print0(f"toy: reusing the SFT base model {base / 'final'} (world and base cached in {cache})")
     else:
-        _say(f"toy: world ready in {time.time() - t0:.0f}s ({cache / 'world'}); training the SFT base model")
+        tu.print0(f"toy: world ready in {time.time() - t0:.0f}s ({cache / 'world'}); training the SFT base model")
         t1 = time.time()
         sargs = {"algo": "sft", "model": cache / "init", "data": world["sft"], "data_format": "llava",
                  "image_root": world["images"], "out": base, "max_steps": settings["sft_steps"],
                  "batch_size": settings["sft_batch"], "lr": settings["sft_lr"], "warmup_steps": settings["sft_warmup"],
                  "min_lr_ratio": 0.05, "seed": toy_seed}
         train_main(_parse(sargs, ["--freeze-vision"] if settings["freeze_vision"] else []))
-        if _rank() == 0:
+        if tu.rank() == 0:
             _mark(base, {"seconds": time.time() - t1, "settings": settings})
         _on_rank(lambda: None)
     return world, base / "final"
@@ -450,7 +438,7 @@ def default_run(args, train_main, settings=None, parse_args=None):
     before_dir = cache / "base_eval"
 
     def eval_before():
-        with _Threads(1 if _world() > 1 and algo != "sft" else (os.cpu_count() or 1)):
+        with _Threads(1 if tu.world() > 1 and algo != "sft" else (os.cpu_count() or 1)):
             return evaluate(base, world, before_dir, mnt)
 
     before = None
@@ -463,7 +451,7 @@ def default_run(args, train_main, settings=None, parse_args=None):
         def pairs_step():
             out.mkdir(parents=True, exist_ok=True)
             t = time.time()
-            with _Threads(1 if _world() > 1 else (os.cpu_count() or 1)):
+            with _Threads(1 if tu.world() > 1 else (os.cpu_count() or 1)):
                 st = build_pairs(algo, base, world, pairs_path, al["pair_scenes"], args.seed, al["samples"],
                                  al["temperature"], max_new_tokens=al.get("max_new_tokens", 128),
                                  rewrite_missing=al.get("rewrite_missing", False))
@@ -471,13 +459,13 @@ def default_run(args, train_main, settings=None, parse_args=None):
             return st
 
         t = time.time()
-        if _world() > 1:  # rank 0 builds the pairs while rank 1 evaluates the base
+        if tu.world() > 1:  # rank 0 builds the pairs while rank 1 evaluates the base
             pair_stats, before = _in_parallel([pairs_step, eval_before])
         else:
             pair_stats = pairs_step()
             before = eval_before()
         times["pairs_and_base_eval_s"] = time.time() - t
-        _say(f"toy: {pair_stats['pairs']} {algo} pairs ({pair_stats})")
+        tu.print0(f"toy: {pair_stats['pairs']} {algo} pairs ({pair_stats})")
         t = time.time()
         aargs = {"algo": "dpo" if algo == "bdhs" else algo, "model": base, "data": pairs_path,
                  "data_format": "prefs", "out": out, "max_steps": steps, "batch_size": al["batch"], "lr": al["lr"],
@@ -503,7 +491,7 @@ def default_run(args, train_main, settings=None, parse_args=None):
     summary = {"algo": algo, "seed": args.seed, "toy_seed": toy_seed, "steps": steps if algo != "sft" else 0,
                "before": before, "after": after, "pairs": pairs, "align": al, "settings": settings,
                "cache": str(cache), "times": times}
-    if _rank() == 0:
+    if tu.rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         print(f"\ntoy world, {algo} ({steps if algo != 'sft' else 0} steps, seed {args.seed}); held-out scenes, "
