@@ -79,7 +79,7 @@ def _encode_response(tokenizer, text: str, eos: bool = True) -> tuple[list[int],
 
 
 def encode_prompt(processor, prompt: str, image_size: tuple[int, int] | None, template: str) -> list[int]:
-    """BOS + template(prompt), every <image> id repeated num_image_tokens(h, w) times (as Processor does)."""
+    """BOS + template(prompt), the <image> id expanded by Processor.expand_image_tokens."""
     tok = processor.tokenizer
     ids = tok.encode(build_prompt(prompt, template, with_image=image_size is not None))
     n_tags = ids.count(tok.image_token_id)
@@ -89,11 +89,7 @@ def encode_prompt(processor, prompt: str, image_size: tuple[int, int] | None, te
         return ids
     if n_tags != 1:
         raise Rejected("no_image_token" if n_tags == 0 else "extra_image_token", f"{n_tags} {IMAGE_TOKEN} tags")
-    n = processor.image_processor.num_image_tokens(*image_size)
-    out = []
-    for t in ids:
-        out.extend([t] * n if t == tok.image_token_id else [t])
-    return out
+    return processor.expand_image_tokens(ids, [image_size])
 
 
 def encode_example(index: int, ex: Example, processor, image_root: str | None, template: str, max_len: int,

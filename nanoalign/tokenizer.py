@@ -176,11 +176,7 @@ class Processor:
                 raise ValueError(f"Processor: prompt {i} has no {IMAGE_TOKEN} but an image is given: {prompt[:60]!r}")
             if n_tags != len(imgs):
                 raise ValueError(f"Processor: prompt {i} has {n_tags} {IMAGE_TOKEN} but {len(imgs)} image(s) given")
-            counts = iter([self.image_processor.num_image_tokens(im.height, im.width) for im in imgs])
-            expanded = []
-            for t in ids:
-                expanded.extend([t] * next(counts) if t == self.image_token_id else [t])
-            rows.append(expanded)
+            rows.append(self.expand_image_tokens(ids, [(im.height, im.width) for im in imgs]))
             flat_images.extend(imgs)
         T = max(len(r) for r in rows)
         input_ids = torch.full((len(rows), T), self.pad_id, dtype=torch.long)
@@ -192,6 +188,14 @@ class Processor:
         out = {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": None, "image_sizes": None}
         if flat_images:
             out.update(self.image_processor.process(flat_images))
+        return out
+
+    def expand_image_tokens(self, ids: list[int], image_sizes: list[tuple[int, int]]) -> list[int]:
+        """Repeat the k-th image token id num_image_tokens(*image_sizes[k]) times (one (height, width) per tag)."""
+        counts = iter([self.image_processor.num_image_tokens(h, w) for h, w in image_sizes])
+        out = []
+        for t in ids:
+            out.extend([t] * next(counts) if t == self.image_token_id else [t])
         return out
 
     def save(self, path: str) -> None:
