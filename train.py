@@ -36,6 +36,7 @@ from nanoalign.lora import DEFAULT_TARGETS, apply_lora, load_lora_adapter, lora_
 from nanoalign.noise import noisy_pixel_values
 from nanoalign.ops import preference_loss, token_logprobs
 from nanoalign.refcache import RefLogpCache, checkpoint_fingerprint, example_key
+from nanoalign.tokenizer import TEMPLATES
 
 PREFERENCE_ALGOS = {"dpo": "dpo", "ipo": "ipo", "slic": "slic", "ddpo": "ddpo", "povid": "dpo"}  # algo -> loss
 ROLLOUT_ALGOS = {"povid"}  # the one place that says which algorithms make responses during training
@@ -51,7 +52,7 @@ def parse_args(argv=None):
     g.add_argument("--data", help="data file")
     g.add_argument("--data-format", choices=FORMATS, default="prefs", help="format of --data (default prefs)")
     g.add_argument("--image-root", help="folder the data's image paths are relative to (default: the data's folder)")
-    g.add_argument("--template", default="vicuna_v1", help="prompt template: vicuna_v1 | llava_v1 | raw")
+    g.add_argument("--template", default="vicuna_v1", choices=TEMPLATES, help="prompt template (vicuna_v1: LLaVA-1.5's)")
     g.add_argument("--out", default=None, help="output folder (default runs/<algo>)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: --epochs over the data)")

@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 import torch
 
 from nanoalign.sample import RHO_TH, compact_prefill, decode, extend, last_hidden, sample_image_mask
+from nanoalign.tokenizer import TEMPLATES
 
 SIM_THRESHOLD = 0.97
 MAX_ITERS = 5
@@ -498,7 +499,7 @@ def main(argv=None) -> int:
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--max-sentence-tokens", type=int, default=48)
     p.add_argument("--max-free-tokens", type=int, default=256)
-    p.add_argument("--template", default="vicuna_v1", choices=["vicuna_v1", "llava_v1", "raw"])
+    p.add_argument("--template", default="vicuna_v1", choices=TEMPLATES)
     args = p.parse_args(argv)
 
     def fail(msg):

@@ -28,6 +28,7 @@ from collections import Counter
 from pathlib import Path
 
 from nanoalign import metrics as M
+from nanoalign.tokenizer import TEMPLATES
 
 TASKS = ("pope", "chair", "mmhal")
 DEFAULT_MAX_NEW_TOKENS = {"pope": 16, "chair": 256, "mmhal": 256}
@@ -334,9 +335,9 @@ def markdown_table(summaries, task):
 
 
 # ---------------------------------------------------------------------------------------------------------- CLI
-def model_generate_fn(model_dir, max_new_tokens, batch_size):
+def model_generate_fn(model_dir, max_new_tokens, batch_size, template="vicuna_v1"):
     """Load a checkpoint (nanoalign.checkpoint) -> generate_fn(images, prompts) using nanoalign.generate (greedy).
-    generate_text's vicuna_v1 template puts "<image>\n" in front of the question, as LLaVA's model_vqa does.
+    generate_text's vicuna_v1 template (the default; the toy world's models use vicuna_nosys) puts "<image>\n" in front of the question, as LLaVA's model_vqa does.
     The checkpoint is loaded on the first call, so a finished (resumed) run loads nothing."""
     loaded = []
 
@@ -352,7 +353,7 @@ def model_generate_fn(model_dir, max_new_tokens, batch_size):
                 raise CheckpointError(f"{model_dir}: no tokenizer.json / processor files, cannot generate")
             loaded.append((generate_text, model, processor))
         generate_text, model, processor = loaded[0]
-        return generate_text(model, processor, images, prompts, max_new_tokens=max_new_tokens,
+        return generate_text(model, processor, images, prompts, template, max_new_tokens=max_new_tokens,
                              batch_size=batch_size)
     return generate_fn
 
@@ -381,6 +382,8 @@ def main(argv=None):
     ap.add_argument("--out", required=True)
     ap.add_argument("--limit", type=int, default=None, help="first N valid examples only")
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--template", default="vicuna_v1", choices=TEMPLATES,
+                    help="prompt template of the model (the toy world's models: vicuna_nosys)")
     ap.add_argument("--annotations", default=None, help="COCO instances (or captions) JSON, for --task chair")
     ap.add_argument("--synonyms", default=None, help="JSON {category: [phrases]} replacing the COCO table (chair)")
     ap.add_argument("--judge", default=None, help="checkpoint folder of the judge VLM, for --task mmhal")
@@ -425,7 +428,7 @@ def main(argv=None):
     judge_fn = model_judge_fn(args.judge, args.judge_max_new_tokens) if args.judge else None
     results = []
     for model_dir, name in zip(args.model, model_names(args.model)):
-        gen = model_generate_fn(model_dir, max_new, args.batch_size)
+        gen = model_generate_fn(model_dir, max_new, args.batch_size, args.template)
         try:
             s = run_task(args.task, examples, gen, Path(args.out, name), batch_size=args.batch_size,
                          judge_fn=judge_fn, synonyms=synonyms, bad=bad, progress=not args.no_progress, name=name)

@@ -110,9 +110,10 @@ def main(argv=None):
     if a.max_steps is not None and a.max_steps < 1:
         print("error: --max-steps must be >= 1", file=sys.stderr)
         return 2
-    runs = {}
-    for algo in algos:
-        runs[algo] = [run_one(algo, s, a.out, a.max_steps, a.toy_cache, a.toy_seed) for s in a.seeds]
+    runs = {algo: [] for algo in algos}
+    for s in a.seeds:  # seed-major: an interrupted reproduction has every algorithm at the first seeds
+        for algo in algos:
+            runs[algo].append(run_one(algo, s, a.out, a.max_steps, a.toy_cache, a.toy_seed))
     md = results_table(runs)
     out = Path(a.out)
     cmd = "python -m nanoalign.reproduce " + " ".join(argv if argv is not None else sys.argv[1:])

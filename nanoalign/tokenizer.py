@@ -28,7 +28,7 @@ _SYSTEMS = {
     "llava_v1": "A chat between a curious human and an artificial intelligence assistant. "
                 "The assistant gives helpful, detailed, and polite answers to the human's questions.",
 }
-TEMPLATES = ("vicuna_v1", "llava_v1", "raw")
+TEMPLATES = ("vicuna_v1", "llava_v1", "vicuna_nosys", "raw")
 
 
 def build_prompt(question: str, template: str = "vicuna_v1", with_image: bool = True) -> str:
@@ -36,15 +36,18 @@ def build_prompt(question: str, template: str = "vicuna_v1", with_image: bool = 
 
     vicuna_v1 / llava_v1: "<system> USER: <image>\\n{question} ASSISTANT:" -- "<image>\\n" is put in front of the
     question when it has no `<image>` yet (as LLaVA's model_vqa does) unless with_image=False (text-only); a question
-    that already has one keeps it where it is. raw: the question unchanged (it must carry its own `<image>` if an
-    image is given).
+    that already has one keeps it where it is. vicuna_nosys: the same turn without the system sentence (the toy
+    world uses it: its 72 tokens would double a toy sequence). raw: the question unchanged (it must carry its own
+    `<image>` if an image is given).
     """
     if template == "raw":
         return question
-    if template not in _SYSTEMS:
+    if template not in _SYSTEMS and template != "vicuna_nosys":
         raise ValueError(f"build_prompt: unknown template {template!r} (choose from {', '.join(TEMPLATES)})")
     if with_image and IMAGE_TOKEN not in question:
         question = IMAGE_TOKEN + "\n" + question
+    if template == "vicuna_nosys":
+        return f"USER: {question} ASSISTANT:"
     return f"{_SYSTEMS[template]} USER: {question} ASSISTANT:"
 
 

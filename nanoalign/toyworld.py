@@ -181,13 +181,17 @@ def answer_question(question, scene):
     return p[0].upper() + p[1:] + "."
 
 
-def qa_pairs(scene, rng, n=3):
-    """n (question, answer) pairs: one yes/no existence question (present or random absent kind, 50/50) + short QA."""
+def qa_pairs(scene, rng, n=3, n_exist=1):
+    """n (question, answer) pairs: n_exist yes/no existence questions (the first about a present or a random absent
+    kind, 50/50, then alternating present / absent while absent kinds remain) + n - n_exist short QA."""
     gs = groups(scene)
     absent = [k for k in KINDS if k not in gs]
-    k = str(rng.choice(list(gs))) if rng.random() < 0.5 or not absent else str(rng.choice(absent))
-    qs = [f"Is there a {k} in the image?"]
-    for _ in range(n - 1):
+    qs, present = [], rng.random() < 0.5 or not absent
+    for _ in range(min(n_exist, n)):
+        k = str(rng.choice(list(gs))) if present or not absent else str(rng.choice(absent))
+        qs.append(f"Is there a {k} in the image?")
+        present = not present
+    for _ in range(n - len(qs)):
         k = str(rng.choice(list(gs)))
         one = gs[k]["count"] == 1
         qs.append([f"What color {'is the ' + k if one else 'are the ' + PLURALS[k]}?", f"How many {PLURALS[k]} are there?",
@@ -606,32 +610,36 @@ def make_scenes(n, seed, split):
     return [sample_scene(np.random.default_rng([seed, sid, i])) for i in range(n)]
 
 
-def world_texts(scenes, seed=0, qa_per_image=3):
+def world_texts(scenes, seed=0, qa_per_image=3, exist_per_image=1):
     """The SFT conversations' texts for the scenes (what the tokenizer is trained on)."""
-    return [t for r in sft_records(scenes, [""] * len(scenes), seed, qa_per_image) for c in r["conversations"] for t in [c["value"]]]
+    return [t for r in sft_records(scenes, [""] * len(scenes), seed, qa_per_image, exist_per_image)
+            for c in r["conversations"] for t in [c["value"]]]
 
 
-def sft_records(scenes, images, seed=0, qa_per_image=3):
-    """LLaVA-Instruct-style single-turn records: per image one detailed caption and qa_per_image short QA."""
+def sft_records(scenes, images, seed=0, qa_per_image=3, exist_per_image=1):
+    """LLaVA-Instruct-style single-turn records: per image one detailed caption and qa_per_image short QA, of which
+    exist_per_image are yes/no existence questions (qa_pairs)."""
     recs = []
     for i, (sc, img) in enumerate(zip(scenes, images)):
         rng = np.random.default_rng([seed, 2, i])
-        conv = [(str(rng.choice(CAPTION_PROMPTS)), caption(sc, rng))] + qa_pairs(sc, rng, qa_per_image)
+        conv = [(str(rng.choice(CAPTION_PROMPTS)), caption(sc, rng))] + qa_pairs(sc, rng, qa_per_image, exist_per_image)
         for j, (q, a) in enumerate(conv):
             recs.append({"id": f"{i:06d}_{j}", "image": img, "conversations": [
                 {"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": a}]})
     return recs
 
 
-def build_world(out_dir, n_train=2000, n_eval=200, seed=0, qa_per_image=3, vocab_size=512):
+def build_world(out_dir, n_train=2000, n_eval=200, seed=0, qa_per_image=3, vocab_size=512, exist_per_image=1):
     """Write the world to out_dir (cached by a manifest holding VERSION and a hash of the arguments) -> paths dict:
     images/ (PNG), scenes_train.jsonl / scenes_eval.jsonl, sft.json (LLaVA-Instruct), pope.jsonl, chair_coco.json,
     chair_questions.jsonl, synonyms.json, tokenizer.json, config.json / preprocessor_config.json (default llava),
     manifest.json. Image paths in the files are relative to out_dir/images."""
-    for name, v in (("n_train", n_train), ("n_eval", n_eval), ("seed", seed), ("qa_per_image", qa_per_image)):
+    for name, v in (("n_train", n_train), ("n_eval", n_eval), ("seed", seed), ("qa_per_image", qa_per_image),
+                    ("exist_per_image", exist_per_image)):
         if not isinstance(v, (int, np.integer)) or v < (1 if name.startswith("n_") else 0):
             raise ValueError(f"build_world: {name} must be a {'positive' if name.startswith('n_') else 'non-negative'} int, got {v!r}")
     args = {"n_train": int(n_train), "n_eval": int(n_eval), "seed": int(seed), "qa_per_image": int(qa_per_image),
+            "exist_per_image": int(exist_per_image),
             "vocab_size": int(vocab_size), "version": VERSION}
     key = hashlib.sha256(json.dumps(args, sort_keys=True).encode()).hexdigest()[:16]
     names = ["images", "scenes_train", "scenes_eval", "sft", "pope", "chair_coco", "chair_questions", "synonyms",
@@ -657,7 +665,7 @@ def build_world(out_dir, n_train=2000, n_eval=200, seed=0, qa_per_image=3, vocab
             for sc, name in zip(scenes, imgs[split]):
                 Image.fromarray(render(sc)).save(os.path.join(paths["images"], name))
                 f.write(json.dumps({"image": name, **sc}) + "\n")
-    recs = sft_records(splits["train"], imgs["train"], seed, qa_per_image)
+    recs = sft_records(splits["train"], imgs["train"], seed, qa_per_image, exist_per_image)
     _dump_json(paths["sft"], recs)
     freq, cooc = cooccurrence(splits["train"])
     rows = pope_rows(splits["eval"], imgs["eval"], np.random.default_rng([seed, 3]), freq, cooc)

@@ -179,16 +179,19 @@ def peak_memory_mb() -> float:
 
 
 class Progress:
-    """A progress line with rate and ETA on rank 0 (tqdm when installed)."""
+    """A progress line with rate and ETA on rank 0 (tqdm when installed). Redrawn at most every 0.1 s on a terminal
+    and every 30 s into a log file or pipe (a CI log gets a few lines, not one per step)."""
 
     def __init__(self, total: int, initial: int = 0, desc: str = "train", unit: str = "step"):
         self.total, self.n, self.t0, self.start, self.bar = total, initial, time.time(), initial, None
         self.enabled = rank() == 0
+        self.interval = 0.1 if sys.stderr.isatty() else 30.0
+        self.last = 0.0
         if self.enabled:
             try:
                 from tqdm import tqdm
                 self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, file=sys.stderr,
-                                dynamic_ncols=True)
+                                dynamic_ncols=True, mininterval=self.interval)
             except ImportError:
                 pass
 
@@ -199,7 +202,8 @@ class Progress:
         if self.bar is not None:
             self.bar.set_postfix_str(postfix, refresh=False)
             self.bar.update(1)
-        else:
+        elif time.time() - self.last >= self.interval or self.n == self.total:
+            self.last = time.time()
             rate = (self.n - self.start) / max(time.time() - self.t0, 1e-9)
             eta = (self.total - self.n) / rate if rate > 0 else float("inf")
             print(f"\r{self.n}/{self.total} {rate:.2f} it/s ETA {eta:.0f}s {postfix}", end="", file=sys.stderr)

@@ -202,7 +202,7 @@ def test_cli_two_models_and_toy_vocabulary(tmp_path, monkeypatch, capsys):
         (tmp_path / m).mkdir()
     fakes = {"base": {"Describe.": "A red square and a blue circle.", "Describe it.": "A blue circle."},
              "aligned": {"Describe.": "A red square.", "Describe it.": "A blue circle."}}
-    monkeypatch.setattr(E, "model_generate_fn", lambda d, max_new, bs: FakeGen(fakes[d.split("/")[-1]]))
+    monkeypatch.setattr(E, "model_generate_fn", lambda d, max_new, bs, template="vicuna_v1": FakeGen(fakes[d.split("/")[-1]]))
     rc = E.main(["--model", str(tmp_path / "base"), str(tmp_path / "aligned"), "--task", "chair",
                  "--data", str(tmp_path / "toy_chair.jsonl"), "--image-root", str(imgs),
                  "--annotations", str(tmp_path / "toy_ann.json"), "--out", str(tmp_path / "out"), "--no-progress"])
@@ -219,7 +219,7 @@ def test_cli_two_models_and_toy_vocabulary(tmp_path, monkeypatch, capsys):
 def test_cli_single_model_pope_and_errors(tmp_path, monkeypatch, capsys):
     imgs, files, answers = pope_files(tmp_path)
     (tmp_path / "m").mkdir()
-    monkeypatch.setattr(E, "model_generate_fn", lambda d, max_new, bs: FakeGen(answers))
+    monkeypatch.setattr(E, "model_generate_fn", lambda d, max_new, bs, template="vicuna_v1": FakeGen(answers))
     rc = E.main(["--model", str(tmp_path / "m"), "--task", "pope", "--data", *map(str, files), "--image-root",
                  str(imgs), "--out", str(tmp_path / "out"), "--limit", "4", "--no-progress"])
     assert rc == 0
@@ -259,7 +259,7 @@ def test_toy_world_files_through_the_cli(tmp_path, monkeypatch, capsys):
             else:
                 out.append(T.caption(sc))
         return out
-    monkeypatch.setattr(E, "model_generate_fn", lambda d, max_new, bs: oracle)
+    monkeypatch.setattr(E, "model_generate_fn", lambda d, max_new, bs, template="vicuna_v1": oracle)
     (tmp_path / "oracle").mkdir()
     common = ["--model", str(tmp_path / "oracle"), "--image-root", paths["images"], "--no-progress"]
     assert E.main(common + ["--task", "pope", "--data", paths["pope"], "--out", str(tmp_path / "p")]) == 0

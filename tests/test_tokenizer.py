@@ -83,6 +83,8 @@ def test_build_prompt_templates():
         "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
         "detailed, and polite answers to the human's questions. USER: <image>\nWhat is in the image? ASSISTANT:")
     assert build_prompt("Look: <image> what?").endswith(" USER: Look: <image> what? ASSISTANT:")  # kept in place
+    assert build_prompt(q, "vicuna_nosys") == "USER: <image>\n" + q + " ASSISTANT:"
+    assert build_prompt(q, "vicuna_nosys", with_image=False) == "USER: " + q + " ASSISTANT:"
     assert build_prompt("<image> raw text", "raw") == "<image> raw text"
     assert build_prompt("no image", "raw") == "no image"
     with pytest.raises(ValueError, match="unknown template 'chatml'"):

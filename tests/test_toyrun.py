@@ -15,7 +15,7 @@ from nanoalign import toyworld as tw  # noqa: E402
 
 TINY = dict(n_train=24, n_eval=4, vocab_size=320, sft_steps=6, sft_batch=4, eval_max_new_tokens=20, vision_steps=3)
 ALIGN = {"steps": 2, "lr": 1e-4, "batch": 2, "pair_scenes": 4, "samples": 1, "temperature": 1.0,
-         "rewrite_missing": True, "max_new_tokens": 20}
+         "rewrite_missing": True, "max_new_tokens": 20, "yesno": 4}
 
 
 def _run(tmp_path, out, monkeypatch, algo="ddpo"):
@@ -43,6 +43,12 @@ def test_smoke_pipeline_and_cache(tmp_path, monkeypatch):
     assert summary["pairs"]["pairs"] >= 1
     # the pairs are RLHF-V corrections: every rejected caption differs from its chosen one, spans lie inside
     rows = [json.loads(l) for l in open(tmp_path / "a" / "pairs.jsonl")]
+    yesno = [r for r in rows if r["prompt"].startswith("<image>\nIs there")]
+    assert summary["pairs"].get("yesno_pairs", 0) == len(yesno)
+    assert sum(r["chosen"] == "Yes." for r in yesno) == sum(r["chosen"] == "No." for r in yesno)  # balanced
+    scenes = tw.load_scenes(str(Path(summary["cache"]) / "world" / "scenes_train.jsonl"))
+    for r in yesno:  # chosen = the truth about the scene, rejected = the model's different answer
+        assert r["chosen"] == tw.answer_question(r["prompt"], scenes[Path(r["image"]).name]) != r["rejected"]
     for r in rows:
         assert r["chosen"] != r["rejected"]
         for a, b in r.get("rejected_segments") or []:
@@ -71,6 +77,24 @@ def test_init_checkpoint_std_and_layout(tmp_path):
     assert abs(float(w.detach().std()) - 0.02) < 0.002
     assert torch.all(model.language_model.model.norm.weight == 1)
     assert proc.tokenizer.vocab_size == model.config.text_config.vocab_size
+
+
+def test_train_alone_runs_train_py_as_one_process(tmp_path, monkeypatch):
+    """Under torchrun the toy's SFT base is trained by rank 0 in a plain child process: torchrun's variables must not
+    reach it (with RANK set it would wait for a process group that never forms) and a failure must raise."""
+    world = tw.build_world(str(tmp_path / "w"), 6, 2, 0, 2, 320, exist_per_image=1)
+    toyrun.init_checkpoint(world, tmp_path / "init", {**toyrun.SETTINGS}, 0)
+    for k, v in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}.items():
+        monkeypatch.setenv(k, v)
+    argv = ["--algo", "sft", "--model", str(tmp_path / "init"), "--data", world["sft"], "--data-format", "llava",
+            "--image-root", world["images"], "--out", str(tmp_path / "sft"), "--max-steps", "2", "--batch-size", "2",
+            "--template", "vicuna_nosys"]
+    toyrun._train_alone(train.main, argv)
+    header = json.loads(open(tmp_path / "sft" / "metrics.jsonl").readline())["header"]
+    assert (tmp_path / "sft" / "final" / "model.safetensors").is_file()
+    assert header["world"] == 1 and header["config"]["template"] == "vicuna_nosys"
+    with pytest.raises(RuntimeError, match="exited with"):
+        toyrun._train_alone(train.main, argv[:5] + [str(tmp_path / "missing.json")] + argv[6:])
 
 
 def test_companion_fraction_and_table(tmp_path):

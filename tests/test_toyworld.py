@@ -55,6 +55,30 @@ def test_cooccurrence_statistics():
                 assert ks.index(c) == ks.index(p) + 1
 
 
+def test_qa_pairs_existence_share_and_answers():
+    """n_exist yes/no questions per image alternate present / absent kinds; every answer matches the scene."""
+    yes = no = 0
+    for i, sc in enumerate(tw.make_scenes(200, 2, "train")):
+        qa = tw.qa_pairs(sc, np.random.default_rng(i), n=7, n_exist=5)
+        assert len(qa) == 7
+        exist = [(q, a) for q, a in qa if q.startswith("Is there")]
+        assert len(exist) == 5 and all(q.startswith("Is there") for q, _ in qa[:5])
+        gs = tw.groups(sc)
+        for q, a in qa:
+            assert a == tw.answer_question(q, sc) and a is not None
+        for q, a in exist:
+            kind = q.split()[3]
+            assert a == ("Yes." if kind in gs else "No.")
+        answers = [a for _, a in exist]
+        if len(gs) < len(tw.KINDS):  # absent kinds exist: answers alternate
+            assert all(x != y for x, y in zip(answers, answers[1:]))
+        yes += answers.count("Yes.")
+        no += answers.count("No.")
+    assert 0.45 < yes / (yes + no) < 0.55
+    recs = tw.sft_records(tw.make_scenes(3, 0, "train"), ["a.png", "b.png", "c.png"], 0, 7, 5)
+    assert len(recs) == 3 * 8 and sum(r["conversations"][0]["value"].startswith("<image>\nIs there") for r in recs) == 15
+
+
 def test_pope_negatives_kinds():
     train = tw.make_scenes(500, 0, "train")
     freq, cooc = tw.cooccurrence(train)
