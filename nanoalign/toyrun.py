@@ -25,8 +25,8 @@ tower is pretrained for 800 steps (200 left per-cell kind accuracy at 90% and th
 10,000 training scenes (with 2,000 the decoder memorised caption text instead of looking); 5 of the 7 short questions
 per image are yes/no existence questions (with 1 of 3, their one answer token is ~1.5% of the token-mean loss and
 POPE stayed at 50%); the vicuna_nosys template (the 72-token system sentence would double every sequence).
-Per-algorithm alignment settings (lr, steps, pairs) are in ALIGN; --lr / --batch-size / --beta / --gamma / --sft-weight / --max-steps of
-train.py override them when they differ from train.py's defaults.
+Per-algorithm alignment settings (lr, steps, pairs) are in ALIGN; --lr / --batch-size / --beta / --gamma /
+--sft-weight / --max-steps of train.py override them when they differ from train.py's defaults.
 """
 import hashlib
 import json
@@ -239,7 +239,8 @@ def _yesno_corrections(model, processor, scenes, img_path, world, per_scene, tem
     asks = []  # (name, scene, kind)
     for name, sc in scenes:
         gs = tw.groups(sc)
-        kinds = (tw.pope_negatives(sc, "adversarial", 1, rng, freq, cooc) + tw.pope_negatives(sc, "popular", 1, rng, freq, cooc)
+        kinds = (tw.pope_negatives(sc, "adversarial", 1, rng, freq, cooc)
+                 + tw.pope_negatives(sc, "popular", 1, rng, freq, cooc)
                  + [str(k) for k in rng.permutation(list(gs))[:2]])
         asks += [(name, sc, k) for k in kinds[:per_scene]]
     rows = {"Yes.": [], "No.": []}  # by chosen answer

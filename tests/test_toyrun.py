@@ -84,7 +84,8 @@ def test_train_alone_runs_train_py_as_one_process(tmp_path, monkeypatch):
     reach it (with RANK set it would wait for a process group that never forms) and a failure must raise."""
     world = tw.build_world(str(tmp_path / "w"), 6, 2, 0, 2, 320, exist_per_image=1)
     toyrun.init_checkpoint(world, tmp_path / "init", {**toyrun.SETTINGS}, 0)
-    for k, v in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}.items():
+    torchrun_env = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+    for k, v in torchrun_env.items():
         monkeypatch.setenv(k, v)
     argv = ["--algo", "sft", "--model", str(tmp_path / "init"), "--data", world["sft"], "--data-format", "llava",
             "--image-root", world["images"], "--out", str(tmp_path / "sft"), "--max-steps", "2", "--batch-size", "2",
