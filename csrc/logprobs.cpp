@@ -8,7 +8,9 @@
 // then torch.ops.nanoalign.logprob_rows_fwd / logprob_rows_bwd.
 //
 // Design. The (N, V) logits are cut into tiles of ROW_TILE rows x V_BLOCK vocabulary columns. OpenMP threads take
-// whole vocabulary blocks (schedule dynamic). For its block a thread runs, per row tile, one single-threaded
+// whole vocabulary blocks (schedule static: a thread's blocks, hence its partial sums, do not depend on timing; with
+// schedule dynamic two runs differed whenever another process shared the cores, and 5,000 training steps turned that
+// into a different model). For its block a thread runs, per row tile, one single-threaded
 // MKL GEMM (at::mm_out, MKL does not thread inside an OpenMP region) into a private ROW_TILE x V_BLOCK fp32 scratch
 // (256 KB: it stays in L2), and while that tile is hot it
 //   fwd: takes the row maxima, the online sum of exp (own vectorised exp) and picks the target logit;
@@ -151,7 +153,7 @@ std::tuple<at::Tensor, at::Tensor> logprob_rows_fwd(const at::Tensor& h, const a
     float* m_t = run_max.data_ptr<float>() + tid * N;
     float* s_t = run_sum.data_ptr<float>() + tid * N;
     float* wb_buf = w_f32 ? nullptr : wbuf.data_ptr<float>() + tid * V_BLOCK * H;
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(static)
     for (int64_t b = 0; b < nvb; ++b) {
       const int64_t v0 = b * V_BLOCK, bv = std::min(V_BLOCK, V - v0);
       const float* wb = w_block_f32(wc, w_f32, v0, bv, wb_buf);
@@ -249,7 +251,7 @@ std::tuple<at::Tensor, at::Tensor> logprob_rows_bwd(const at::Tensor& h, const a
       float* P = partial.data_ptr<float>() + tid * chunk * H;
       float* wb_buf = w_f32 ? nullptr : wbuf.data_ptr<float>() + tid * V_BLOCK * H;
       auto opts = at::TensorOptions().dtype(at::kFloat);
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(static)
       for (int64_t b = 0; b < nvb; ++b) {
         const int64_t v0 = b * V_BLOCK, bv = std::min(V_BLOCK, V - v0);
         const float* wb = w_block_f32(wc, w_f32, v0, bv, wb_buf);
