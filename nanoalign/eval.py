@@ -337,7 +337,8 @@ def markdown_table(summaries, task):
 # ---------------------------------------------------------------------------------------------------------- CLI
 def model_generate_fn(model_dir, max_new_tokens, batch_size, template="vicuna_v1"):
     """Load a checkpoint (nanoalign.checkpoint) -> generate_fn(images, prompts) using nanoalign.generate (greedy).
-    generate_text's vicuna_v1 template (the default; the toy world's models use vicuna_nosys) puts "<image>\n" in front of the question, as LLaVA's model_vqa does.
+    generate_text's vicuna_v1 template (the default; the toy world's models use vicuna_nosys) puts "<image>\n" in
+    front of the question, as LLaVA's model_vqa does.
     The checkpoint is loaded on the first call, so a finished (resumed) run loads nothing."""
     loaded = []
 
