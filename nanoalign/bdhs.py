@@ -516,7 +516,7 @@ def main(argv=None) -> int:
         return fail(f"--noise-steps {args.noise_steps}: must be in [0, 1000)")
     if not os.path.isdir(args.model):
         return fail(f"--model {args.model}: no such directory")
-    from nanoalign.checkpoint import load_pretrained
+    from nanoalign.checkpoint import load_for_cli
     from nanoalign.data import load_examples, load_image
     try:
         examples, skipped = load_examples(args.data, args.data_format, args.image_root)
@@ -525,11 +525,9 @@ def main(argv=None) -> int:
     if skipped:
         print(str(skipped), file=sys.stderr)
     try:
-        model, processor = load_pretrained(args.model)
-    except (FileNotFoundError, ValueError, KeyError, OSError) as e:
-        return fail(f"--model {args.model}: {e}")
-    if processor is None:
-        return fail(f"--model {args.model}: no tokenizer.json (needed to tokenize prompts)")
+        model, processor = load_for_cli(args.model)
+    except ValueError as e:
+        return fail(f"--model {e}")
     settings = BDHSSettings(rho_th=args.rho_th, sim_threshold=args.sim_threshold, max_iters=args.max_iters,
                             noise_steps=args.noise_steps, temperature=args.temperature, top_p=args.top_p,
                             max_sentence_tokens=args.max_sentence_tokens, max_free_tokens=args.max_free_tokens,

@@ -176,6 +176,19 @@ def load_pretrained(path, dtype=torch.float32, device="cpu"):
     return model, _load_processor(path, config, model)
 
 
+def load_for_cli(path):
+    """load_pretrained for the command lines (generate, bdhs, eval): (model, processor), or a ValueError
+    with one line naming the folder -- a missing or broken checkpoint, or one without tokenizer.json (every CLI
+    tokenizes prompts)."""
+    try:
+        model, processor = load_pretrained(path)
+    except (FileNotFoundError, ValueError, KeyError, OSError) as e:
+        raise ValueError(f"{path}: {(str(e).splitlines() or [''])[0]}") from None
+    if processor is None:
+        raise ValueError(f"{path}: no tokenizer.json in the checkpoint folder (needed to tokenize prompts)")
+    return model, processor
+
+
 def _load_processor(path: Path, config: LlavaConfig, model: LlavaModel):
     if not (path / "tokenizer.json").is_file():
         return None

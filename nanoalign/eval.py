@@ -344,14 +344,12 @@ def model_generate_fn(model_dir, max_new_tokens, batch_size, template="vicuna_v1
 
     def generate_fn(images, prompts):
         if not loaded:
-            from nanoalign.checkpoint import load_pretrained
+            from nanoalign.checkpoint import load_for_cli
             from nanoalign.generate import generate_text
             try:
-                model, processor = load_pretrained(model_dir)
-            except (OSError, ValueError, KeyError) as e:
-                raise CheckpointError(f"cannot load {model_dir}: {e}") from None
-            if processor is None:
-                raise CheckpointError(f"{model_dir}: no tokenizer.json / processor files, cannot generate")
+                model, processor = load_for_cli(model_dir)
+            except ValueError as e:
+                raise CheckpointError(f"cannot load {e}") from None
             loaded.append((generate_text, model, processor))
         generate_text, model, processor = loaded[0]
         return generate_text(model, processor, images, prompts, template, max_new_tokens=max_new_tokens,

@@ -113,14 +113,11 @@ def main(argv=None) -> int:
     except Exception as e:  # missing file, not an image, truncated data
         first = (str(e).splitlines() or [""])[0]
         return fail(f"--image {args.image}: cannot read image ({type(e).__name__}: {first})")
-    from nanoalign.checkpoint import load_pretrained
+    from nanoalign.checkpoint import load_for_cli
     try:
-        model, processor = load_pretrained(args.model)
-    except (FileNotFoundError, ValueError, KeyError, OSError) as e:
-        return fail(f"--model {args.model}: {(str(e).splitlines() or [''])[0]}")
-    if processor is None:
-        return fail(f"--model {args.model}: no tokenizer.json in the checkpoint directory")
-    model.eval()
+        model, processor = load_for_cli(args.model)
+    except ValueError as e:
+        return fail(f"--model {e}")
     generator = torch.Generator().manual_seed(args.seed)
     try:
         ids = generate_ids(model, processor, [image], [prompt], args.max_new_tokens, args.temperature, args.top_p,
