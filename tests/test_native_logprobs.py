@@ -155,3 +155,33 @@ def test_frozen_head_skips_grad_w():
     assert grad_w is None
     _, _, r_gh, _ = _ref(h, w, y, g)
     assert _rel(grad_h, r_gh) < TOL[torch.float32][1]
+
+
+def test_bitwise_reproducible_under_cpu_contention():
+    # Training must give the same numbers when the machine is busy (the toy world's "same seed, same numbers"). Under
+    # `schedule(dynamic)` the vocabulary blocks went to whichever thread was free, so the per-thread partial sums --
+    # and the last bits of lse and grad_h -- followed the OS scheduler: two toy SFT runs side by side diverged. Here
+    # two busy-looping processes compete for the cores while the op runs 25 times with 2 threads; every run must be
+    # bit-identical to the first. (With schedule(dynamic, 1) it failed 3 of 3 tries; with static it passed 3 of 3.)
+    import subprocess
+    import sys
+    h, w, y, g = _inputs(96, 64, 8192, torch.float32, seed=5)
+    burn = "import time\nt = time.time()\nwhile time.time() - t < 20: pass"
+    hogs = [subprocess.Popen([sys.executable, "-c", burn]) for _ in range(2)]
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        first = None
+        for _ in range(25):
+            logp, lse = native.logprob_rows_fwd(h, w, y)
+            gh, gw = native.logprob_rows_bwd(h, w, y, lse, g)
+            out = [t.clone() for t in (logp, lse, gh, gw)]
+            if first is None:
+                first = out
+            for a, b in zip(out, first):
+                assert torch.equal(a, b)
+    finally:
+        torch.set_num_threads(old)
+        for p in hogs:
+            p.kill()
+            p.wait()

@@ -127,6 +127,35 @@ def test_every_data_format(world, tmp_path, fmt, data, algo):
     assert len(recs) == 3 and all(math.isfinite(r["loss"]) for r in recs)
 
 
+def test_sft_step1_loss_matches_transformers(world, tmp_path):
+    """sft's logged step-1 loss = the NLL of transformers' logits on the first batch averaged over the batch's tokens
+    (LLaVA's token mean, not a mean of per-example means)."""
+    from nanoalign.batch import collate, encode_all, open_image
+    from nanoalign.checkpoint import load_pretrained
+    from nanoalign.data import load_examples
+    conv = lambda a: [{"from": "human", "value": PROMPT}, {"from": "gpt", "value": a}]
+    data = tmp_path / "sft.json"  # answers of 1..8 words: token mean and mean of example means differ
+    data.write_text(json.dumps([{"id": str(i), "image": f"{i}.png", "conversations": conv(" ".join(WORDS[:i + 1]))}
+                                for i in range(8)]))
+    recs = run(world, tmp_path / "run", "--algo", "sft", "--max-steps", 1, data=data, fmt="llava")
+    _, processor = load_pretrained(world / "ckpt")
+    exs, _ = load_examples(str(data), "llava", str(world / "img"))
+    enc, _ = encode_all(exs, processor, str(world / "img"), "vicuna_v1", 4096)
+    first = torch.randperm(len(enc), generator=torch.Generator().manual_seed(0)).tolist()[:2]  # train.py's order
+    items = [enc[i] for i in first]
+    b = collate(items, ["chosen"], processor, [open_image(exs[it.index], str(world / "img")) for it in items])
+    hf = transformers.LlavaForConditionalGeneration.from_pretrained(str(world / "ckpt")).eval()
+    with torch.no_grad():
+        logits = hf(input_ids=b["input_ids"], pixel_values=b["pixel_values"][b["image_index"]],
+                    attention_mask=b["attention_mask"]).logits
+    labels = b["labels"]
+    nll = -torch.log_softmax(logits.double(), -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0] * (labels != -100)
+    per_token = float(nll.sum() / (labels != -100).sum())
+    per_example = float((nll.sum(1) / (labels != -100).sum(1)).mean())
+    assert abs(per_token - per_example) > 1e-3  # the batch can tell the two apart
+    assert recs[0]["loss"] == pytest.approx(per_token, abs=1e-4)
+
+
 def test_checkpoint_loads_in_transformers_and_lora_adapter(world, tmp_path):
     run(world, tmp_path, "--algo", "dpo", "--max-steps", 2, "--lr", 1e-2, "--lora-rank", 4)
     final = tmp_path / "final"
