@@ -91,7 +91,8 @@ def run(world, tmp, *extra, data="prefs.jsonl", fmt="prefs"):
 def test_each_algo_three_steps(world, tmp_path, algo, beta, first_loss):
     recs = run(world, tmp_path, "--algo", algo, "--beta", beta, "--max-steps", 3, "--lr", 1e-3)
     assert [r["step"] for r in recs] == [1, 2, 3]
-    assert recs[0]["loss"] == pytest.approx(first_loss, abs=1e-6)
+    # a few float32 ulps: on an AVX512 CPU the step-1 margin is ~1e-7, not 0, and IPO's 25 came out one ulp (1.9e-6) low
+    assert recs[0]["loss"] == pytest.approx(first_loss, rel=1e-6, abs=1e-6)
     assert recs[0]["margin"] == pytest.approx(0.0, abs=1e-6)
     assert recs[-1]["loss"] != pytest.approx(first_loss, abs=1e-7)  # the optimizer moved the policy
     assert all(math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in recs)
