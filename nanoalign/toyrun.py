@@ -205,6 +205,29 @@ def pretrain_vision(path, world, steps=300, lr=2e-3, batch=64, seed=0):
     return acc
 
 
+def fingerprint(cache):
+    """What "same seed, same numbers" rests on, for comparing runs across machines: sha256 (first 16 hex digits) of
+    the world's SFT data and tokenizer, the initial and the SFT base weights, plus the CPU's SIMD level and the
+    versions that do the arithmetic. Measured: one machine reproduces its base bit for bit, cold or cached; two
+    machines with other CPUs trained different bases from the same world and initial weights."""
+    import platform
+
+    def sha(path):
+        h = hashlib.sha256()
+        try:
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+        except OSError:
+            return None
+        return h.hexdigest()[:16]
+    cache = Path(cache)
+    return {"world_sft": sha(cache / "world" / "sft.json"), "tokenizer": sha(cache / "world" / "tokenizer.json"),
+            "init": sha(cache / "init" / "model.safetensors"), "base": sha(cache / "base" / "final" / "model.safetensors"),
+            "cpu": torch.backends.cpu.get_cpu_capability(), "machine": platform.machine(), "torch": torch.__version__,
+            "numpy": np.__version__}
+
+
 def _done(path):
     return Path(path, "DONE.json").is_file()
 
@@ -566,7 +589,7 @@ def default_run(args, train_main, settings=None, parse_args=None):
     times["total_s"] = time.time() - t_start
     summary = {"algo": algo, "seed": args.seed, "toy_seed": toy_seed, "steps": steps if algo != "sft" else 0,
                "before": before, "after": after, "pairs": pairs, "align": al, "settings": settings,
-               "cache": str(cache), "times": times}
+               "cache": str(cache), "times": times, "fingerprint": fingerprint(cache)}
     if tu.rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "summary.json").write_text(json.dumps(summary, indent=1))

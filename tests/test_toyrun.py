@@ -64,6 +64,12 @@ def test_smoke_pipeline_and_cache(tmp_path, monkeypatch):
     assert {p: p.stat().st_mtime_ns for p in stamp} == stamp
     assert s2["before"] == s1["before"]  # same base, same held-out scenes, greedy
     assert s2["after"] == s1["after"]  # same seed -> same numbers
+    # the fingerprint names the exact files: the base's sha256 changes with the base weights
+    import hashlib
+    fp = s2["fingerprint"]
+    weights = (cache / "base" / "final" / "model.safetensors").read_bytes()
+    assert fp["base"] == hashlib.sha256(weights).hexdigest()[:16] == s1["fingerprint"]["base"]
+    assert fp["init"] != fp["base"] and fp["cpu"] and fp["torch"] == torch.__version__
 
 
 def test_init_checkpoint_std_and_layout(tmp_path):
