@@ -210,8 +210,8 @@ def pretrain_vision(path, world, steps=300, lr=2e-3, batch=64, seed=0):
 def fingerprint(cache):
     """What "same seed, same numbers" rests on, for comparing runs across machines: sha256 (first 16 hex digits) of
     the world's SFT data and tokenizer, the initial and the SFT base weights, plus the CPU's SIMD level and the
-    versions that do the arithmetic. Measured: one machine reproduces its base bit for bit, cold or cached; two
-    machines with other CPUs trained different bases from the same world and initial weights."""
+    versions that do the arithmetic. Measured: one machine reproduces its base bit for bit, cold or cached; the same
+    command on a machine with another CPU trained a different base, and which input differed was not recorded."""
     import platform
 
     def sha(path):
