@@ -33,7 +33,7 @@ import string
 import numpy as np
 from PIL import Image
 
-VERSION = 1
+VERSION = 2  # 2: sft_ground.json (the SFT mix plus existence questions: the base's second SFT stage)
 IMAGE_SIZE, GRID, CELL = 48, 3, 16
 BACKGROUND = (24, 24, 24)
 COMPANION = {"fork": "knife", "cup": "plate", "bat": "ball", "sock": "shoe", "key": "lock", "pen": "book"}
@@ -629,9 +629,22 @@ def sft_records(scenes, images, seed=0, qa_per_image=3, exist_per_image=1):
     return recs
 
 
+def ground_records(scenes, images, seed=0, per_image=4):
+    """Extra existence questions for the base's grounding stage: per image `per_image` yes/no questions (qa_pairs:
+    present and absent kinds alternate, so half the answers are "No."). Why the stage: README, "The toy world"."""
+    recs = []
+    for i, (sc, img) in enumerate(zip(scenes, images)):
+        rng = np.random.default_rng([seed, 4, i])
+        for j, (q, a) in enumerate(qa_pairs(sc, rng, per_image, per_image)):
+            recs.append({"id": f"{i:06d}_g{j}", "image": img, "conversations": [
+                {"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": a}]})
+    return recs
+
+
 def build_world(out_dir, n_train=2000, n_eval=200, seed=0, qa_per_image=3, vocab_size=512, exist_per_image=1):
     """Write the world to out_dir (cached by a manifest holding VERSION and a hash of the arguments) -> paths dict:
-    images/ (PNG), scenes_train.jsonl / scenes_eval.jsonl, sft.json (LLaVA-Instruct), pope.jsonl, chair_coco.json,
+    images/ (PNG), scenes_train.jsonl / scenes_eval.jsonl, sft.json (LLaVA-Instruct), sft_ground.json (sft.json's
+    records plus 4 existence questions per image, ground_records), pope.jsonl, chair_coco.json,
     chair_questions.jsonl, synonyms.json, tokenizer.json, config.json / preprocessor_config.json (default llava),
     manifest.json. Image paths in the files are relative to out_dir/images."""
     for name, v in (("n_train", n_train), ("n_eval", n_eval), ("seed", seed), ("qa_per_image", qa_per_image),
@@ -642,10 +655,11 @@ def build_world(out_dir, n_train=2000, n_eval=200, seed=0, qa_per_image=3, vocab
             "exist_per_image": int(exist_per_image),
             "vocab_size": int(vocab_size), "version": VERSION}
     key = hashlib.sha256(json.dumps(args, sort_keys=True).encode()).hexdigest()[:16]
-    names = ["images", "scenes_train", "scenes_eval", "sft", "pope", "chair_coco", "chair_questions", "synonyms",
-             "tokenizer", "config", "preprocessor_config"]
-    files = ["images", "scenes_train.jsonl", "scenes_eval.jsonl", "sft.json", "pope.jsonl", "chair_coco.json",
-             "chair_questions.jsonl", "synonyms.json", "tokenizer.json", "config.json", "preprocessor_config.json"]
+    names = ["images", "scenes_train", "scenes_eval", "sft", "sft_ground", "pope", "chair_coco", "chair_questions",
+             "synonyms", "tokenizer", "config", "preprocessor_config"]
+    files = ["images", "scenes_train.jsonl", "scenes_eval.jsonl", "sft.json", "sft_ground.json", "pope.jsonl",
+             "chair_coco.json", "chair_questions.jsonl", "synonyms.json", "tokenizer.json", "config.json",
+             "preprocessor_config.json"]
     paths = {n: os.path.join(out_dir, f) for n, f in zip(names, files)}
     paths["manifest"] = man = os.path.join(out_dir, "manifest.json")
     if os.path.exists(man):
@@ -667,6 +681,7 @@ def build_world(out_dir, n_train=2000, n_eval=200, seed=0, qa_per_image=3, vocab
                 f.write(json.dumps({"image": name, **sc}) + "\n")
     recs = sft_records(splits["train"], imgs["train"], seed, qa_per_image, exist_per_image)
     _dump_json(paths["sft"], recs)
+    _dump_json(paths["sft_ground"], recs + ground_records(splits["train"], imgs["train"], seed))
     freq, cooc = cooccurrence(splits["train"])
     rows = pope_rows(splits["eval"], imgs["eval"], np.random.default_rng([seed, 3]), freq, cooc)
     _dump_jsonl(paths["pope"], rows)

@@ -195,6 +195,15 @@ def test_build_world_cached_and_tokenizer(tmp_path):
     sft = json.load(open(p["sft"]))
     assert len(sft) == 30 * 4 and sft[0]["conversations"][0]["value"].startswith("<image>\n")
     assert all(os.path.exists(os.path.join(p["images"], r["image"])) for r in sft)
+    # the grounding stage's file: the SFT mix, then 4 existence questions per image answered from the image's
+    # scene, half of them "No."
+    ground = json.load(open(p["sft_ground"]))
+    scenes = tw.load_scenes(p["scenes_train"])
+    assert ground[:len(sft)] == sft and len(ground) == len(sft) + 30 * 4
+    for r in ground[len(sft):]:
+        q, a = r["conversations"][0]["value"], r["conversations"][1]["value"]
+        assert q.startswith("<image>\nIs there a ") and a == tw.answer_question(q, scenes[r["image"]])
+    assert 0.35 < sum(r["conversations"][1]["value"] == "No." for r in ground[len(sft):]) / (30 * 4) < 0.65
     coco = json.load(open(p["chair_coco"]))
     assert [c["name"] for c in coco["categories"]] == tw.KINDS and len(coco["images"]) == 6
     assert json.load(open(p["synonyms"]))["knife"] == ["knife", "knives"]
