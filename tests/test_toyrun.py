@@ -13,7 +13,8 @@ import train  # noqa: E402
 from nanoalign import toyrun  # noqa: E402
 from nanoalign import toyworld as tw  # noqa: E402
 
-TINY = dict(n_train=24, n_eval=4, vocab_size=320, sft_steps=6, sft_batch=4, eval_max_new_tokens=20, vision_steps=3)
+TINY = dict(n_train=24, n_eval=4, vocab_size=320, ground_steps=3, sft_steps=6, sft_batch=4, eval_max_new_tokens=20,
+            vision_steps=3)
 ALIGN = {"steps": 2, "lr": 1e-4, "batch": 2, "pair_scenes": 4, "samples": 1, "temperature": 1.0,
          "rewrite_missing": True, "max_new_tokens": 20, "yesno": 4}
 
@@ -25,16 +26,19 @@ def _run(tmp_path, out, monkeypatch, algo="ddpo"):
 
 
 def test_smoke_pipeline_and_cache(tmp_path, monkeypatch):
-    calls = []
+    calls, models = [], []
     real = train.main
 
     def counting_main(args):
         calls.append(args.algo)
+        models.append((str(args.model), str(args.out)))
         return real(args)
 
     monkeypatch.setattr(train, "main", counting_main)
     s1 = _run(tmp_path, "a", monkeypatch)
-    assert calls == ["sft", "ddpo"]
+    assert calls == ["sft", "sft", "ddpo"]  # SFT mix, grounding stage, alignment
+    (m1, o1), (m2, o2), (m3, _) = models
+    assert m1.endswith("init") and m2 == str(Path(o1) / "final") and m3 == str(Path(o2) / "final")
     summary = json.loads((tmp_path / "a" / "summary.json").read_text())
     for side in ("before", "after"):
         for k in ("chair_i", "chair_s", "recall", "pope_adversarial_acc", "mean_length"):
@@ -44,17 +48,19 @@ def test_smoke_pipeline_and_cache(tmp_path, monkeypatch):
     # the pairs are RLHF-V corrections: every rejected caption differs from its chosen one, spans lie inside
     rows = [json.loads(l) for l in open(tmp_path / "a" / "pairs.jsonl")]
     yesno = [r for r in rows if r["prompt"].startswith("<image>\nIs there")]
-    assert summary["pairs"].get("yesno_pairs", 0) == len(yesno)
-    assert sum(r["chosen"] == "Yes." for r in yesno) == sum(r["chosen"] == "No." for r in yesno)  # balanced
+    assert summary["pairs"].get("yesno_pairs", 0) == len(yesno) > 0
     scenes = tw.load_scenes(str(Path(summary["cache"]) / "world" / "scenes_train.jsonl"))
-    for r in yesno:  # chosen = the truth about the scene, rejected = the model's different answer
-        assert r["chosen"] == tw.answer_question(r["prompt"], scenes[Path(r["image"]).name]) != r["rejected"]
+    for r in yesno:  # ground-truth existence pairs: chosen the truth about the scene, rejected the other answer
+        assert r["chosen"] == tw.answer_question(r["prompt"], scenes[Path(r["image"]).name])
+        assert {r["chosen"], r["rejected"]} == {"Yes.", "No."}
+    assert {r["chosen"] for r in yesno} == {"Yes.", "No."}
     for r in rows:
         assert r["chosen"] != r["rejected"]
         for a, b in r.get("rejected_segments") or []:
             assert 0 <= a < b <= len(r["rejected"])
     cache = Path(s1["cache"])
     assert (cache / "base" / "DONE.json").is_file() and (cache / "init" / "model.safetensors").is_file()
+    assert (cache / "sft_mix" / "DONE.json").is_file()  # the first SFT stage, the grounding stage's start
     # second run: world and base reused (no SFT call; the world manifest and base weights untouched)
     stamp = {p: p.stat().st_mtime_ns for p in [cache / "world" / "manifest.json", cache / "base" / "final" /
                                                  "model.safetensors", cache / "init" / "model.safetensors"]}
