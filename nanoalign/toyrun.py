@@ -216,9 +216,10 @@ def pretrain_vision(path, world, steps=300, lr=2e-3, batch=64, seed=0):
 
 def fingerprint(cache):
     """What "same seed, same numbers" rests on, for comparing runs across machines: sha256 (first 16 hex digits) of
-    the world's SFT data (both stages) and tokenizer, the initial, first-stage and SFT base weights, plus the CPU's SIMD level and the
-    versions that do the arithmetic. Measured: one machine reproduces its base bit for bit, cold or cached; the same
-    command on a machine with another CPU trained a different base, and which input differed was not recorded."""
+    the world's SFT data (both stages) and tokenizer, the initial, first-stage and SFT base weights, plus the CPU's
+    SIMD level and the versions that do the arithmetic. Measured: one machine reproduces its base bit for bit, cold or
+    cached; the same command on a machine with another CPU trained a different base, and which input differed was
+    not recorded."""
     import platform
 
     def sha(path):
@@ -265,7 +266,9 @@ def _existence_pairs(scenes, img_path, world, per_scene, stats):
     """Ground-truth existence pairs for the scenes: per scene its adversarial negative (the absent partner /
     companion first), a present kind, its popular negative and another present kind, in that order, the first
     per_scene of them. Chosen the true answer ("Yes." / "No."), rejected the other one, the whole answer the
-    corrected segment; as many "Yes." as "No." when every scene has two present kinds.
+    corrected segment; as many "Yes." as "No." when every scene has two present kinds. Known defect, kept because the
+    README's numbers were measured with it: when a scene's popular negative is also its adversarial one the question
+    is asked twice (171 of the default run's 3,779 pairs are such repeats).
 
     Why not RLHF-V-style corrections of the model's own wrong answers (what this was until TOY_VERSION 3): on a
     grounded base those are the few hard cases (502 pairs from 4,000 questions), and DDPO on them took POPE
