@@ -262,7 +262,7 @@ def _bar(total, desc):
     return Progress(total, 0, desc, "ex")
 
 
-def _existence_pairs(scenes, img_path, world, per_scene, stats):
+def _existence_pairs(scenes, img_path, freq, cooc, per_scene, stats):
     """Ground-truth existence pairs for the scenes: per scene its adversarial negative (the absent partner /
     companion first), a present kind, its popular negative and another present kind, in that order, the first
     per_scene of them. Chosen the true answer ("Yes." / "No."), rejected the other one, the whole answer the
@@ -273,8 +273,8 @@ def _existence_pairs(scenes, img_path, world, per_scene, stats):
     Why not RLHF-V-style corrections of the model's own wrong answers (what this was until TOY_VERSION 3): on a
     grounded base those are the few hard cases (502 pairs from 4,000 questions), and DDPO on them took POPE
     adversarial accuracy from 80.7 to 65.9 and random from 86.1 to 63.9; these pairs, the same questions with the
-    truth, raised adversarial accuracy to 84.6 (README, "The toy world")."""
-    freq, cooc = tw.cooccurrence(list(tw.load_scenes(world["scenes_train"]).values()))
+    truth, raised adversarial accuracy to 84.6 (README, "The toy world"). freq / cooc: tw.cooccurrence of all
+    training scenes (what POPE's popular / adversarial negatives are drawn from)."""
     rng = np.random.default_rng(11)
     rows = []
     for name, sc in scenes:
@@ -301,6 +301,7 @@ def build_pairs(algo, base_dir, world, out_path, n_scenes, seed, samples=2, temp
     questions per scene with ground-truth pairs (_existence_pairs)."""
     from PIL import Image
     scenes = list(tw.load_scenes(world["scenes_train"]).items())
+    freq, cooc = tw.cooccurrence([sc for _, sc in scenes]) if yesno else (None, None)
     rng = np.random.default_rng([seed, 7])
     pick = sorted(rng.permutation(len(scenes))[:n_scenes].tolist())
     scenes = [scenes[i] for i in pick]
@@ -370,7 +371,7 @@ def build_pairs(algo, base_dir, world, out_path, n_scenes, seed, samples=2, temp
                     bar.update()
         bar.close()
         if yesno:
-            rows += _existence_pairs(scenes, img_path, world, yesno, stats)
+            rows += _existence_pairs(scenes, img_path, freq, cooc, yesno, stats)
     if not rows:
         raise SystemExit(f"error: no {algo} preference pairs could be built from {len(scenes)} scenes ({dict(stats)})")
     tmp = str(out_path) + ".tmp"
@@ -473,8 +474,9 @@ def prepare_base(train_main, cache, settings, toy_seed, progress=True):
     tu.print0(f"toy: world ready in {time.time() - t0:.0f}s ({cache / 'world'}); training the SFT base model")
     # two SFT stages, each cached: the full mix from init, then grounding (the mix plus more existence questions,
     # from a fresh warm-up) from there; with ground_steps 0 the first stage is the base
-    stages = [("sft_mix", world["sft"], settings["sft_steps"]), ("base", world["sft_ground"], settings["ground_steps"])]
-    stages = stages if settings["ground_steps"] else [("base", world["sft"], settings["sft_steps"])]
+    stages = ([("sft_mix", world["sft"], settings["sft_steps"]), ("base", world["sft_ground"], settings["ground_steps"])]
+              if settings["ground_steps"] else [("base", world["sft"], settings["sft_steps"])])
+    flags = ["--freeze-vision"] if settings["freeze_vision"] else []
     start = cache / "init"
     for i, (name, data, steps) in enumerate(stages):
         out = cache / name
@@ -485,7 +487,6 @@ def prepare_base(train_main, cache, settings, toy_seed, progress=True):
                      "out": out, "max_steps": steps, "batch_size": settings["sft_batch"], "lr": settings["sft_lr"],
                      "warmup_steps": settings["sft_warmup"], "min_lr_ratio": 0.05, "seed": toy_seed,
                      "template": settings["template"]}
-            flags = ["--freeze-vision"] if settings["freeze_vision"] else []
             if tu.world() == 1:
                 train_main(_parse(sargs, flags))
             else:  # rank 0 alone (see _train_alone); the others wait

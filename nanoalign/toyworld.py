@@ -616,6 +616,12 @@ def world_texts(scenes, seed=0, qa_per_image=3, exist_per_image=1):
             for c in r["conversations"] for t in [c["value"]]]
 
 
+def _record(rid, img, q, a):
+    """One single-turn LLaVA-Instruct record."""
+    return {"id": rid, "image": img, "conversations": [{"from": "human", "value": "<image>\n" + q},
+                                                       {"from": "gpt", "value": a}]}
+
+
 def sft_records(scenes, images, seed=0, qa_per_image=3, exist_per_image=1):
     """LLaVA-Instruct-style single-turn records: per image one detailed caption and qa_per_image short QA, of which
     exist_per_image are yes/no existence questions (qa_pairs)."""
@@ -623,9 +629,7 @@ def sft_records(scenes, images, seed=0, qa_per_image=3, exist_per_image=1):
     for i, (sc, img) in enumerate(zip(scenes, images)):
         rng = np.random.default_rng([seed, 2, i])
         conv = [(str(rng.choice(CAPTION_PROMPTS)), caption(sc, rng))] + qa_pairs(sc, rng, qa_per_image, exist_per_image)
-        for j, (q, a) in enumerate(conv):
-            recs.append({"id": f"{i:06d}_{j}", "image": img, "conversations": [
-                {"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": a}]})
+        recs += [_record(f"{i:06d}_{j}", img, q, a) for j, (q, a) in enumerate(conv)]
     return recs
 
 
@@ -635,9 +639,8 @@ def ground_records(scenes, images, seed=0, per_image=4):
     recs = []
     for i, (sc, img) in enumerate(zip(scenes, images)):
         rng = np.random.default_rng([seed, 4, i])
-        for j, (q, a) in enumerate(qa_pairs(sc, rng, per_image, per_image)):
-            recs.append({"id": f"{i:06d}_g{j}", "image": img, "conversations": [
-                {"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": a}]})
+        qas = qa_pairs(sc, rng, per_image, per_image)
+        recs += [_record(f"{i:06d}_g{j}", img, q, a) for j, (q, a) in enumerate(qas)]
     return recs
 
 
