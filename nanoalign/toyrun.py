@@ -265,10 +265,8 @@ def _bar(total, desc):
 def _existence_pairs(scenes, img_path, freq, cooc, per_scene, stats):
     """Ground-truth existence pairs for the scenes: per scene its adversarial negative (the absent partner /
     companion first), a present kind, its popular negative and another present kind, in that order, the first
-    per_scene of them. Chosen the true answer ("Yes." / "No."), rejected the other one, the whole answer the
-    corrected segment; as many "Yes." as "No." when every scene has two present kinds. Known defect, kept because the
-    README's numbers were measured with it: when a scene's popular negative is also its adversarial one the question
-    is asked twice (171 of the default run's 3,779 pairs are such repeats).
+    per_scene of them, each kind once (a popular negative that is also the adversarial one is asked once). Chosen
+    the true answer ("Yes." / "No."), rejected the other one, the whole answer the corrected segment.
 
     Why not RLHF-V-style corrections of the model's own wrong answers (what this was until TOY_VERSION 3): on a
     grounded base those are the few hard cases (502 pairs from 4,000 questions), and DDPO on them took POPE
@@ -282,6 +280,7 @@ def _existence_pairs(scenes, img_path, freq, cooc, per_scene, stats):
                   + tw.pope_negatives(sc, "popular", 1, rng, freq, cooc))
         present = [str(k) for k in rng.permutation(list(tw.groups(sc)))[:2]]
         kinds = [k for pair in itertools.zip_longest(absent, present) for k in pair if k is not None]
+        kinds = list(dict.fromkeys(kinds))  # the popular negative may be the adversarial one: ask it once
         for k in kinds[:per_scene]:
             q = f"Is there a {k} in the image?"
             truth = tw.answer_question(q, sc)

@@ -251,7 +251,10 @@ def _parse(text):
 
 
 def _errors(m, scene, gs):
-    """Wrong facts of one mention of an existing kind: list of (kind_of_error, start, end, correction)."""
+    """Wrong facts of one mention of an existing kind: list of (kind_of_error, start, end, correction), sorted by
+    start. A count whose number changes has its correction over count..noun, which holds its color / size words:
+    _word_fixes merges those. A wrong position gets a true cell not stated yet, or correction None when the mention
+    states more cells than its kind has."""
     errs = []
     if m["kind"] == "__total__":
         n = len(scene["objects"])
@@ -271,18 +274,39 @@ def _errors(m, scene, gs):
         n = g["count"]
         noun = m["kind"] if n == 1 else PLURALS[m["kind"]]
         if (COUNT_OF[m["count"][0]] == 1) == (n == 1):
-            errs.append(("count", m["count"][1], m["count"][2], m["count"][0] if n == 1 else NUMBERS[n]))
+            fix = m["count"][0] if n == 1 else NUMBERS[n]
+            errs.append(("count", m["count"][1], m["count"][2], fix))
         else:
-            errs.append(("count", m["count"][1], m["noun"][1], ("a" if n == 1 else NUMBERS[n]) + m["between"] + noun))
+            fix = ("a" if n == 1 else NUMBERS[n]) + m["between"] + noun
+            errs.append(("count", m["count"][1], m["noun"][1], fix))
+        if m["count_upper"]:
+            errs[-1] = errs[-1][:3] + (fix[0].upper() + fix[1:],)
         if m["verb"] and m["verb"][0] != ("is" if n == 1 else "are"):
             errs.append(("grammar", m["verb"][1], m["verb"][2], "is" if n == 1 else "are"))
-    errs = [(k, s, e, fix[0].upper() + fix[1:] if k == "count" and m["count_upper"] else fix) for k, s, e, fix in errs]
+    free = [c for c in g["cells"] if c not in {c for c, _, _ in m["positions"]}]
     for cell, s, e in m["positions"]:
         if cell not in g["cells"]:
-            stated = {c for c, _, _ in m["positions"]}
-            free = [c for c in g["cells"] if c not in stated] or g["cells"]
-            errs.append(("position", s, e, _cell_phrase(free[0])))
-    return errs
+            errs.append(("position", s, e, _cell_phrase(free.pop(0)) if free else None))
+    return sorted(errs, key=lambda x: x[1])
+
+
+def _word_fixes(m, errs):
+    """errs (_errors of mention m) as non-overlapping (start, end, fix) spans: the color / size corrections inside a
+    count..noun rewrite are made within it. None when a correction is missing (the sentence must be rewritten)."""
+    if any(fix is None for *_, fix in errs):
+        return None
+    wide = [x for x in errs if x[0] == "count" and x[2] > m["count"][2]]
+    if not wide:
+        return [(s, e, fix) for _, s, e, fix in errs]
+    _, c0, c1, fix = wide[0]
+    inside = [x for x in errs if x[0] in ("color", "size") and c0 <= x[1] and x[2] <= c1]
+    head = fix[:fix.index(m["between"])]  # fix = count word + between + noun
+    between = m["between"]
+    for _, s, e, word in sorted(inside, key=lambda x: -x[1]):  # right to left: offsets stay valid
+        o = s - m["count"][2]
+        between = between[:o] + word + between[o + e - s:]
+    fix = head + between + fix[len(head) + len(m["between"]):]
+    return [(s, e, fix if k == "count" else word) for k, s, e, word in errs if (k, s, e, word) not in inside]
 
 
 def oracle_score(response, scene, question=None, weights=(0.5, 0.2, 0.3)):
@@ -337,10 +361,11 @@ def _short_answer_ok(response, truth):
 def find_hallucinated_spans(caption_text, scene):
     """RLHF-V-style fine-grained corrections: sorted, non-overlapping [(start, end, correction)] over caption_text.
 
-    Wrong color/size words and wrong positions are corrected word by word; a wrong count rewrites count..noun and
-    the verb's number. A sentence mentioning an absent kind is replaced as a whole: by the canonical sentences of the
-    real kinds it also mentions, else by the canonical sentence of a present kind the caption never mentions, else
-    deleted (with its following space).
+    Wrong color/size words and wrong positions are corrected word by word; a wrong count rewrites the count word, or
+    count..noun (its color / size words corrected within) when the number changes, and the verb's number. A sentence
+    mentioning an absent kind, or stating more positions than its kind has cells, is replaced as a whole: by the
+    canonical sentences of the real kinds it mentions, else by the canonical sentence of a present kind the caption
+    never mentions, else deleted (with its following space).
     """
     gs = groups(scene)
     ms = _parse(caption_text)
@@ -350,10 +375,10 @@ def find_hallucinated_spans(caption_text, scene):
         bad_sents.setdefault(m["sent"], []).append(m)
     for sent, mm in sorted(bad_sents.items()):
         if all(m["kind"] in gs or m["kind"] == "__total__" for m in mm):
-            for m in mm:
-                for kind, s, e, fix in _errors(m, scene, gs):
-                    spans.append((s, e, fix))
-            continue
+            fixes = [_word_fixes(m, _errors(m, scene, gs)) for m in mm]
+            if all(f is not None for f in fixes):
+                spans += [x for f in fixes for x in f]
+                continue
         real = [m["kind"] for m in mm if m["kind"] in gs]
         if real:
             fix = " ".join(kind_sentence(k, gs[k]) for k in dict.fromkeys(real))
@@ -364,13 +389,22 @@ def find_hallucinated_spans(caption_text, scene):
             s, e = sent
             while e < len(caption_text) and caption_text[e] == " ":
                 e += 1
-            if e == len(caption_text):
-                while s > 0 and caption_text[s - 1] == " ":
-                    s -= 1
             spans.append((s, e, ""))
             continue
         spans.append((sent[0], sent[1], fix))
-    return sorted(set(spans))
+    spans = sorted(set(spans))
+    # deleted sentences that touch are one deletion; one that ends the caption takes the spaces before it instead
+    merged = []
+    for s, e, fix in spans:
+        if merged and fix == "" == merged[-1][2] and s <= merged[-1][1]:
+            s = merged.pop()[0]
+        merged.append((s, e, fix))
+    if merged and merged[-1][2] == "" and merged[-1][1] == len(caption_text):
+        s = merged[-1][0]
+        while s > 0 and caption_text[s - 1] == " " and (len(merged) < 2 or s - 1 >= merged[-2][1]):
+            s -= 1
+        merged[-1] = (s, len(caption_text), "")
+    return merged
 
 
 def correct_caption(caption_text, scene):
