@@ -18,7 +18,7 @@ import numpy as np
 METRICS = [("chair_i", "CHAIR_i", True), ("chair_s", "CHAIR_s", True), ("recall", "Recall", True),
            ("mean_length", "Len", False), ("pope_adversarial_acc", "POPE adv acc", True),
            ("pope_adversarial_f1", "POPE adv F1", True), ("pope_popular_acc", "POPE pop acc", True),
-           ("pope_random_acc", "POPE rand acc", True)]
+           ("pope_random_acc", "POPE rand acc", True), ("yesno_auc", "Y/N AUC", True)]
 
 
 def available_algos():

@@ -25,7 +25,7 @@ def _run(tmp_path, out, monkeypatch, algo="ddpo"):
     return toyrun.default_run(args, train.main, settings=TINY)
 
 
-def test_smoke_pipeline_and_cache(tmp_path, monkeypatch):
+def test_smoke_pipeline_and_cache(tmp_path, monkeypatch, capsys):
     calls, models = [], []
     real = train.main
 
@@ -37,11 +37,14 @@ def test_smoke_pipeline_and_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "main", counting_main)
     s1 = _run(tmp_path, "a", monkeypatch)
     assert calls == ["sft", "sft", "ddpo"]  # SFT mix, grounding stage, alignment
+    # the tiny base cannot be grounded after 9 steps: the run says so (AUC < 0.75) instead of leaving POPE unexplained
+    warned = "warning: the SFT base is blind to yes/no questions" in capsys.readouterr().out
+    assert warned == (s1["before"]["yesno_auc"] < 0.75)
     (m1, o1), (m2, o2), (m3, _) = models
     assert m1.endswith("init") and m2 == str(Path(o1) / "final") and m3 == str(Path(o2) / "final")
     summary = json.loads((tmp_path / "a" / "summary.json").read_text())
     for side in ("before", "after"):
-        for k in ("chair_i", "chair_s", "recall", "pope_adversarial_acc", "mean_length"):
+        for k in ("chair_i", "chair_s", "recall", "pope_adversarial_acc", "mean_length", "yesno_auc"):
             v = summary[side][k]
             assert isinstance(v, float) and (k == "mean_length" or 0.0 <= v <= 1.0), (side, k, v)
     assert summary["pairs"]["pairs"] >= 1
@@ -147,3 +150,40 @@ def test_reproduce_table_and_plot(tmp_path, monkeypatch):
     s = json.loads((tmp_path / "rep" / "povid-s1" / "summary.json").read_text())
     assert s["seed"] == 1 and s["algo"] == "povid"
     assert reproduce.main(["--algos", "nope", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_yesno_auc_scores_present_against_absent_kinds(tmp_path):
+    # a stand-in model whose logit(Yes) - logit(No) is +1 for a present kind and -1 for an absent one, except -1 ->
+    # +2 for absent companions: AUC 1 over all kinds minus the companions' share, 0 against the companions alone
+    from PIL import Image
+    world = tw.build_world(str(tmp_path / "w"), n_train=6, n_eval=8, seed=0, vocab_size=320)
+    scenes = tw.load_scenes(world["scenes_eval"])
+    by_pixels = {Image.open(Path(world["images"]) / n).convert("RGB").tobytes(): sc for n, sc in scenes.items()}
+
+    class Tok:
+        def encode(self, text, add_bos=True):
+            return {"Yes": [1], "No": [2]}[text]
+
+    class Proc:
+        tokenizer = Tok()
+
+        def __call__(self, texts, images, padding_side="left"):
+            score = []
+            for t, im in zip(texts, images):
+                k, gs = t.split("Is there a ")[1].split(" in the image?")[0], tw.groups(by_pixels[im.tobytes()])
+                score.append(1.0 if k in gs else 2.0 if any(tw.PAIRED.get(p) == k for p in gs) else -1.0)
+            return {"input_ids": torch.tensor(score)[:, None], "pixel_values": None, "attention_mask": None}
+
+    class Model:
+        def __call__(self, ids, pixels, attention_mask=None):
+            return ids
+
+        def logits(self, h):  # (B,) -> (B, 3): token 1 "Yes" carries the score
+            return torch.stack([torch.zeros_like(h), h, torch.zeros_like(h)], 1)
+
+    r = toyrun.yesno_auc(Model(), Proc(), world, "vicuna_nosys", n_scenes=8, batch_size=5)
+    pos = sum(len(tw.groups(sc)) for sc in scenes.values())
+    comp = sum(sum(k not in tw.groups(sc) and any(tw.PAIRED.get(p) == k for p in tw.groups(sc)) for k in tw.KINDS)
+               for sc in scenes.values())
+    assert comp > 0 and r["yesno_auc_companion"] == 0.0
+    assert r["yesno_auc"] == pytest.approx(1 - comp / (8 * len(tw.KINDS) - pos))
