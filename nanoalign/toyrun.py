@@ -30,8 +30,8 @@ nothing up by the kind a question names (yes/no answers and short-QA colors at c
 4,000 more steps with the extra existence questions, learning rate warmed up again, make it answer from the image
 (AUC 0.89 on the default base) while its captions improve too. It leaves that plateau suddenly, at a step that
 depends on the data order: 2,000 steps were enough in three of five measured runs, 3,000 in a fourth.
-Per-algorithm alignment settings (lr, steps, pairs) are in ALIGN; --lr / --batch-size / --beta / --gamma /
---sft-weight / --max-steps of train.py override them when they differ from train.py's defaults.
+Per-algorithm alignment settings (lr, steps, pairs, beta) are in ALIGN; any option of train.py the user sets
+(--lr, --batch-size, --max-steps, --beta, --ddpo-average, ...) overrides them or joins the alignment run.
 """
 import hashlib
 import itertools
@@ -556,6 +556,9 @@ def _train_alone(train_main, argv):
 
 
 _PARSE = []
+# train.py options the toy run sets itself (lr, batch size and steps: from ALIGN unless the user gave them, above)
+_TOY_OWNED = {"algo", "model", "data", "data_format", "image_root", "template", "out", "toy_cache", "toy_seed", "lr",
+              "batch_size", "max_steps", "epochs", "seed"}
 
 
 def _parse(d, flags=()):
@@ -624,13 +627,18 @@ def default_run(args, train_main, settings=None, parse_args=None):
         aargs = {"algo": "dpo" if algo == "bdhs" else algo, "model": base, "data": pairs_path,
                  "data_format": "prefs", "out": out, "max_steps": steps, "batch_size": max(1, al["batch"] // tu.world()), "lr": al["lr"],
                  "seed": args.seed, "warmup_steps": min(5, steps // 4), "template": settings["template"]}
-        defaults = parse_args(["--algo", aargs["algo"]])
-        for k in ("beta", "gamma", "sft_weight"):  # the user's value when given, else ALIGN's, else train.py's
-            if getattr(args, k) != getattr(defaults, k):
-                aargs[k] = getattr(args, k)
-            elif k in al:
-                aargs[k] = al[k]
-        final = train_main(_parse(aargs))
+        aargs.update({k: al[k] for k in ("beta", "gamma", "sft_weight") if k in al})
+        # every other option of train.py the user set (its value differs from the default) reaches this run too:
+        # --ddpo-average, --warmup-steps, --lora-rank, ... (the toy owns the data, model, output and template)
+        defaults, flags = parse_args(["--algo", aargs["algo"]]), []
+        for k, v in vars(args).items():
+            if k in _TOY_OWNED or v == getattr(defaults, k, v):
+                continue
+            if isinstance(v, bool):
+                flags += [f"--{k.replace('_', '-')}"] if v else []
+            else:
+                aargs[k] = v
+        final = train_main(_parse(aargs, flags))
         times["align_s"] = time.time() - t
         pairs = pair_stats
 

@@ -19,19 +19,21 @@ ALIGN = {"steps": 2, "lr": 1e-4, "batch": 2, "pair_scenes": 4, "samples": 1, "te
          "rewrite_missing": True, "max_new_tokens": 20, "yesno": 4}
 
 
-def _run(tmp_path, out, monkeypatch, algo="ddpo"):
+def _run(tmp_path, out, monkeypatch, algo="ddpo", extra=()):
     monkeypatch.setitem(toyrun.ALIGN, "default", ALIGN)
-    args = train.parse_args(["--algo", algo, "--out", str(tmp_path / out), "--toy-cache", str(tmp_path / "cache")])
+    args = train.parse_args(["--algo", algo, "--out", str(tmp_path / out), "--toy-cache", str(tmp_path / "cache"),
+                             *extra])
     return toyrun.default_run(args, train.main, settings=TINY)
 
 
 def test_smoke_pipeline_and_cache(tmp_path, monkeypatch, capsys):
-    calls, models = [], []
+    calls, models, seen = [], [], []
     real = train.main
 
     def counting_main(args):
         calls.append(args.algo)
         models.append((str(args.model), str(args.out)))
+        seen.append(args)
         return real(args)
 
     monkeypatch.setattr(train, "main", counting_main)
@@ -79,6 +81,12 @@ def test_smoke_pipeline_and_cache(tmp_path, monkeypatch, capsys):
     weights = (cache / "base" / "final" / "model.safetensors").read_bytes()
     assert fp["base"] == hashlib.sha256(weights).hexdigest()[:16] == s1["fingerprint"]["base"]
     assert fp["init"] != fp["base"] and fp["cpu"] and fp["torch"] == torch.__version__
+    # ALIGN's beta unless the user gives one; any other train.py option the user sets reaches the alignment run
+    assert seen[-1].beta == toyrun.ALIGN["ddpo"]["beta"] and not seen[-1].ddpo_average
+    _run(tmp_path, "c", monkeypatch, extra=["--ddpo-average", "--beta", "0.7", "--warmup-steps", "1", "--gamma", "2"])
+    a = seen[-1]
+    assert a.ddpo_average and a.beta == 0.7 and a.warmup_steps == 1 and a.gamma == 2.0
+    assert a.template == "vicuna_nosys" and str(a.data) == str(tmp_path / "c" / "pairs.jsonl")  # the toy's own
 
 
 def test_init_checkpoint_std_and_layout(tmp_path):
