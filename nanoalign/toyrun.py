@@ -59,8 +59,8 @@ SETTINGS = {  # everything the cached world and base depend on (why these values
 }
 # algo -> alignment settings (not part of the cache key); batch is global (split over the ranks). Measured with DDPO
 # on the default base (CHAIR_i / Recall change, seed 0; README, "The toy world"): beta 0.1 -17.6% / -7.1, beta 0.3
-# -16.2% / -4.8 (seed 1: -15.1% / -5.2); 480 steps -22% / -8.3; pairs sampled at temperature 0.3 -32% / -15;
-# yesno (existence pairs per scene, _existence_pairs) 2 instead of 4: -17.5% / -7.8.
+# -16.2% / -4.8 (seed 1: -15.1% / -5.2); at beta 0.3, 480 steps -22% / -8.3 and pairs sampled at temperature 0.3
+# -32% / -15; at beta 0.1, yesno (existence pairs per scene, _existence_pairs) 2 instead of 4: -17.5% / -7.8.
 ALIGN = {
     "default": {"steps": 240, "lr": 1e-4, "batch": 32, "pair_scenes": 1000, "samples": 2, "temperature": 0.7,
                 "yesno": 4, "sft_weight": 1.0},
