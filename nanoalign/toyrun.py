@@ -67,7 +67,6 @@ ALIGN = {
     "dpo": {"beta": 0.3},
     "ddpo": {"beta": 0.3},
 }
-TRAIN_DEFAULTS = {"lr": 1e-5, "batch_size": 4}  # train.py's parse_args defaults: other values are the user's
 
 
 # ------------------------------------------------------------------------------------------------- distributed
@@ -284,7 +283,7 @@ def _existence_pairs(scenes, img_path, freq, cooc, per_scene, stats):
         kinds = [k for pair in itertools.zip_longest(absent, present) for k in pair if k is not None]
         kinds = list(dict.fromkeys(kinds))  # the popular negative may be the adversarial one: ask it once
         for k in kinds[:per_scene]:
-            q = f"Is there a {k} in the image?"
+            q = tw.exist_question(k)
             truth = tw.answer_question(q, sc)
             other = "No." if truth == "Yes." else "Yes."
             rows.append({"image": img_path(name), "prompt": "<image>\n" + q, "chosen": truth, "rejected": other,
@@ -442,7 +441,7 @@ def yesno_auc(model, processor, world, template, n_scenes=100, batch_size=32):
             for n, _ in part:
                 if n not in images:
                     images[n] = Image.open(os.path.join(world["images"], n)).convert("RGB")
-            texts = [build_prompt(f"Is there a {k} in the image?", template) for _, k in part]
+            texts = [build_prompt(tw.exist_question(k), template) for _, k in part]
             enc = processor(texts, [images[n] for n, _ in part], padding_side="left")
             h = model(enc["input_ids"], enc["pixel_values"], attention_mask=enc["attention_mask"])
             lg = model.logits(h[:, -1]).float()
@@ -585,9 +584,11 @@ def default_run(args, train_main, settings=None, parse_args=None):
     world, base = prepare_base(train_main, cache, settings, toy_seed)
     times["world_and_base_s"] = time.time() - t_start
     al = {**ALIGN["default"], **ALIGN.get(algo, {})}
-    if args.lr != TRAIN_DEFAULTS["lr"]:
+    align_algo = "dpo" if algo == "bdhs" else algo
+    defaults = parse_args(["--algo", align_algo])  # train.py's defaults: any other value is the user's
+    if args.lr != defaults.lr:
         al["lr"] = args.lr
-    if args.batch_size != TRAIN_DEFAULTS["batch_size"]:
+    if args.batch_size != defaults.batch_size:
         al["batch"] = args.batch_size * tu.world()  # the user's --batch-size is per rank, as in train.py
     steps = args.max_steps or al["steps"]
     mnt = settings["eval_max_new_tokens"]
@@ -624,13 +625,13 @@ def default_run(args, train_main, settings=None, parse_args=None):
         times["pairs_and_base_eval_s"] = time.time() - t
         tu.print0(f"toy: {pair_stats['pairs']} {algo} pairs ({pair_stats})")
         t = time.time()
-        aargs = {"algo": "dpo" if algo == "bdhs" else algo, "model": base, "data": pairs_path,
+        aargs = {"algo": align_algo, "model": base, "data": pairs_path,
                  "data_format": "prefs", "out": out, "max_steps": steps, "batch_size": max(1, al["batch"] // tu.world()), "lr": al["lr"],
                  "seed": args.seed, "warmup_steps": min(5, steps // 4), "template": settings["template"]}
         aargs.update({k: al[k] for k in ("beta", "gamma", "sft_weight") if k in al})
         # every other option of train.py the user set (its value differs from the default) reaches this run too:
         # --ddpo-average, --warmup-steps, --lora-rank, ... (the toy owns the data, model, output and template)
-        defaults, flags = parse_args(["--algo", aargs["algo"]]), []
+        flags = []
         for k, v in vars(args).items():
             if k in _TOY_OWNED or v == getattr(defaults, k, v):
                 continue

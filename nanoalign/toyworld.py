@@ -181,6 +181,11 @@ def answer_question(question, scene):
     return p[0].upper() + p[1:] + "."
 
 
+def exist_question(kind):
+    """The world's yes/no existence question (SFT data, POPE rows, existence pairs and the yes/no probe ask it)."""
+    return f"Is there a {kind} in the image?"
+
+
 def qa_pairs(scene, rng, n=3, n_exist=1):
     """n (question, answer) pairs: n_exist yes/no existence questions (the first about a present or a random absent
     kind, 50/50, then alternating present / absent while absent kinds remain) + n - n_exist short QA."""
@@ -189,7 +194,7 @@ def qa_pairs(scene, rng, n=3, n_exist=1):
     qs, present = [], rng.random() < 0.5 or not absent
     for _ in range(min(n_exist, n)):
         k = str(rng.choice(list(gs))) if present or not absent else str(rng.choice(absent))
-        qs.append(f"Is there a {k} in the image?")
+        qs.append(exist_question(k))
         present = not present
     for _ in range(n - len(qs)):
         k = str(rng.choice(list(gs)))
@@ -544,7 +549,7 @@ def pope_rows(scenes, images, rng, freq, cooc, n_per_image=3):
         for cat in ("random", "popular", "adversarial"):
             neg = pope_negatives(sc, cat, len(pos), rng, freq, cooc)
             for k, label in [(k, "yes") for k in pos] + [(k, "no") for k in neg]:
-                rows.append({"question_id": len(rows), "image": img, "text": f"Is there a {k} in the image?",
+                rows.append({"question_id": len(rows), "image": img, "text": exist_question(k),
                              "label": label, "category": cat, "object": k})
     return rows
 
