@@ -91,6 +91,9 @@ def parse_args(argv=None):
                    "~/.cache/nanoalign/toy/<hash>)")
     g.add_argument("--toy-seed", type=int, default=0, help="seed of the toy world and its SFT base model")
     args = p.parse_args(argv)
+    for action in p._actions:  # parsed again without defaults: the options the command line itself gave, which
+        action.default = argparse.SUPPRESS  # the toy run lets override its own settings even when equal to a default
+    args.given = sorted(vars(p.parse_args(argv)))
     if args.beta is None:
         args.beta = DEFAULT_BETA.get(args.algo, 0.1)
     if args.lora_alpha is None:

@@ -585,10 +585,15 @@ def default_run(args, train_main, settings=None, parse_args=None):
     times["world_and_base_s"] = time.time() - t_start
     al = {**ALIGN["default"], **ALIGN.get(algo, {})}
     align_algo = "dpo" if algo == "bdhs" else algo
-    defaults = parse_args(["--algo", align_algo])  # train.py's defaults: any other value is the user's
-    if args.lr != defaults.lr:
+    # the options the user gave (train.parse_args records them; for a namespace made elsewhere: those that differ
+    # from train.py's defaults)
+    given = set(getattr(args, "given", None) or ())
+    if not hasattr(args, "given"):
+        defaults = vars(parse_args(["--algo", align_algo]))
+        given = {k for k, v in vars(args).items() if k in defaults and v != defaults[k]}
+    if "lr" in given:
         al["lr"] = args.lr
-    if args.batch_size != defaults.batch_size:
+    if "batch_size" in given:
         al["batch"] = args.batch_size * tu.world()  # the user's --batch-size is per rank, as in train.py
     steps = args.max_steps or al["steps"]
     mnt = settings["eval_max_new_tokens"]
@@ -629,12 +634,11 @@ def default_run(args, train_main, settings=None, parse_args=None):
                  "data_format": "prefs", "out": out, "max_steps": steps, "batch_size": max(1, al["batch"] // tu.world()), "lr": al["lr"],
                  "seed": args.seed, "warmup_steps": min(5, steps // 4), "template": settings["template"]}
         aargs.update({k: al[k] for k in ("beta", "gamma", "sft_weight") if k in al})
-        # every other option of train.py the user set (its value differs from the default) reaches this run too:
-        # --ddpo-average, --warmup-steps, --lora-rank, ... (the toy owns the data, model, output and template)
+        # every other option of train.py the user gave reaches this run too (even at train.py's default value, as
+        # --sft-weight 0): --ddpo-average, --warmup-steps, --lora-rank, ... (the toy owns data, model, output, template)
         flags = []
-        for k, v in vars(args).items():
-            if k in _TOY_OWNED or v == getattr(defaults, k, v):
-                continue
+        for k in sorted(given - _TOY_OWNED):
+            v = getattr(args, k)
             if isinstance(v, bool):
                 flags += [f"--{k.replace('_', '-')}"] if v else []
             else:

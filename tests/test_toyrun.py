@@ -16,7 +16,7 @@ from nanoalign import toyworld as tw  # noqa: E402
 TINY = dict(n_train=24, n_eval=4, vocab_size=320, ground_steps=3, sft_steps=6, sft_batch=4, eval_max_new_tokens=20,
             vision_steps=3)
 ALIGN = {"steps": 2, "lr": 1e-4, "batch": 2, "pair_scenes": 4, "samples": 1, "temperature": 1.0,
-         "rewrite_missing": True, "max_new_tokens": 20, "yesno": 4}
+         "rewrite_missing": True, "max_new_tokens": 20, "yesno": 4, "sft_weight": 1.0}
 
 
 def _run(tmp_path, out, monkeypatch, algo="ddpo", extra=()):
@@ -83,9 +83,13 @@ def test_smoke_pipeline_and_cache(tmp_path, monkeypatch, capsys):
     assert fp["init"] != fp["base"] and fp["cpu"] and fp["torch"] == torch.__version__
     # ALIGN's beta unless the user gives one; any other train.py option the user sets reaches the alignment run
     assert seen[-1].beta == toyrun.ALIGN["ddpo"]["beta"] and not seen[-1].ddpo_average
-    _run(tmp_path, "c", monkeypatch, extra=["--ddpo-average", "--beta", "0.7", "--warmup-steps", "1", "--gamma", "2"])
+    assert seen[-1].sft_weight == 1.0 and seen[-1].lr == 1e-4
+    # ... even at train.py's default value (ddpo's beta 0.5, --sft-weight 0, --lr 1e-5), which ALIGN's would beat
+    _run(tmp_path, "c", monkeypatch, extra=["--ddpo-average", "--beta", "0.5", "--warmup-steps", "1", "--gamma", "2",
+                                            "--sft-weight", "0", "--lr=1e-5"])
     a = seen[-1]
-    assert a.ddpo_average and a.beta == 0.7 and a.warmup_steps == 1 and a.gamma == 2.0
+    assert a.ddpo_average and a.beta == 0.5 and a.warmup_steps == 1 and a.gamma == 2.0
+    assert a.sft_weight == 0.0 and a.lr == 1e-5
     assert a.template == "vicuna_nosys" and str(a.data) == str(tmp_path / "c" / "pairs.jsonl")  # the toy's own
 
 
@@ -139,6 +143,8 @@ def test_cache_key_depends_on_settings():
 def test_train_parse_args_toy_default():
     a = train.parse_args(["--algo", "ddpo"])
     assert a.model is None and a.data is None and a.toy_seed == 0 and a.toy_cache is None
+    assert a.given == ["algo"] and a.beta == 0.5  # what the command line gave; beta: ddpo's default
+    assert train.parse_args(["--bet=0.5", "--lr", "1e-5"]).given == ["beta", "lr"]  # abbreviations, = forms
     with pytest.raises(SystemExit):
         train.parse_args(["--algo", "ddpo", "--model", "x"])  # --model without --data
 
