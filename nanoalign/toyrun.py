@@ -412,7 +412,7 @@ def evaluate(model_dir, world, out_dir, max_new_tokens=96, batch_size=32, progre
     out.update(pope_acc=pope["accuracy"], pope_f1=pope["f1"])
     for split, m in pope.get("splits", {}).items():
         out[f"pope_{split}_acc"], out[f"pope_{split}_f1"] = m["accuracy"], m["f1"]
-    out["companion_fraction"] = companion_fraction(Path(out_dir, "chair", "results.jsonl"))
+    out.update(hallucination_kinds(Path(out_dir, "chair", "results.jsonl")))
     out.update(yesno_auc(model, processor, world, template, batch_size=batch_size))
     return out
 
@@ -455,20 +455,32 @@ def yesno_auc(model, processor, world, template, n_scenes=100, batch_size=32):
     return {"yesno_auc": auc(s[pos], s[~pos]), "yesno_auc_companion": auc(s[pos], s[comp])}
 
 
-def companion_fraction(results_path):
-    """Share of hallucinated objects that are the absent partner/companion of an object in the scene."""
-    n = c = 0
+def hallucination_kinds(results_path):
+    """Where the hallucinated objects of CHAIR's captions come from -> {"companion_fraction": share that is the absent
+    partner/companion of an object in the scene, "halluc_instead": hallucinated kinds per caption named while a
+    present kind was still unnamed (a wrong kind instead of a real one), "halluc_extra": per caption, named once every
+    present kind was (the caption should have stopped)}; these two count a kind's first mention only.
+    Measured on the default run: DDPO removes 60% of the extra ones and 15% of the others (README, "The toy world")."""
+    n = c = instead = extra = captions = 0
     with open(results_path) as f:
         for r in map(json.loads, filter(str.strip, f)):
-            gt = set(r.get("gt_objects") or [])
-            for k in r.get("hallucinated") or []:
-                n += 1
-                c += tw.PAIRED.get(k) in gt
-    return c / n if n else 0.0
+            captions += 1
+            gt, halluc = set(r.get("gt_objects") or []), r.get("hallucinated") or []
+            n += len(halluc)  # CHAIR's list: a kind once per mention
+            c += sum(tw.PAIRED.get(k) in gt for k in halluc)
+            named = set()
+            for k in (m["kind"] for m in tw._parse(r.get("answer") or "")):
+                if k in halluc and k not in named:
+                    extra += gt <= named
+                    instead += not gt <= named
+                named.add(k)
+    return {"companion_fraction": c / n if n else 0.0, "halluc_instead": instead / max(1, captions),
+            "halluc_extra": extra / max(1, captions)}
 
 
 COLUMNS = ["chair_i", "chair_s", "recall", "mean_length", "pope_random_acc", "pope_popular_acc",
-           "pope_adversarial_acc", "pope_adversarial_f1", "yesno_auc", "yesno_auc_companion", "companion_fraction"]
+           "pope_adversarial_acc", "pope_adversarial_f1", "yesno_auc", "yesno_auc_companion", "companion_fraction",
+           "halluc_instead", "halluc_extra"]
 
 
 def table(before, after):

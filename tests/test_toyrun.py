@@ -125,11 +125,16 @@ def test_train_alone_runs_train_py_as_one_process(tmp_path, monkeypatch):
         toyrun._train_alone(train.main, argv[:5] + [str(tmp_path / "missing.json")] + argv[6:])
 
 
-def test_companion_fraction_and_table(tmp_path):
+def test_hallucination_kinds_and_table(tmp_path):
     p = tmp_path / "r.jsonl"
-    rows = [{"gt_objects": ["fork"], "hallucinated": ["knife", "tree"]}, {"gt_objects": ["cup"], "hallucinated": []}]
+    rows = [{"gt_objects": ["fork", "cup"], "hallucinated": ["knife", "tree"],  # knife before the cup, tree after it
+             "answer": "A red fork is on the left. A red knife is on the right. Two cups are at the top. A tree. "
+                       "A knife."},
+            {"gt_objects": ["cup"], "hallucinated": [], "answer": "A cup is at the top."},
+            {"gt_objects": ["cup"], "hallucinated": ["star"], "answer": "There is a star. A cup is at the top."}]
     p.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert toyrun.companion_fraction(p) == 0.5  # knife is fork's companion, tree is unpaired
+    # knife is fork's companion, tree and star are unpaired; instead: knife, star; extra: tree
+    assert toyrun.hallucination_kinds(p) == {"companion_fraction": 1 / 3, "halluc_instead": 2 / 3, "halluc_extra": 1 / 3}
     t = toyrun.table({"chair_i": 0.5, "mean_length": 10.0}, {"chair_i": 0.25, "mean_length": 9.0})
     assert "| chair_i | 50.0 | 25.0 | -25.0 |" in t and "| mean_length | 10.0 | 9.0 | -1.0 |" in t
 
