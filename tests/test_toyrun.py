@@ -64,6 +64,14 @@ def test_smoke_pipeline_and_cache(tmp_path, monkeypatch, capsys):
         for a, b in r.get("rejected_segments") or []:
             assert 0 <= a < b <= len(r["rejected"])
     cache = Path(s1["cache"])
+    # bench/toy_vote_curve.py: its greedy point is the evaluation's Recall (both per kind); CHAIR_i counts each kind
+    # once per caption there, so it is at least the evaluation's share of hallucinated kinds
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import toy_vote_curve
+    v = toy_vote_curve.curve(cache / "base" / "final", cache / "world", samples=2, temperature=1.0,
+                             template=TINY.get("template", toyrun.SETTINGS["template"]))
+    assert v["greedy"][0] == pytest.approx(100 * summary["before"]["recall"])
+    assert [t for t, *_ in v["votes"]] == [1, 2] and v["votes"][0][1] >= v["votes"][1][1]  # Recall falls with t
     assert (cache / "base" / "DONE.json").is_file() and (cache / "init" / "model.safetensors").is_file()
     assert (cache / "sft_mix" / "DONE.json").is_file()  # the first SFT stage, the grounding stage's start
     # second run: world and base reused (no SFT call; the world manifest and base weights untouched)
