@@ -294,11 +294,13 @@ def _existence_pairs(scenes, img_path, freq, cooc, per_scene, stats):
 
 
 def build_pairs(algo, base_dir, world, out_path, n_scenes, seed, samples=2, temperature=1.0, batch_size=32,
-                max_new_tokens=128, rewrite_missing=False, template="vicuna_v1", yesno=0):
+                max_new_tokens=128, rewrite_missing=False, template="vicuna_v1", yesno=0, ranked=0):
     """Preference rows (prefs JSONL, absolute image paths) for `algo` from the world's ground truth -> stats dict.
+    Corrections (dpo, ipo, slic, ddpo): `samples` captions per scene and their RLHF-V-style corrections.
     rewrite_missing: a model caption with nothing to correct that still misses objects gets the ground-truth
-    caption as its chosen response (no spans; the annotator rewrites it). yesno (corrections only): existence
-    questions per scene with ground-truth pairs (_existence_pairs)."""
+    caption as its chosen response (no spans; the annotator rewrites it). yesno: existence questions per scene with
+    ground-truth pairs (_existence_pairs). ranked: also the best against the worst of `ranked` captions per scene
+    by tw.oracle_score (VLFeedback-style; the first `samples` of them are the corrected ones), no spans."""
     from PIL import Image
     scenes = list(tw.load_scenes(world["scenes_train"]).items())
     freq, cooc = tw.cooccurrence([sc for _, sc in scenes]) if yesno else (None, None)
@@ -344,14 +346,21 @@ def build_pairs(algo, base_dir, world, out_path, n_scenes, seed, samples=2, temp
     else:  # RLHF-V-style corrections of the model's own sampled captions
         from nanoalign.generate import generate_text
         model, processor = _load_model(base_dir)
-        bar = _bar(len(scenes) * samples, "correction pairs")
+        n_caps = max(samples, ranked)
+        bar = _bar(len(scenes) * n_caps, "caption pairs")
         for i in range(0, len(scenes), batch_size):
             part = scenes[i:i + batch_size]
             images = [Image.open(img_path(n)).convert("RGB") for n, _ in part]
-            for s in range(samples):
+            drawn = []  # per sample: the captions of this part's scenes
+            for s in range(n_caps):
                 caps = generate_text(model, processor, images, [tw.CAPTION_PROMPT] * len(part), template,
                                      max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size,
                                      seed=seed * 1000003 + i * 7 + s)
+                drawn.append(caps)
+                for _ in part:
+                    bar.update()
+                if s >= samples:
+                    continue
                 for (name, sc), cap in zip(part, caps):
                     row = tw.correction_pref(cap, sc, img_path(name))
                     if row is not None:  # a deletion is an empty span in the chosen text: nothing to weight there
@@ -367,8 +376,14 @@ def build_pairs(algo, base_dir, world, out_path, n_scenes, seed, samples=2, temp
                     stats["companion"] += any(k in tw.PAIRED and tw.PAIRED[k] in tw.groups(sc)
                                               for k in tw.oracle_score(cap, sc)["hallucinated"])
                     rows.append(row)
-                for _ in part:
-                    bar.update()
+            for j, (name, sc) in enumerate(part[:len(part) if ranked else 0]):
+                pair = tw.best_worst_pair([caps[j] for caps in drawn], sc)
+                if pair is None:
+                    stats["ranked_tie"] += 1
+                    continue
+                rows.append({"image": img_path(name), "prompt": "<image>\n" + tw.CAPTION_PROMPT, "chosen": pair[0],
+                             "rejected": pair[1]})
+                stats["ranked"] += 1
         bar.close()
         if yesno:
             rows += _existence_pairs(scenes, img_path, freq, cooc, yesno, stats)
@@ -629,7 +644,7 @@ def default_run(args, train_main, settings=None, parse_args=None):
                 st = build_pairs(algo, base, world, pairs_path, al["pair_scenes"], args.seed, al["samples"],
                                  al["temperature"], max_new_tokens=al.get("max_new_tokens", 128),
                                  rewrite_missing=al.get("rewrite_missing", False), template=settings["template"],
-                                 yesno=al.get("yesno", 0))
+                                 yesno=al.get("yesno", 0), ranked=al.get("ranked", 0))
             st["seconds"] = time.time() - t
             return st
 

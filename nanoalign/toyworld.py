@@ -483,6 +483,14 @@ def ranked_pairs(responses, scene, question=None, min_gap=1e-6):
     return [(a, b, sa, sb) for (sa, a), (sb, b) in itertools.combinations(ranked, 2) if sa - sb > min_gap and a != b]
 
 
+def best_worst_pair(responses, scene, question=None, min_gap=1e-6):
+    """One VLFeedback-style pair per prompt: (best, worst) of the responses by oracle_score, or None when their
+    scores differ by min_gap or less."""
+    ranked = rank_responses(responses, scene, question)
+    (sa, a), (sb, b) = ranked[0], ranked[-1]
+    return (a, b) if sa - sb > min_gap and a != b else None
+
+
 def write_prefs(path, rows):
     """Write the generic `prefs` JSONL: image, prompt, chosen, rejected, optional chosen_segments/rejected_segments
     as [[start, end], ...] character spans. Returns the number of rows."""

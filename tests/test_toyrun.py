@@ -16,7 +16,7 @@ from nanoalign import toyworld as tw  # noqa: E402
 TINY = dict(n_train=24, n_eval=4, vocab_size=320, ground_steps=3, sft_steps=6, sft_batch=4, eval_max_new_tokens=20,
             vision_steps=3)
 ALIGN = {"steps": 2, "lr": 1e-4, "batch": 2, "pair_scenes": 4, "samples": 1, "temperature": 1.0,
-         "rewrite_missing": True, "max_new_tokens": 20, "yesno": 4, "sft_weight": 1.0}
+         "rewrite_missing": True, "max_new_tokens": 20, "yesno": 4, "sft_weight": 1.0, "ranked": 3}
 
 
 def _run(tmp_path, out, monkeypatch, algo="ddpo", extra=()):
@@ -59,6 +59,16 @@ def test_smoke_pipeline_and_cache(tmp_path, monkeypatch, capsys):
         assert r["chosen"] == tw.answer_question(r["prompt"], scenes[Path(r["image"]).name])
         assert {r["chosen"], r["rejected"]} == {"Yes.", "No."}
     assert {r["chosen"] for r in yesno} == {"Yes.", "No."}
+    # the best against the worst of 3 sampled captions by the oracle, one per scene unless all 3 score the same
+    # (and the ground-truth rewrites of rewrite_missing: the other caption rows without spans, also better-scored)
+    no_spans = [r for r in rows if r not in yesno and not r.get("chosen_segments") and not r.get("rejected_segments")]
+    n_ranked = summary["pairs"].get("ranked", 0)  # the tiny base's 3 captions often score the same
+    assert len(no_spans) == n_ranked + summary["pairs"].get("rewritten", 0)
+    assert n_ranked + summary["pairs"].get("ranked_tie", 0) == ALIGN["pair_scenes"]
+    for r in no_spans:
+        sc = scenes[Path(r["image"]).name]
+        assert tw.oracle_score(r["chosen"], sc)["score"] > tw.oracle_score(r["rejected"], sc)["score"]
+        assert "chosen_segments" not in r and r["prompt"].endswith(tw.CAPTION_PROMPT)
     for r in rows:
         assert r["chosen"] != r["rejected"]
         for a, b in r.get("rejected_segments") or []:

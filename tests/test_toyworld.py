@@ -147,6 +147,14 @@ def test_corrections_hand_made():
     assert row["chosen"][slice(*row["chosen_segments"][2])] == "blue"
 
 
+def test_best_worst_pair():
+    mid = GOOD.replace("A large green plate is at the bottom.", "A large green knife is at the bottom.")
+    worst = "There are four objects in the image. A small red knife is at the top left."
+    assert tw.best_worst_pair([mid, worst, GOOD], SCENE) == (GOOD, worst)
+    assert tw.best_worst_pair([GOOD, GOOD], SCENE) is None  # a tie: no pair
+    assert tw.best_worst_pair([GOOD], SCENE) is None
+
+
 def test_corrections_of_any_caption_are_clean():
     # captions of other scenes (wrong kinds, counts, colors, sizes and positions at once, several mentions per
     # sentence after a splice) are corrected into non-overlapping spans whose result the oracle finds fully right
