@@ -300,7 +300,9 @@ def build_pairs(algo, base_dir, world, out_path, n_scenes, seed, samples=2, temp
     rewrite_missing: a model caption with nothing to correct that still misses objects gets the ground-truth
     caption as its chosen response (no spans; the annotator rewrites it). yesno: existence questions per scene with
     ground-truth pairs (_existence_pairs). ranked: also the best against the worst of `ranked` captions per scene
-    by tw.oracle_score (VLFeedback-style; the first `samples` of them are the corrected ones), no spans."""
+    by tw.oracle_score (VLFeedback-style; the first `samples` of them are the corrected ones), no spans.
+    Under torch.distributed the caption sampling is split over the ranks, so every rank must call this for those
+    algorithms (the rows are the same as one process's); rank 0 writes the file."""
     from PIL import Image
     scenes = list(tw.load_scenes(world["scenes_train"]).items())
     freq, cooc = tw.cooccurrence([sc for _, sc in scenes]) if yesno else (None, None)
@@ -343,55 +345,71 @@ def build_pairs(algo, base_dir, world, out_path, n_scenes, seed, samples=2, temp
             for _ in part:
                 bar.update()
         bar.close()
-    else:  # RLHF-V-style corrections of the model's own sampled captions
+    else:  # RLHF-V-style corrections of (and best-vs-worst pairs among) the model's own sampled captions
         from nanoalign.generate import generate_text
         model, processor = _load_model(base_dir)
         n_caps = max(samples, ranked)
+        blocks = list(range(0, len(scenes), batch_size))  # a block's samples depend on its start only: the ranks
+        mine = blocks[tu.rank()::tu.world()]  # share the blocks and the pairs are those of one process
         bar = _bar(len(scenes) * n_caps, "caption pairs")
-        for i in range(0, len(scenes), batch_size):
-            part = scenes[i:i + batch_size]
-            images = [Image.open(img_path(n)).convert("RGB") for n, _ in part]
-            drawn = []  # per sample: the captions of this part's scenes
-            for s in range(n_caps):
-                caps = generate_text(model, processor, images, [tw.CAPTION_PROMPT] * len(part), template,
-                                     max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size,
-                                     seed=seed * 1000003 + i * 7 + s)
-                drawn.append(caps)
-                for _ in part:
-                    bar.update()
-                if s >= samples:
-                    continue
-                for (name, sc), cap in zip(part, caps):
-                    row = tw.correction_pref(cap, sc, img_path(name))
-                    if row is not None:  # a deletion is an empty span in the chosen text: nothing to weight there
-                        for k in ("chosen_segments", "rejected_segments"):
-                            row[k] = [sp for sp in row[k] if sp[1] > sp[0]] or None
-                    if row is None and rewrite_missing and tw.oracle_score(cap, sc)["recall"] < 1:
-                        row = {"image": img_path(name), "prompt": "<image>\n" + tw.CAPTION_PROMPT,
-                               "chosen": tw.caption(sc), "rejected": cap}
-                        stats["rewritten"] += 1
-                    if row is None:
-                        stats["correct_caption"] += 1
+        by_block, error = {}, None
+        try:
+            for i in mine:
+                part, block = scenes[i:i + batch_size], by_block.setdefault(i, [])
+                images = [Image.open(img_path(n)).convert("RGB") for n, _ in part]
+                drawn = []  # per sample: the captions of this block's scenes
+                for s in range(n_caps):
+                    caps = generate_text(model, processor, images, [tw.CAPTION_PROMPT] * len(part), template,
+                                         max_new_tokens=max_new_tokens, temperature=temperature,
+                                         batch_size=batch_size, seed=seed * 1000003 + i * 7 + s)
+                    drawn.append(caps)
+                    for _ in range(len(part) * tu.world()):  # the other ranks advance alike
+                        bar.update()
+                    if s >= samples:
                         continue
-                    stats["companion"] += any(k in tw.PAIRED and tw.PAIRED[k] in tw.groups(sc)
-                                              for k in tw.oracle_score(cap, sc)["hallucinated"])
-                    rows.append(row)
-            for j, (name, sc) in enumerate(part[:len(part) if ranked else 0]):
-                pair = tw.best_worst_pair([caps[j] for caps in drawn], sc)
-                if pair is None:
-                    stats["ranked_tie"] += 1
-                    continue
-                rows.append({"image": img_path(name), "prompt": "<image>\n" + tw.CAPTION_PROMPT, "chosen": pair[0],
-                             "rejected": pair[1]})
-                stats["ranked"] += 1
+                    for (name, sc), cap in zip(part, caps):
+                        row = tw.correction_pref(cap, sc, img_path(name))
+                        if row is not None:  # a deletion is an empty span in the chosen text: nothing to weight
+                            for k in ("chosen_segments", "rejected_segments"):
+                                row[k] = [sp for sp in row[k] if sp[1] > sp[0]] or None
+                        if row is None and rewrite_missing and tw.oracle_score(cap, sc)["recall"] < 1:
+                            row = {"image": img_path(name), "prompt": "<image>\n" + tw.CAPTION_PROMPT,
+                                   "chosen": tw.caption(sc), "rejected": cap}
+                            stats["rewritten"] += 1
+                        if row is None:
+                            stats["correct_caption"] += 1
+                            continue
+                        stats["companion"] += any(k in tw.PAIRED and tw.PAIRED[k] in tw.groups(sc)
+                                                  for k in tw.oracle_score(cap, sc)["hallucinated"])
+                        block.append(row)
+                for j, (name, sc) in enumerate(part[:len(part) if ranked else 0]):
+                    pair = tw.best_worst_pair([caps[j] for caps in drawn], sc)
+                    if pair is None:
+                        stats["ranked_tie"] += 1
+                        continue
+                    block.append({"image": img_path(name), "prompt": "<image>\n" + tw.CAPTION_PROMPT,
+                                  "chosen": pair[0], "rejected": pair[1]})
+                    stats["ranked"] += 1
+        except Exception as e:  # told to every rank below instead of leaving the others in the gather
+            error = f"{type(e).__name__}: {e}"
         bar.close()
+        if tu.world() > 1:
+            got = [None] * tu.world()
+            dist.all_gather_object(got, (by_block, stats, error))
+            by_block = {i: r for b, _, _ in got for i, r in b.items()}
+            stats = sum((st for _, st, _ in got), Counter())
+            error = next((f"rank {r}: {e}" for r, (_, _, e) in enumerate(got) if e), None)
+        if error:
+            raise SystemExit(f"error: {algo} pairs: {error}")
+        rows = [r for i in sorted(by_block) for r in by_block[i]]
         if yesno:
             rows += _existence_pairs(scenes, img_path, freq, cooc, yesno, stats)
     if not rows:
         raise SystemExit(f"error: no {algo} preference pairs could be built from {len(scenes)} scenes ({dict(stats)})")
-    tmp = str(out_path) + ".tmp"
-    tw.write_prefs(tmp, rows)
-    os.replace(tmp, out_path)
+    if tu.rank() == 0:
+        tmp = str(out_path) + ".tmp"
+        tw.write_prefs(tmp, rows)
+        os.replace(tmp, out_path)
     return {"pairs": len(rows), "scenes": len(scenes), **stats}
 
 
@@ -626,8 +644,8 @@ def default_run(args, train_main, settings=None, parse_args=None):
     mnt = settings["eval_max_new_tokens"]
     before_dir = cache / "base_eval"
 
-    def eval_before():
-        with _Threads(1 if tu.world() > 1 and algo != "sft" else (os.cpu_count() or 1)):
+    def eval_before(alone=True):  # alone: the other ranks wait, so it takes every core
+        with _Threads((os.cpu_count() or 1) if alone else 1):
             return evaluate(base, world, before_dir, mnt, template=settings["template"])
 
     before = None
@@ -649,8 +667,11 @@ def default_run(args, train_main, settings=None, parse_args=None):
             return st
 
         t = time.time()
-        if tu.world() > 1:  # rank 0 builds the pairs while rank 1 evaluates the base
-            pair_stats, before = _in_parallel([pairs_step, eval_before])
+        if tu.world() > 1 and algo not in ("povid", "bdhs"):  # the ranks share the sampling (build_pairs), then
+            pair_stats = pairs_step()  # one evaluates the base
+            before = _on_rank(eval_before)
+        elif tu.world() > 1:  # rank 0 builds the pairs while rank 1 evaluates the base
+            pair_stats, before = _in_parallel([pairs_step, lambda: eval_before(alone=False)])
         else:
             pair_stats = pairs_step()
             before = eval_before()

@@ -111,6 +111,39 @@ def test_smoke_pipeline_and_cache(tmp_path, monkeypatch, capsys):
     assert a.template == "vicuna_nosys" and str(a.data) == str(tmp_path / "c" / "pairs.jsonl")  # the toy's own
 
 
+PAIR_KW = dict(n_scenes=5, seed=3, samples=1, temperature=1.0, batch_size=2, max_new_tokens=12, ranked=3, yesno=2,
+               template=toyrun.SETTINGS["template"])  # 3 blocks of scenes: 2, 2 and 1
+
+
+def _pairs_on_two_ranks(rank, port, args, out):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        toyrun.build_pairs(*args, out_path=out, **PAIR_KW)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_caption_pairs_split_over_two_ranks_equal_one_process(tmp_path, monkeypatch):
+    """build_pairs shares the caption sampling of the corrections / ranked pairs between the ranks; the file must be
+    the one a single process writes (blocks of batch_size scenes sampled with seeds of their own)."""
+    import socket
+    import torch.multiprocessing as mp
+    s = _run(tmp_path, "a", monkeypatch)
+    cache = Path(s["cache"])
+    world = {"scenes_train": str(cache / "world" / "scenes_train.jsonl"), "images": str(cache / "world" / "images")}
+    args = ("ddpo", str(cache / "base" / "final"), world)
+    one = tmp_path / "one.jsonl"
+    stats = toyrun.build_pairs(*args, out_path=one, **PAIR_KW)
+    assert stats["pairs"] >= 10 and stats.get("ranked", 0) + stats.get("ranked_tie", 0) == 5
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    two = tmp_path / "two.jsonl"
+    mp.spawn(_pairs_on_two_ranks, args=(port, args, two), nprocs=2, join=True)
+    assert two.read_text() == one.read_text()
+
+
 def test_init_checkpoint_std_and_layout(tmp_path):
     from nanoalign.checkpoint import load_pretrained
     world = tw.build_world(str(tmp_path / "w"), 4, 2, 0, 1, 320)
