@@ -2,7 +2,7 @@
 
     python bench/toy_vote_curve.py --model ~/.cache/nanoalign/toy/<hash>/base/final --model runs/ddpo/final
 
-For each checkpoint, on the toy world's 300 held-out scenes:
+For each checkpoint, on the toy world's 300 held-out scenes (or --fresh N new ones):
 - the greedy captions' object Recall and CHAIR_i (the point the toy evaluation reports);
 - the curve of self-consistency: --samples captions sampled at --temperature, and the kinds named in at least t of
   them (t = 1..samples) scored as a caption would be. It shows what the model knows about the scene's objects
@@ -40,14 +40,24 @@ def named_kinds(caption):
     return {m["kind"] for m in tw._parse(caption)}
 
 
-def curve(model_dir, world, samples, temperature, template, batch_size=64):
-    """-> dict(greedy=(R, C), votes=[(t, R, C)], p_halluc, p_present, n_halluc) for one checkpoint."""
+def held_out(world, fresh=0):
+    """The world's held-out scenes and images, or with fresh > 0 that many eval-split scenes beyond them (drawn and
+    rendered here: no run has been evaluated, let alone tuned, on them) -> [(name, scene)], [PIL image]."""
     from PIL import Image
+    scenes = list(tw.load_scenes(world / "scenes_eval.jsonl").items())
+    if fresh:
+        n = len(scenes)
+        scenes = [(f"fresh_{n + i}", sc) for i, sc in enumerate(tw.make_scenes(n + fresh, 0, "eval")[n:])]
+        return scenes, [Image.fromarray(tw.render(sc)) for _, sc in scenes]
+    return scenes, [Image.open(world / "images" / name).convert("RGB") for name, _ in scenes]
+
+
+def curve(model_dir, world, samples, temperature, template, batch_size=64, fresh=0):
+    """-> dict(greedy=(R, C), votes=[(t, R, C)], p_halluc, p_present, n_halluc) for one checkpoint."""
     from nanoalign.generate import generate_text
     from nanoalign.tokenizer import build_prompt
     model, processor = toyrun._load_model(model_dir)
-    scenes = list(tw.load_scenes(world / "scenes_eval.jsonl").items())
-    images = [Image.open(world / "images" / name).convert("RGB") for name, _ in scenes]
+    scenes, images = held_out(world, fresh)
     present = np.array([[k in tw.groups(sc) for k in tw.KINDS] for _, sc in scenes])
     prompts = [tw.CAPTION_PROMPT] * len(scenes)
 
@@ -95,6 +105,7 @@ def main(argv=None):
     ap.add_argument("--toy-cache", default=None, help="toy cache folder (default: the default world's)")
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--temperature", type=float, default=0.7)
+    ap.add_argument("--fresh", type=int, default=0, help="score N new held-out scenes instead of the world's 300")
     ap.add_argument("--out", default="bench/results/toy_vote_curve", help="writes OUT.csv and OUT.png")
     a = ap.parse_args(argv)
     labels = a.label or [Path(m).parent.name if Path(m).name == "final" else Path(m).name for m in a.model]
@@ -108,7 +119,7 @@ def main(argv=None):
     for label, m in zip(labels, a.model):
         if not (Path(m) / "config.json").is_file():
             raise SystemExit(f"error: --model {m}: no config.json (a checkpoint folder, as OUT/final)")
-        r = results[label] = curve(m, world, a.samples, a.temperature, toyrun.SETTINGS["template"])
+        r = results[label] = curve(m, world, a.samples, a.temperature, toyrun.SETTINGS["template"], fresh=a.fresh)
         rows.append((label, "greedy", "", *r["greedy"]))
         rows += [(label, "votes", t, rc, ch) for t, rc, ch in r["votes"]]
         probs = (f"at its {r['n_halluc']} hallucinated nouns p(wrong kind) {r['p_halluc']:.2f}, p(present unnamed "
@@ -138,7 +149,7 @@ def main(argv=None):
         ax.plot([r["greedy"][1]], [r["greedy"][0]], "*", ms=14, color=c, label=f"{label}: greedy captions")
     ax.set_xlabel("CHAIR_i (%)")
     ax.set_ylabel("object Recall (%)")
-    ax.set_title("toy world, 300 held-out scenes")
+    ax.set_title(f"toy world, {a.fresh} fresh held-out scenes" if a.fresh else "toy world, 300 held-out scenes")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()

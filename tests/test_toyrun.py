@@ -101,7 +101,7 @@ def test_smoke_pipeline_and_cache(tmp_path, monkeypatch, capsys):
     assert fp["init"] != fp["base"] and fp["cpu"] and fp["torch"] == torch.__version__
     # ALIGN's beta unless the user gives one; any other train.py option the user sets reaches the alignment run
     assert seen[-1].beta == toyrun.ALIGN["ddpo"]["beta"] and not seen[-1].ddpo_average
-    assert seen[-1].sft_weight == 1.0 and seen[-1].lr == 1e-4
+    assert seen[-1].sft_weight == 1.0 and seen[-1].lr == {**ALIGN, **toyrun.ALIGN["ddpo"]}["lr"]
     # ... even at train.py's default value (ddpo's beta 0.5, --sft-weight 0, --lr 1e-5), which ALIGN's would beat
     _run(tmp_path, "c", monkeypatch, extra=["--ddpo-average", "--beta", "0.5", "--warmup-steps", "1", "--gamma", "2",
                                             "--sft-weight", "0", "--lr=1e-5"])
