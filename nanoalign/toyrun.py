@@ -8,8 +8,9 @@ without --model/--data runs `default_run(args, train.main)`:
   2. the SFT base model in two train.main --algo sft stages (each cached there too): the world's captions + QA
      (sft.json) from init, then grounding (sft_ground.json: the same mix plus more existence questions) from there;
   3. preference pairs from ground truth: dpo/ipo/slic/ddpo = RLHF-V-style corrections of the base model's own
-     sampled captions of training scenes (corrected spans recorded for DDPO's dense weights), plus ground-truth
-     existence pairs about those scenes (_existence_pairs); povid =
+     sampled captions of training scenes (corrected spans recorded for DDPO's dense weights), the best against the
+     worst of several sampled captions by the oracle (VLFeedback-style), and ground-truth existence pairs about
+     those scenes (_existence_pairs); povid =
      POVID-style one-fact corruptions of ground-truth captions; bdhs = nanoalign.bdhs rejected responses of the
      ground-truth captions (trained with the DPO loss);
   4. alignment: train.main with the asked --algo on those pairs, --out OUT (default runs/<algo>);
@@ -17,9 +18,9 @@ without --model/--data runs `default_run(args, train.main)`:
      Recall, mean caption length, POPE accuracy / F1 per split;
   6. a before/after table on stdout and OUT/summary.json {"before": {...}, "after": {...}, ...}.
 Under torchrun the alignment run is collective (every rank calls train.main: FSDP2 over gloo); the SFT base model is
-trained by rank 0 alone in a plain child process (`_train_alone`: 5x faster at this size); world, pairs and
-evaluation run on rank 0 (with two ranks the base evaluation runs on rank 1 while rank 0 builds the pairs) and the
-others wait on a broadcast.
+trained by rank 0 alone in a plain child process (`_train_alone`: 5x faster at this size); the ranks share the
+caption sampling of the dpo/ipo/slic/ddpo pairs; world, the other pairs and evaluation run on rank 0 (for povid and
+bdhs the base evaluation runs on rank 1 while rank 0 builds the pairs) and the others wait on a broadcast.
 
 Why the base recipe looks the way it does (each measured on the way to a grounded base, see the README): the vision
 tower is pretrained for 800 steps (200 left per-cell kind accuracy at 90% and the decoder never used the image);
@@ -350,13 +351,13 @@ def build_pairs(algo, base_dir, world, out_path, n_scenes, seed, samples=2, temp
         bar.close()
     else:  # RLHF-V-style corrections of (and best-vs-worst pairs among) the model's own sampled captions
         from nanoalign.generate import generate_text
-        model, processor = _load_model(base_dir)
         n_caps = max(samples, ranked)
         blocks = list(range(0, len(scenes), batch_size))  # a block's samples depend on its start only: the ranks
         mine = blocks[tu.rank()::tu.world()]  # share the blocks and the pairs are those of one process
         bar = _bar(len(scenes) * n_caps, "caption pairs")
         by_block, error = {}, None
         try:
+            model, processor = _load_model(base_dir)
             for i in mine:
                 part, block = scenes[i:i + batch_size], by_block.setdefault(i, [])
                 images = [Image.open(img_path(n)).convert("RGB") for n, _ in part]
@@ -393,7 +394,7 @@ def build_pairs(algo, base_dir, world, out_path, n_scenes, seed, samples=2, temp
                     block.append({"image": img_path(name), "prompt": "<image>\n" + tw.CAPTION_PROMPT,
                                   "chosen": pair[0], "rejected": pair[1]})
                     stats["ranked"] += 1
-        except Exception as e:  # told to every rank below instead of leaving the others in the gather
+        except (Exception, SystemExit) as e:  # told to every rank below instead of leaving the others waiting
             error = f"{type(e).__name__}: {e}"
         bar.close()
         if tu.world() > 1:
