@@ -354,7 +354,7 @@ def build_pairs(algo, base_dir, world, out_path, n_scenes, seed, samples=2, temp
         n_caps = max(samples, ranked)
         blocks = list(range(0, len(scenes), batch_size))  # a block's samples depend on its start only: the ranks
         mine = blocks[tu.rank()::tu.world()]  # share the blocks and the pairs are those of one process
-        bar = _bar(len(scenes) * n_caps, "caption pairs")
+        bar = _bar(sum(len(scenes[i:i + batch_size]) for i in mine) * n_caps, "caption pairs")  # this rank's share
         by_block, error = {}, None
         try:
             model, processor = _load_model(base_dir)
@@ -367,7 +367,7 @@ def build_pairs(algo, base_dir, world, out_path, n_scenes, seed, samples=2, temp
                                          max_new_tokens=max_new_tokens, temperature=temperature,
                                          batch_size=batch_size, seed=seed * 1000003 + i * 7 + s)
                     drawn.append(caps)
-                    for _ in range(len(part) * tu.world()):  # the other ranks advance alike
+                    for _ in part:
                         bar.update()
                     if s >= samples:
                         continue
@@ -386,7 +386,7 @@ def build_pairs(algo, base_dir, world, out_path, n_scenes, seed, samples=2, temp
                         stats["companion"] += any(k in tw.PAIRED and tw.PAIRED[k] in tw.groups(sc)
                                                   for k in tw.oracle_score(cap, sc)["hallucinated"])
                         block.append(row)
-                for j, (name, sc) in enumerate(part[:len(part) if ranked else 0]):
+                for j, (name, sc) in enumerate(part if ranked else []):
                     pair = tw.best_worst_pair([caps[j] for caps in drawn], sc)
                     if pair is None:
                         stats["ranked_tie"] += 1
@@ -637,8 +637,9 @@ def default_run(args, train_main, settings=None, parse_args=None):
     align_algo = "dpo" if algo == "bdhs" else algo
     # the options the user gave (train.parse_args records them; for a namespace made elsewhere: those that differ
     # from train.py's defaults)
-    given = set(getattr(args, "given", None) or ())
-    if not hasattr(args, "given"):
+    if hasattr(args, "given"):
+        given = set(args.given)
+    else:
         defaults = vars(parse_args(["--algo", align_algo]))
         given = {k for k, v in vars(args).items() if k in defaults and v != defaults[k]}
     if "lr" in given:
