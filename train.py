@@ -114,7 +114,7 @@ def main(args):
     cuda = torch.cuda.is_available()
     if distributed and not dist.is_initialized():  # main() may run more than once per process (toy pipeline)
         dist.init_process_group(backend="nccl" if cuda else "gloo")
-    rank, world = tu.rank(), tu.world()
+    rank, world = tu.rank(), tu.world_size()
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)

@@ -37,7 +37,7 @@ class Encoded:
     image_size: tuple[int, int] | None  # (height, width) of the image
 
 
-class Rejected(Exception):
+class Unusable(Exception):
     """An example that cannot be trained on; `reason` is the counted key."""
 
     def __init__(self, reason: str, detail: str = ""):
@@ -51,7 +51,7 @@ def open_image(example: Example, image_root: str | None) -> Image.Image | None:
     try:
         return load_image(example, image_root)
     except Exception as e:  # unreadable at decode time although its header looked fine
-        raise Rejected("unreadable_image", f"{example.id}: {e}") from e
+        raise Unusable("unreadable_image", f"{example.id}: {e}") from e
 
 
 def image_bytes(example: Example, image_root: str | None) -> bytes | None:
@@ -85,22 +85,22 @@ def encode_prompt(processor, prompt: str, image_size: tuple[int, int] | None, te
     n_tags = ids.count(tok.image_token_id)
     if image_size is None:
         if n_tags:
-            raise Rejected("extra_image_token", f"{IMAGE_TOKEN} in a prompt without image")
+            raise Unusable("extra_image_token", f"{IMAGE_TOKEN} in a prompt without image")
         return ids
     if n_tags != 1:
-        raise Rejected("no_image_token" if n_tags == 0 else "extra_image_token", f"{n_tags} {IMAGE_TOKEN} tags")
+        raise Unusable("no_image_token" if n_tags == 0 else "extra_image_token", f"{n_tags} {IMAGE_TOKEN} tags")
     return processor.expand_image_tokens(ids, [image_size])
 
 
 def encode_example(index: int, ex: Example, processor, image_root: str | None, template: str, max_len: int,
                    gamma: float | None = None) -> Encoded:
-    """Tokenize one example; raises Rejected(reason) when it cannot be trained on."""
+    """Tokenize one example; raises Unusable(reason) when it cannot be trained on."""
     img = open_image(ex, image_root)
     size = (img.height, img.width) if img is not None else None
     prompt_ids = encode_prompt(processor, ex.prompt, size, template)
     room = max_len - len(prompt_ids)
     if room < 1:
-        raise Rejected("prompt_too_long", f"{ex.id}: image + prompt are {len(prompt_ids)} tokens > --max-len {max_len}")
+        raise Unusable("prompt_too_long", f"{ex.id}: image + prompt are {len(prompt_ids)} tokens > --max-len {max_len}")
     tok = processor.tokenizer
     chosen_ids, chosen_off = _encode_response(tok, ex.chosen)
     rejected_ids = rejected_off = None
@@ -116,7 +116,7 @@ def encode_example(index: int, ex: Example, processor, image_root: str | None, t
         rejected_ids = rejected_ids[:room]
         rejected_w = rejected_w[:room] if rejected_w is not None else None
         if rejected_ids == chosen_ids:
-            raise Rejected("identical_after_truncation", f"{ex.id}: chosen == rejected within --max-len")
+            raise Unusable("identical_after_truncation", f"{ex.id}: chosen == rejected within --max-len")
     return Encoded(index, prompt_ids, chosen_ids, rejected_ids, chosen_w, rejected_w, size)
 
 
@@ -126,7 +126,7 @@ def encode_all(examples, processor, image_root, template, max_len, gamma=None, s
     for i, ex in enumerate(examples):
         try:
             kept.append(encode_example(i, ex, processor, image_root, template, max_len, gamma))
-        except Rejected as r:
+        except Unusable as r:
             if strict:
                 raise ValueError(f"example {ex.id}: {r.reason}: {r}") from None
             reasons[r.reason] += 1

@@ -100,7 +100,7 @@ def _in_parallel(fns):
             mine = [False, f"{type(e).__name__}: {e}"]
     got = [mine]
     if dist.is_initialized():
-        got = [None] * tu.world()
+        got = [None] * tu.world_size()
         dist.all_gather_object(got, mine)
     for r, (ok, res) in enumerate(got[:len(fns)]):
         if not ok:
@@ -353,7 +353,7 @@ def build_pairs(algo, base_dir, world, out_path, n_scenes, seed, samples=2, temp
         from nanoalign.generate import generate_text
         n_caps = max(samples, ranked)
         blocks = list(range(0, len(scenes), batch_size))  # a block's samples depend on its start only: the ranks
-        mine = blocks[tu.rank()::tu.world()]  # share the blocks and the pairs are those of one process
+        mine = blocks[tu.rank()::tu.world_size()]  # share the blocks and the pairs are those of one process
         bar = _bar(sum(len(scenes[i:i + batch_size]) for i in mine) * n_caps, "caption pairs")  # this rank's share
         by_block, error = {}, None
         try:
@@ -397,8 +397,8 @@ def build_pairs(algo, base_dir, world, out_path, n_scenes, seed, samples=2, temp
         except (Exception, SystemExit) as e:  # told to every rank below instead of leaving the others waiting
             error = f"{type(e).__name__}: {e}"
         bar.close()
-        if tu.world() > 1:
-            got = [None] * tu.world()
+        if tu.world_size() > 1:
+            got = [None] * tu.world_size()
             dist.all_gather_object(got, (by_block, stats, error))
             by_block = {i: r for b, _, _ in got for i, r in b.items()}
             stats = sum((st for _, st, _ in got), Counter())
@@ -576,7 +576,7 @@ def prepare_base(train_main, cache, settings, toy_seed, progress=True):
                      "out": out, "max_steps": steps, "batch_size": settings["sft_batch"], "lr": settings["sft_lr"],
                      "warmup_steps": settings["sft_warmup"], "min_lr_ratio": 0.05, "seed": toy_seed,
                      "template": settings["template"]}
-            if tu.world() == 1:
+            if tu.world_size() == 1:
                 train_main(_parse(sargs, flags))
             else:  # rank 0 alone (see _train_alone); the others wait
                 _on_rank(lambda: _train_alone(train_main, _argv(sargs) + flags))
@@ -645,7 +645,7 @@ def default_run(args, train_main, settings=None, parse_args=None):
     if "lr" in given:
         al["lr"] = args.lr
     if "batch_size" in given:
-        al["batch"] = args.batch_size * tu.world()  # the user's --batch-size is per rank, as in train.py
+        al["batch"] = args.batch_size * tu.world_size()  # the user's --batch-size is per rank, as in train.py
     steps = args.max_steps or al["steps"]
     mnt = settings["eval_max_new_tokens"]
     before_dir = cache / "base_eval"
@@ -664,7 +664,7 @@ def default_run(args, train_main, settings=None, parse_args=None):
         def pairs_step():
             out.mkdir(parents=True, exist_ok=True)
             t = time.time()
-            with _Threads(1 if tu.world() > 1 else (os.cpu_count() or 1)):
+            with _Threads(1 if tu.world_size() > 1 else (os.cpu_count() or 1)):
                 st = build_pairs(algo, base, world, pairs_path, al["pair_scenes"], args.seed, al["samples"],
                                  al["temperature"], max_new_tokens=al.get("max_new_tokens", 128),
                                  rewrite_missing=al.get("rewrite_missing", False), template=settings["template"],
@@ -673,10 +673,10 @@ def default_run(args, train_main, settings=None, parse_args=None):
             return st
 
         t = time.time()
-        if tu.world() > 1 and algo not in ("povid", "bdhs"):  # the ranks share the sampling (build_pairs), then
+        if tu.world_size() > 1 and algo not in ("povid", "bdhs"):  # the ranks share the sampling (build_pairs), then
             pair_stats = pairs_step()  # one evaluates the base
             before = _on_rank(eval_before)
-        elif tu.world() > 1:  # rank 0 builds the pairs while rank 1 evaluates the base
+        elif tu.world_size() > 1:  # rank 0 builds the pairs while rank 1 evaluates the base
             pair_stats, before = _in_parallel([pairs_step, lambda: eval_before(alone=False)])
         else:
             pair_stats = pairs_step()
@@ -685,7 +685,7 @@ def default_run(args, train_main, settings=None, parse_args=None):
         tu.print0(f"toy: {pair_stats['pairs']} {algo} pairs ({pair_stats})")
         t = time.time()
         aargs = {"algo": align_algo, "model": base, "data": pairs_path,
-                 "data_format": "prefs", "out": out, "max_steps": steps, "batch_size": max(1, al["batch"] // tu.world()), "lr": al["lr"],
+                 "data_format": "prefs", "out": out, "max_steps": steps, "batch_size": max(1, al["batch"] // tu.world_size()), "lr": al["lr"],
                  "seed": args.seed, "warmup_steps": min(5, steps // 4), "template": settings["template"]}
         aargs.update({k: al[k] for k in ("beta", "gamma", "sft_weight") if k in al})
         # every other option of train.py the user gave reaches this run too (even at train.py's default value, as

@@ -35,7 +35,7 @@ def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def world() -> int:
+def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
@@ -50,7 +50,7 @@ def all_mean(x: float) -> float:
         return float(x)
     t = torch.tensor([float(x)], dtype=torch.float64)
     dist.all_reduce(t)
-    return float(t) / world()
+    return float(t) / world_size()
 
 
 # ------------------------------------------------------------------------------------------------ schedule
@@ -97,14 +97,14 @@ def rng_states() -> list:
         mine["cuda"] = torch.cuda.get_rng_state()
     if not dist.is_initialized():
         return [mine]
-    out = [None] * world()
+    out = [None] * world_size()
     dist.all_gather_object(out, mine)
     return out
 
 
 def set_rng_state(states: list) -> None:
-    if len(states) != world():
-        print0(f"warning: checkpoint has RNG states of {len(states)} ranks, this run has {world()}: "
+    if len(states) != world_size():
+        print0(f"warning: checkpoint has RNG states of {len(states)} ranks, this run has {world_size()}: "
                "random draws after resume will differ from the uninterrupted run")
         return
     mine = states[rank()]
