@@ -576,7 +576,9 @@ def sec_train_step(ctx):
                     fully_shard(layer, mp_policy=mp)
                 fully_shard(model, mp_policy=mp)
                 params = [p for p in model.parameters() if p.requires_grad]
-                opt = torch.optim.AdamW(params, lr=1e-6)
+                # foreach=False: the multi-tensor path holds param-sized temporaries, which a 7B full fine-tune on
+                # one GPU (16 bytes/param = 113 GB before activations) cannot spare
+                opt = torch.optim.AdamW(params, lr=1e-6, foreach=False)
                 ids, pv, sizes, n_img = llava_inputs(ctx, cfg, image_size, 2 * pairs, n_text)
                 T = ids.shape[1]
                 labels = torch.full_like(ids, -100)
