@@ -76,6 +76,9 @@ def test_exit_code_says_whether_correctness_passed(tmp_path, monkeypatch):
     def broken(ctx, dtype):
         raise RuntimeError("kernel exploded")
     monkeypatch.setattr(gpu_check, "correctness_cases", lambda dry: [("boom", broken, dict(dtype=torch.float32))])
+    for var in ("NANOALIGN_LOGPROBS_BACKEND", "TRITON_INTERPRET"):  # main() sets them: restored after the test
+        monkeypatch.setenv(var, os.environ.get(var, ""))
+        monkeypatch.delenv(var)
     assert gpu_check.main(["--dry-run", "--only", "correctness", "--out", str(tmp_path)]) == 1
     rep = json.load(open(tmp_path / "gpu_check.json"))
     row = rep["sections"]["correctness"]["rows"][0]
