@@ -326,7 +326,8 @@ def _read_scenes(path: str) -> dict:
                 row = json.loads(line)
                 out[os.path.basename(row["image"])] = row
             except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{path}: line {n}: not a scene row with an 'image' ({type(e).__name__}: {e})") from None
+                raise ValueError(f"{path}: line {n}: not a scene row with an 'image' "
+                                 f"({type(e).__name__}: {e})") from None
     return out
 
 

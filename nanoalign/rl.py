@@ -138,8 +138,8 @@ def _last_index(mask: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------------- advantages
 def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
-    """REINFORCE Leave-One-Out (Kool et al. 2019, "Buy 4 REINFORCE samples, get a baseline for free!", ICLR DeepRLStructPred
-    workshop; Ahmadian et al. 2024, "Back to Basics", arXiv:2402.14740, Sec. 3.3):
+    """REINFORCE Leave-One-Out (Kool et al. 2019, "Buy 4 REINFORCE samples, get a baseline for free!", ICLR
+    DeepRLStructPred workshop; Ahmadian et al. 2024, "Back to Basics", arXiv:2402.14740, Sec. 3.3):
         A_i = r_i - 1/(k-1) * sum_{j != i} r_j   =  k/(k-1) * (r_i - mean_j r_j)
     rewards (N, k) with k >= 2 -> (N, k). The whole response is one action (no per-token credit).
     Departure: none (the KL penalty, if any, is already in r: `kl_penalized_rewards`)."""
@@ -153,8 +153,9 @@ def grpo_advantages(rewards: torch.Tensor, scale: bool = True, eps: float = 1e-4
     """Group-relative advantages (Shao et al. 2024, DeepSeekMath, arXiv:2402.03300, Sec. 4.1.2, outcome
     supervision):
         A_i = (r_i - mean(r)) / (std(r) + eps)       scale=True   (GRPO)
-        A_i =  r_i - mean(r)                         scale=False  (Dr. GRPO, Liu et al. 2025, arXiv:2503.20783, Sec. 3.1:
-                                                                    the std division biases towards easy/hard groups)
+        A_i =  r_i - mean(r)                         scale=False
+    (scale=False is Dr. GRPO, Liu et al. 2025, arXiv:2503.20783, Sec. 3.1: the std division up-weights groups that are
+    almost all right or all wrong.)
     rewards (N, k), k >= 2 -> (N, k); every token of response i gets A_i. std is the sample std (Bessel, ddof 1),
     as in the DeepSeekMath/TRL implementations. Departure: eps (1e-4, TRL's) keeps a constant group finite (A = 0)."""
     N, k = rewards.shape
