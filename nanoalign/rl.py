@@ -103,7 +103,7 @@ def normalize_rewards(rewards: torch.Tensor, mean: float, std: float, eps: float
 def kl_penalized_rewards(rewards: torch.Tensor, logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor,
                          beta: float, estimator: str = "k1") -> torch.Tensor:
     """Sequence-level KL penalty folded into the reward (RLOO in the Apple study, Eq. 2 + Appendix A; Ahmadian et
-    al. 2024, arXiv:2402.14740, Sec. 3; Stiennon et al. 2020):
+    al. 2024, arXiv:2402.14740; Stiennon et al. 2020, arXiv:2009.01325):
         r'_i = r_i - beta * sum_t kl_t(y_i)         kl_t = the `estimator` (k1: log pi - log pi_ref) per token
     rewards (B,) (already normalized when normalization is on), logps / ref_logps / mask (B, T) -> (B,).
     The penalty is detached: it changes the reward, the gradient flows through the policy-gradient term only (as in
@@ -139,7 +139,7 @@ def _last_index(mask: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------- advantages
 def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
     """REINFORCE Leave-One-Out (Kool et al. 2019, "Buy 4 REINFORCE samples, get a baseline for free!", ICLR
-    DeepRLStructPred workshop; Ahmadian et al. 2024, "Back to Basics", arXiv:2402.14740, Sec. 3.3):
+    DeepRLStructPred workshop; Ahmadian et al. 2024, "Back to Basics", arXiv:2402.14740):
         A_i = r_i - 1/(k-1) * sum_{j != i} r_j   =  k/(k-1) * (r_i - mean_j r_j)
     rewards (N, k) with k >= 2 -> (N, k). The whole response is one action (no per-token credit).
     Departure: none (the KL penalty, if any, is already in r: `kl_penalized_rewards`)."""
@@ -214,7 +214,7 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: fl
 # ---------------------------------------------------------------------------------------------------- objectives
 def reinforce_loss(logps: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
     """RLOO's policy-gradient loss, the response as one action (Williams 1992; Ahmadian et al. 2024,
-    arXiv:2402.14740, Eq. 6 with the leave-one-out baseline):
+    arXiv:2402.14740, with the leave-one-out baseline):
         L = -(1/B) sum_i A_i * sum_t log pi(y_{i,t})
     logps (B, T) (with grad), mask (B, T), advantages (B,) (detached here) -> scalar.
     Departure: none (one gradient step per batch of rollouts, so no importance ratio is needed)."""
@@ -244,9 +244,9 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str = "grpo", m
         grpo     (1/B) sum_i (1/|o_i|) sum_t l_{i,t}      per-sequence mean, then mean over sequences
                  (Shao et al. 2024, DeepSeekMath, arXiv:2402.03300, Eq. 3)
         dapo     sum_{i,t} l_{i,t} / sum_i |o_i|          token mean over the batch (Yu et al. 2025, DAPO,
-                 arXiv:2503.14476, Eq. 8 / Sec. 3.3: long responses are not down-weighted)
+                 arXiv:2503.14476, Sec. 3.3: long responses are not down-weighted)
         dr_grpo  sum_{i,t} l_{i,t} / (B * max_len)        a constant normalizer (Liu et al. 2025, Dr. GRPO,
-                 arXiv:2503.20783, Eq. 3 / Sec. 3.1: no length bias); max_len = the generation budget
+                 arXiv:2503.20783, Sec. 3.1: no length bias); max_len = the generation budget
     Departure: over a batch split in micro-batches or ranks, dapo's denominator is the micro-batch's own token
     count (the papers: the whole batch); grpo's and dr_grpo's are exact per micro-batch."""
     if mode not in AGGREGATIONS:
