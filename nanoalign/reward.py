@@ -242,7 +242,7 @@ def load_reward(spec: str, policy_tokenizer=None, device="cpu", max_len: int = 4
     """`--reward` spec -> score(examples, images, responses) -> (N,) float32 (see the module docstring).
     ValueError with one line for an unknown spec, a module or function that cannot be found, or a bad RM folder."""
     if not isinstance(spec, str) or not spec:
-        raise ValueError(f"--reward: empty spec (expected rm:PATH, oracle[:SCENES] or module:function)")
+        raise ValueError("--reward: empty spec (expected rm:PATH, oracle[:SCENES] or module:function)")
     if spec.startswith("rm:"):
         rm = load_reward_model(spec[3:], policy_tokenizer, device, max_len=max_len)
         return _checked(spec, rm.score)
