@@ -276,6 +276,9 @@ class Processor:
         pixel_values (n_img, 3, S, S) or (n_img, n_tiles_max, 3, S, S) or None, image_sizes (n_img, 2) or None)
     images[i] is a PIL image, None, or a list of PIL images (one per `<image>` in prompts[i], in order).
     Padding uses pad_id (the model config's pad_token_id when set, else the tokenizer's).
+    end_ids: every id that ends a turn (see end_ids()); eos_id: the tokenizer's EOS (appended to responses).
+    chat_template / chat_template_source: the checkpoint's own Jinja template and its file (None when it has none);
+    build_prompt / prompt_ids turn a question into the prompt with it or with a named template.
     """
 
     def __init__(self, tokenizer: Tokenizer, image_processor: ImageProcessor, config=None, chat_template=None,

@@ -72,11 +72,16 @@ def make_tokenizer_json(directory, bos=True):
     return path
 
 
-def make_checkpoint(d, template=MISTRAL, pad=False, gen_eos=None, text_eos=EOS_ID, seed=0, bos=True):
+PINS = [[32, 64], [64, 32], [64, 64], [96, 32], [32, 96]]
+
+
+def make_checkpoint(d, template=MISTRAL, pad=False, gen_eos=None, text_eos=EOS_ID, seed=0, bos=True, nxt=False):
     """A tiny random LlavaForConditionalGeneration and its LlavaProcessor (CLIPImageProcessor: resize + centre crop,
     or with pad=True LlavaImageProcessor padding to square), both written by transformers' save_pretrained (the
     transformers 5 layout: processor_config.json with the image processor nested, chat_template.jinja, no
-    preprocessor_config.json). gen_eos: generation_config.json's eos_token_id. Returns the transformers model."""
+    preprocessor_config.json). nxt: LlavaNext (AnyRes) instead. gen_eos: generation_config.json's eos_token_id.
+    Returns the transformers model."""
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
     from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
     os.makedirs(d, exist_ok=True)
@@ -86,9 +91,14 @@ def make_checkpoint(d, template=MISTRAL, pad=False, gen_eos=None, text_eos=EOS_I
                 num_key_value_heads=2, vocab_size=len(VOCAB), max_position_embeddings=512, bos_token_id=1,
                 eos_token_id=text_eos, pad_token_id=PAD_ID)
     torch.manual_seed(seed)
-    cfg = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_ID,
-                                   pad_token_id=PAD_ID)
-    model = transformers.LlavaForConditionalGeneration(cfg)
+    if nxt:
+        cfg = transformers.LlavaNextConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_ID,
+                                           pad_token_id=PAD_ID, image_grid_pinpoints=PINS)
+        model = transformers.LlavaNextForConditionalGeneration(cfg)
+    else:
+        cfg = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_ID,
+                                       pad_token_id=PAD_ID)
+        model = transformers.LlavaForConditionalGeneration(cfg)
     with torch.no_grad():  # larger weights than the init so greedy decoding is not a constant token
         for p in model.parameters():
             p.mul_(4.0) if p.dim() > 1 else None
@@ -96,10 +106,13 @@ def make_checkpoint(d, template=MISTRAL, pad=False, gen_eos=None, text_eos=EOS_I
         model.generation_config.eos_token_id = gen_eos
     model.eval().save_pretrained(d)
     kw = dict(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    ip = LlavaImageProcessorPil(do_pad=True, **kw) if pad else CLIPImageProcessorPil(**kw)
+    if nxt:
+        ip = LlavaNextImageProcessorPil(image_grid_pinpoints=PINS, **kw)
+    else:
+        ip = LlavaImageProcessorPil(do_pad=True, **kw) if pad else CLIPImageProcessorPil(**kw)
     tok = transformers.PreTrainedTokenizerFast(tokenizer_file=make_tokenizer_json(d, bos), bos_token="<s>",
                                                eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
-    proc = transformers.LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=8,
+    proc = (transformers.LlavaNextProcessor if nxt else transformers.LlavaProcessor)(image_processor=ip, tokenizer=tok, patch_size=8,
                                        vision_feature_select_strategy="default", num_additional_image_tokens=1,
                                        chat_template=template)
     proc.save_pretrained(d)
@@ -152,6 +165,21 @@ def test_pad_to_square_processor_matches_autoprocessor(tmp_path):
     assert ours.image_processor.pad_to_square
     img = image(35, 70)
     assert torch.equal(ours.image_processor.process([img])["pixel_values"], hf_inputs(d, img)["pixel_values"])
+
+
+def test_llava_next_nested_layout_matches_autoprocessor(tmp_path, capsys):
+    d = str(tmp_path / "ckpt")
+    make_checkpoint(d, template=CHATML, nxt=True)
+    assert "preprocessor_config.json" not in os.listdir(d)
+    _, ours = load_pretrained(d)
+    assert capsys.readouterr().out == ""
+    assert ours.image_processor.model_type == "llava_next" and ours.image_processor.image_grid_pinpoints == PINS
+    for img in (image(), image(35, 70, seed=1)):
+        ref = hf_inputs(d, img)
+        got = ours(ours.build_prompt(QUESTION), [img])
+        assert torch.equal(got["pixel_values"], ref["pixel_values"])
+        assert torch.equal(got["image_sizes"], ref["image_sizes"])
+        assert ours.prompt_ids(QUESTION, (img.height, img.width)) == ref["input_ids"][0].tolist()
 
 
 def test_older_layout_standalone_preprocessor_config(v5, tmp_path, capsys):
