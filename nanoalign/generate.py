@@ -17,7 +17,7 @@ import sys
 
 import torch
 
-from nanoalign.tokenizer import IMAGE_TOKEN, TEMPLATES
+from nanoalign.tokenizer import IMAGE_TOKEN, TEMPLATE_CHOICES
 
 
 def _trim(ids: list[int], end_ids) -> list[int]:
@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", required=True, help="checkpoint dir (config.json, model.safetensors, tokenizer.json)")
     p.add_argument("--image", required=True, help="image file")
     p.add_argument("--prompt", required=True, help="question (with --template raw: the full prompt with <image>)")
-    p.add_argument("--template", default="auto", choices=TEMPLATES,
+    p.add_argument("--template", default="auto", choices=TEMPLATE_CHOICES,
                    help="auto: the checkpoint's chat template if it has one, else vicuna_v1; checkpoint; or a named one")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)

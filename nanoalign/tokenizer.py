@@ -34,10 +34,10 @@ _SYSTEMS = {
     "llava_v1": "A chat between a curious human and an artificial intelligence assistant. "
                 "The assistant gives helpful, detailed, and polite answers to the human's questions.",
 }
-NAMED_TEMPLATES = ("vicuna_v1", "llava_v1", "vicuna_nosys", "raw")
-# what --template accepts: "auto" (the checkpoint's own chat template when it has one, else vicuna_v1),
-# "checkpoint" (its own, an error when it has none) or a named template
-TEMPLATES = ("auto", "checkpoint") + NAMED_TEMPLATES
+TEMPLATES = ("vicuna_v1", "llava_v1", "vicuna_nosys", "raw")  # the named templates (module-level build_prompt)
+# what Processor.build_prompt and --template accept: "auto" (the checkpoint's own chat template when it has one,
+# else vicuna_v1), "checkpoint" (its own, an error when it has none) or a named template
+TEMPLATE_CHOICES = ("auto", "checkpoint") + TEMPLATES
 DEFAULT_TEMPLATE = "vicuna_v1"  # what "auto" falls back to
 
 
@@ -56,7 +56,7 @@ def build_prompt(question: str, template: str = "vicuna_v1", with_image: bool = 
     if template == "raw":
         return question
     if template not in _SYSTEMS and template != "vicuna_nosys":
-        raise ValueError(f"build_prompt: unknown template {template!r} (choose from {', '.join(NAMED_TEMPLATES)})")
+        raise ValueError(f"build_prompt: unknown template {template!r} (choose from {', '.join(TEMPLATES)})")
     if with_image and IMAGE_TOKEN not in question:
         question = IMAGE_TOKEN + "\n" + question
     if template == "vicuna_nosys":
@@ -141,14 +141,9 @@ def template_reads_content_parts(template: str) -> bool:
     (a text model's template). Decided from the template's syntax tree: it looks up a "type" or "text" key."""
     from jinja2 import nodes
     tree = _jinja_env().parse(template)
-    for n in tree.find_all((nodes.Getitem, nodes.Getattr, nodes.Const)):
-        key = n.attr if isinstance(n, nodes.Getattr) else (n.arg.value if isinstance(n, nodes.Getitem) and
-                                                           isinstance(n.arg, nodes.Const) else None)
-        if isinstance(n, nodes.Const):  # selectattr('type', 'equalto', 'image')
-            key = n.value
-        if key in ("type", "text"):
-            return True
-    return False
+    # item.type / item['type'] / selectattr('type', 'equalto', 'image'): a Getattr or a string constant
+    return any((n.attr if isinstance(n, nodes.Getattr) else n.value) in ("type", "text")
+               for n in tree.find_all((nodes.Getattr, nodes.Const)))
 
 
 def chat_messages(question: str, with_image: bool, content_parts: bool) -> list[dict]:
@@ -346,12 +341,12 @@ class Processor:
         one (rendered as transformers' apply_chat_template(add_generation_prompt=True) renders it, the question as
         the text part after one image part), else vicuna_v1; "checkpoint": its own, ValueError when it has none;
         a named template (vicuna_v1, llava_v1, vicuna_nosys, raw): module-level build_prompt."""
-        if template not in TEMPLATES:
-            raise ValueError(f"unknown template {template!r} (choose from {', '.join(TEMPLATES)})")
+        if template not in TEMPLATE_CHOICES:
+            raise ValueError(f"unknown template {template!r} (choose from {', '.join(TEMPLATE_CHOICES)})")
         if template == "checkpoint" and self.chat_template is None:
             raise ValueError(f"--template checkpoint: {self.tokenizer.source}: the checkpoint has no chat template "
                              f"(chat_template.jinja, chat_template.json, processor_config.json or "
-                             f"tokenizer_config.json); choose a named one: {', '.join(NAMED_TEMPLATES)}")
+                             f"tokenizer_config.json); choose a named one: {', '.join(TEMPLATES)}")
         if template == "auto":
             template = "checkpoint" if self.chat_template is not None else DEFAULT_TEMPLATE
         if template != "checkpoint":

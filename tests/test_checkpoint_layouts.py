@@ -300,7 +300,7 @@ def eos_list_ckpt(tmp_path_factory):
     return d, free, k
 
 
-def test_greedy_ids_stop_at_every_end_id_like_transformers(eos_list_ckpt):
+def test_greedy_ids_stop_at_every_end_id_like_transformers(eos_list_ckpt, tmp_path, capsys):
     d, free, k = eos_list_ckpt
     hf_model = transformers.LlavaForConditionalGeneration.from_pretrained(d).eval()
     assert hf_model.generation_config.eos_token_id == [EOS_ID, free[k]]
@@ -313,6 +313,13 @@ def test_greedy_ids_stop_at_every_end_id_like_transformers(eos_list_ckpt):
     assert ours.end_ids == [EOS_ID, free[k]]
     got = generate_ids(model, ours, [img], [ours.build_prompt(QUESTION)], max_new_tokens=12)[0]
     assert got == ref
+    # the CLI: --template auto (the default) takes the checkpoint's template, and stops at the same id
+    from nanoalign.generate import main
+    img.save(tmp_path / "img.png")
+    capsys.readouterr()
+    assert main(["--model", d, "--image", str(tmp_path / "img.png"), "--prompt", QUESTION, "--ids",
+                 "--max-new-tokens", "12"]) == 0
+    assert [int(t) for t in capsys.readouterr().out.split()] == ref
     ours.end_ids = [EOS_ID]  # what stopping at the tokenizer's EOS alone did: runs past the end of the turn
     assert generate_ids(model, ours, [img], [ours.build_prompt(QUESTION)], max_new_tokens=12)[0] != ref
 
