@@ -1,7 +1,7 @@
 """Batched text generation for LLaVA models, and the generation CLI.
 
-    python -m nanoalign.generate --model DIR --image PATH --prompt TEXT [--template auto|checkpoint|vicuna_v1|llava_v1|raw]
-        [--max-new-tokens N] [--temperature T] [--top-p P] [--seed S] [--stop STR ...] [--ids]
+    python -m nanoalign.generate --model DIR --image PATH --prompt TEXT
+        [--template auto|checkpoint|vicuna_v1|llava_v1|raw] [--max-new-tokens N] [--temperature T] [--top-p P] [--seed S] [--stop STR ...] [--ids]
 
 prints the generated text, or with --ids the generated token ids (space-separated, one line, up to and including
 the first end-of-turn id). `--template auto` (default) uses the checkpoint's chat template when it has one,
