@@ -1,7 +1,8 @@
 """Batched text generation for LLaVA models, and the generation CLI.
 
     python -m nanoalign.generate --model DIR --image PATH --prompt TEXT
-        [--template auto|checkpoint|vicuna_v1|llava_v1|raw] [--max-new-tokens N] [--temperature T] [--top-p P] [--seed S] [--stop STR ...] [--ids]
+        [--template auto|checkpoint|vicuna_v1|llava_v1|raw] [--max-new-tokens N] [--temperature T] [--top-p P]
+        [--seed S] [--stop STR ...] [--ids]
 
 prints the generated text, or with --ids the generated token ids (space-separated, one line, up to and including
 the first end-of-turn id). `--template auto` (default) uses the checkpoint's chat template when it has one,
@@ -86,7 +87,8 @@ def main(argv=None) -> int:
     p.add_argument("--image", required=True, help="image file")
     p.add_argument("--prompt", required=True, help="question (with --template raw: the full prompt with <image>)")
     p.add_argument("--template", default="auto", choices=TEMPLATE_CHOICES,
-                   help="auto: the checkpoint's chat template if it has one, else vicuna_v1; checkpoint; or a named one")
+                   help="auto: the checkpoint's chat template if it has one, else vicuna_v1; "
+                        "checkpoint: its own; or a named one")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)

@@ -212,7 +212,8 @@ class ImageProcessor:
             do_normalize=bool(get("do_normalize", True)),
         )
         if fallbacks and log is not None:
-            log(f"{source}: {kind or 'image processor'} settings not in the file, defaults used: {', '.join(fallbacks)}")
+            log(f"{source}: {kind or 'image processor'} settings not in the file, defaults used: "
+                f"{', '.join(fallbacks)}")
         return ip
 
     @classmethod

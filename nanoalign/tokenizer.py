@@ -152,7 +152,8 @@ def chat_messages(question: str, with_image: bool, content_parts: bool) -> list[
     holds `<image>` keeps it in its text and gets no image part."""
     image = with_image and IMAGE_TOKEN not in question
     if content_parts:
-        return [{"role": "user", "content": ([{"type": "image"}] if image else []) + [{"type": "text", "text": question}]}]
+        parts = ([{"type": "image"}] if image else []) + [{"type": "text", "text": question}]
+        return [{"role": "user", "content": parts}]
     return [{"role": "user", "content": (IMAGE_TOKEN + "\n" if image else "") + question}]
 
 
@@ -400,9 +401,11 @@ class Processor:
         if PROCESSOR_FILE not in have:
             ip = self.image_processor
             with open(os.path.join(path, PROCESSOR_FILE), "w") as f:
-                json.dump({"processor_class": ip.to_dict()["processor_class"], "image_token": self.tokenizer.image_token,
+                json.dump({"processor_class": ip.to_dict()["processor_class"],
+                           "image_token": self.tokenizer.image_token,
                            "patch_size": ip.patch_size, "vision_feature_select_strategy":
-                           ip.vision_feature_select_strategy, "num_additional_image_tokens": 1}, f, indent=2)
+                           ip.vision_feature_select_strategy,
+                           "num_additional_image_tokens": 1}, f, indent=2)  # CLIP's CLS: counts as ours
         if self.chat_template is not None and self.chat_template_source is None:
             with open(os.path.join(path, "chat_template.jinja"), "w", encoding="utf-8") as f:
                 f.write(self.chat_template)

@@ -112,9 +112,9 @@ def make_checkpoint(d, template=MISTRAL, pad=False, gen_eos=None, text_eos=EOS_I
         ip = LlavaImageProcessorPil(do_pad=True, **kw) if pad else CLIPImageProcessorPil(**kw)
     tok = transformers.PreTrainedTokenizerFast(tokenizer_file=make_tokenizer_json(d, bos), bos_token="<s>",
                                                eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
-    proc = (transformers.LlavaNextProcessor if nxt else transformers.LlavaProcessor)(image_processor=ip, tokenizer=tok, patch_size=8,
-                                       vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                                       chat_template=template)
+    proc_cls = transformers.LlavaNextProcessor if nxt else transformers.LlavaProcessor
+    proc = proc_cls(image_processor=ip, tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
+                    num_additional_image_tokens=1, chat_template=template)
     proc.save_pretrained(d)
     return model
 
