@@ -9,7 +9,10 @@ Accepted key layouts, all mapped to our module names (== the llava-hf hub layout
     liuhaotian     model.layers.* / model.embed_tokens.* / model.norm.*, lm_head.*, model.mm_projector.{0,2}.*,
                    model.vision_tower.vision_tower.vision_model.*, model.image_newline
 Saves the hub layout (config.json that transformers 5.x loads + model.safetensors) into `<path>.tmp-<pid>`, then
-renames it into place; an existing checkpoint at `path` stays intact until that rename.
+renames it into place; an existing checkpoint at `path` stays intact until that rename. The processor files of the
+folder the processor was loaded from (tokenizer, processor_config.json / preprocessor_config.json, chat template,
+generation_config.json) are written back unchanged (tokenizer.Processor.save), so transformers' AutoProcessor and
+apply_chat_template treat the saved folder exactly as the source.
 """
 from __future__ import annotations
 
@@ -205,7 +208,8 @@ def _load_processor(path: Path, config: LlavaConfig, model: LlavaModel):
 
 
 def save_pretrained(model: LlavaModel, processor, path) -> None:
-    """Write config.json + model.safetensors (hub layout) [+ processor files] atomically to `path`."""
+    """Write config.json + model.safetensors (hub layout) [+ the processor's files, see Processor.save] atomically
+    to `path`."""
     save_state_dict(model.config, model.state_dict(), processor, path)
 
 

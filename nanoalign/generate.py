@@ -1,10 +1,12 @@
 """Batched text generation for LLaVA models, and the generation CLI.
 
-    python -m nanoalign.generate --model DIR --image PATH --prompt TEXT [--template vicuna_v1|llava_v1|raw]
-        [--max-new-tokens N] [--temperature T] [--top-p P] [--seed S] [--stop STR ...] [--ids]
+    python -m nanoalign.generate --model DIR --image PATH --prompt TEXT
+        [--template auto|checkpoint|vicuna_v1|llava_v1|raw] [--max-new-tokens N] [--temperature T] [--top-p P]
+        [--seed S] [--stop STR ...] [--ids]
 
 prints the generated text, or with --ids the generated token ids (space-separated, one line, up to and including
-EOS). `--template raw` passes the prompt unchanged (it must contain `<image>`); vicuna_v1 wraps it in LLaVA's
+the first end-of-turn id). `--template auto` (default) uses the checkpoint's chat template when it has one,
+else vicuna_v1; `--template raw` passes the prompt unchanged (it must contain `<image>`); vicuna_v1 wraps it in LLaVA's
 conversation format and puts "<image>\\n" in front when the prompt has none. Bad input -> "error: ..." and exit 2.
 Greedy when temperature == 0; otherwise temperature + top-p sampling from a torch.Generator seeded with --seed.
 """
@@ -16,20 +18,23 @@ import sys
 
 import torch
 
-from nanoalign.tokenizer import IMAGE_TOKEN, TEMPLATES, build_prompt
+from nanoalign.tokenizer import IMAGE_TOKEN, TEMPLATE_CHOICES
 
 
-def _trim(ids: list[int], eos_id) -> list[int]:
-    """New ids up to and including the first EOS (the model pads after it)."""
-    if eos_id is not None and eos_id in ids:
-        return ids[: ids.index(eos_id) + 1]
+def _trim(ids: list[int], end_ids) -> list[int]:
+    """New ids up to and including the first end id (an int or a list of them; the model pads after it)."""
+    ends = set(end_ids if isinstance(end_ids, (list, tuple, set)) else [end_ids]) - {None}
+    for i, t in enumerate(ids):
+        if t in ends:
+            return ids[: i + 1]
     return ids
 
 
 @torch.no_grad()
 def generate_ids(model, processor, images, prompts, max_new_tokens=64, temperature=0.0, top_p=1.0, stop=None,
                  generator=None) -> list[list[int]]:
-    """One batch: already-templated prompts (+ one image or None each) -> generated ids per row (EOS kept)."""
+    """One batch: already-templated prompts (+ one image or None each) -> generated ids per row, up to and including
+    the first of processor.end_ids (every end-of-turn id of the checkpoint)."""
     tok = processor.tokenizer
     enc = processor(prompts, images, padding_side="left")
     device = next(model.parameters()).device
@@ -45,11 +50,11 @@ def generate_ids(model, processor, images, prompts, max_new_tokens=64, temperatu
         enc["input_ids"].to(device), enc["attention_mask"].to(device), pixel_values=pv,
         image_sizes=None if enc["image_sizes"] is None else enc["image_sizes"].to(device),
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-        eos_token_id=processor.eos_id, pad_token_id=processor.pad_id, generator=generator, stop_fn=stop_fn)
-    return [_trim(row, processor.eos_id) for row in out.tolist()]
+        eos_token_id=processor.end_ids, pad_token_id=processor.pad_id, generator=generator, stop_fn=stop_fn)
+    return [_trim(row, processor.end_ids) for row in out.tolist()]
 
 
-def generate_text(model, processor, images, prompts, template="vicuna_v1", max_new_tokens=64, temperature=0.0,
+def generate_text(model, processor, images, prompts, template="auto", max_new_tokens=64, temperature=0.0,
                   top_p=1.0, stop=None, batch_size=8, seed=0) -> list[str]:
     """Answer each prompt about its image (None = text only); returns the decoded answers, cut before the first
     stop string when `stop` (a string or list of strings) is given. Runs in batches of `batch_size`, left-padded."""
@@ -59,7 +64,7 @@ def generate_text(model, processor, images, prompts, template="vicuna_v1", max_n
         raise ValueError(f"generate_text: {len(prompts)} prompts but {len(images)} images")
     if isinstance(stop, str):
         stop = [stop]
-    texts = [build_prompt(p, template, with_image=im is not None) for p, im in zip(prompts, images)]
+    texts = [processor.build_prompt(p, template, with_image=im is not None) for p, im in zip(prompts, images)]
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     answers = []
     for i in range(0, len(texts), batch_size):
@@ -81,7 +86,9 @@ def main(argv=None) -> int:
     p.add_argument("--model", required=True, help="checkpoint dir (config.json, model.safetensors, tokenizer.json)")
     p.add_argument("--image", required=True, help="image file")
     p.add_argument("--prompt", required=True, help="question (with --template raw: the full prompt with <image>)")
-    p.add_argument("--template", default="vicuna_v1", choices=TEMPLATES)
+    p.add_argument("--template", default="auto", choices=TEMPLATE_CHOICES,
+                   help="auto: the checkpoint's chat template if it has one, else vicuna_v1; "
+                        "checkpoint: its own; or a named one")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -102,9 +109,6 @@ def main(argv=None) -> int:
         return fail("--temperature must be >= 0 and --top-p in (0, 1]")
     if args.template == "raw" and IMAGE_TOKEN not in args.prompt:
         return fail(f"--prompt has no {IMAGE_TOKEN} (required with --template raw)")
-    prompt = build_prompt(args.prompt, args.template)
-    if prompt.count(IMAGE_TOKEN) != 1:
-        return fail(f"--prompt has {prompt.count(IMAGE_TOKEN)} {IMAGE_TOKEN} tags; exactly one is needed for one image")
     from PIL import Image
     try:
         with Image.open(args.image) as im:
@@ -118,6 +122,12 @@ def main(argv=None) -> int:
         model, processor = load_for_cli(args.model)
     except ValueError as e:
         return fail(f"--model {e}")
+    try:
+        prompt = processor.build_prompt(args.prompt, args.template)
+    except ValueError as e:
+        return fail(str(e))
+    if prompt.count(IMAGE_TOKEN) != 1:
+        return fail(f"--prompt has {prompt.count(IMAGE_TOKEN)} {IMAGE_TOKEN} tags; exactly one is needed for one image")
     generator = torch.Generator().manual_seed(args.seed)
     try:
         ids = generate_ids(model, processor, [image], [prompt], args.max_new_tokens, args.temperature, args.top_p,

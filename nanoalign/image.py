@@ -31,6 +31,23 @@ from PIL import Image
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PREPROCESSOR_FILE = "preprocessor_config.json"
+PROCESSOR_FILE = "processor_config.json"
+
+
+def read_image_processor_dict(path: str) -> tuple[dict | None, str | None]:
+    """(image-processor settings, the file they came from) of a checkpoint folder, with transformers' priority:
+    processor_config.json's "image_processor" section, else preprocessor_config.json; (None, None) when neither."""
+    proc = os.path.join(path, PROCESSOR_FILE)
+    if os.path.isfile(proc):
+        d = _read_json(proc).get("image_processor")
+        if d is not None:
+            if not isinstance(d, dict):
+                raise ValueError(f"{proc}: 'image_processor' is not a JSON object")
+            return d, f"{proc} ('image_processor')"
+    pre = os.path.join(path, PREPROCESSOR_FILE)
+    if os.path.isfile(pre):
+        return _read_json(pre), pre
+    return None, None
 
 
 def _cfg_get(cfg, *path, default=None):
@@ -136,69 +153,104 @@ class ImageProcessor:
 
     # ------------------------------------------------------------------ construction / saving
     @classmethod
-    def from_dict(cls, d: dict, model_config=None) -> "ImageProcessor":
-        """From a transformers preprocessor_config.json dict (LlavaImageProcessor, LlavaNextImageProcessor or
-        CLIPImageProcessor keys). The model config (LlavaConfig or config.json dict), when given, decides
-        model_type, patch_size and the select strategy; otherwise the dict's own keys or the defaults do."""
-        kind = str(d.get("image_processor_type", ""))
+    def from_dict(cls, d: dict, model_config=None, source: str = PREPROCESSOR_FILE, log=print) -> "ImageProcessor":
+        """From an image-processor settings dict as transformers stores it (CLIPImageProcessor,
+        LlavaImageProcessor or LlavaNextImageProcessor; older CLIPFeatureExtractor files with `feature_extractor_type`
+        and integer `size` / `crop_size`). A key the dict lacks takes the default of the class it names, as
+        transformers does (CLIP / Llava: no square padding; LlavaNext: its pinpoint grid), except `size` and
+        `crop_size`, which take the vision tower's image_size (the class's 224 cannot feed a 336 tower); each such
+        fallback is printed in one line naming `source`. The model config (LlavaConfig or config.json dict), when
+        given, decides model_type, patch_size and the select strategy."""
+        kind = str(d.get("image_processor_type") or d.get("feature_extractor_type") or "")
+        kind = kind.replace("FeatureExtractor", "ImageProcessor").removesuffix("Fast").removesuffix("Pil")
         model_type = _cfg_get(model_config, "model_type") or d.get("model_type") or (
             "llava_next" if "LlavaNext" in kind or d.get("image_grid_pinpoints") else "llava")
-        crop = d.get("crop_size", _cfg_get(model_config, "vision_config", "image_size", default=336))
+        if model_type not in ("llava", "llava_next"):
+            raise ValueError(f"{source}: model_type {model_type!r} is not 'llava' or 'llava_next'")
+        fallbacks = []
+
+        def get(key, default, why=None):
+            if d.get(key) is not None:
+                return d[key]
+            fallbacks.append(f"{key}={default!r}" + (f" ({why})" if why else ""))
+            return default
+
+        side = _cfg_get(model_config, "vision_config", "image_size", default=336)
+        crop = get("crop_size", side, "the vision tower's image_size")
         if isinstance(crop, dict):
             if crop.get("height") != crop.get("width"):
-                raise ValueError(f"{PREPROCESSOR_FILE}: crop_size {crop} is not square")
+                raise ValueError(f"{source}: crop_size {crop} is not square")
             crop = crop["height"]
-        size = d.get("size", {"shortest_edge": crop})
-        if isinstance(size, int):
+        size = get("size", {"shortest_edge": side}, "the vision tower's image_size")
+        if isinstance(size, (int, float)):
             size = {"shortest_edge": size}
-        if not isinstance(size, dict) or not ("shortest_edge" in size or {"height", "width"} <= set(size)):
-            raise ValueError(f"{PREPROCESSOR_FILE}: size {size!r} needs 'shortest_edge' or 'height' and 'width'")
-        return cls(
+        if not isinstance(size, dict) or not (size.get("shortest_edge") or {"height", "width"} <= set(size)):
+            raise ValueError(f"{source}: size {size!r} needs 'shortest_edge' or 'height' and 'width'")
+        pins = d.get("image_grid_pinpoints") or _cfg_get(model_config, "image_grid_pinpoints")
+        if model_type == "llava_next" and not pins:
+            pins = get("image_grid_pinpoints", [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]])
+        # transformers' LlavaImageProcessor and CLIPImageProcessor default to no square padding (do_pad False/None);
+        # LlavaNext's do_pad pads the AnyRes canvas, which we always do.
+        # CLIPImageProcessor has no padding setting at all.
+        pad = (False if kind.startswith("CLIP") else bool(get("do_pad", False))) if model_type == "llava" else True
+        ip = cls(
             model_type=model_type,
             size={k: int(v) for k, v in size.items() if v is not None},
             crop_size=int(crop),
             patch_size=int(_cfg_get(model_config, "vision_config", "patch_size", default=d.get("patch_size", 14))),
             vision_feature_select_strategy=_cfg_get(model_config, "vision_feature_select_strategy",
                                                     default=d.get("vision_feature_select_strategy", "default")),
-            image_grid_pinpoints=d.get("image_grid_pinpoints") or _cfg_get(model_config, "image_grid_pinpoints"),
-            image_mean=tuple(d.get("image_mean", CLIP_MEAN)),
-            image_std=tuple(d.get("image_std", CLIP_STD)),
-            rescale_factor=float(d.get("rescale_factor", 1 / 255)),
-            resample=int(d.get("resample", 3)),
-            # transformers' LlavaImageProcessor / CLIPImageProcessor default to no square padding
-            pad_to_square=bool(d.get("do_pad", False)) if model_type == "llava" else True,
-            do_resize=bool(d.get("do_resize", True)),
-            do_center_crop=bool(d.get("do_center_crop", True)),
-            do_rescale=bool(d.get("do_rescale", True)),
-            do_normalize=bool(d.get("do_normalize", True)),
+            image_grid_pinpoints=pins,
+            image_mean=tuple(get("image_mean", CLIP_MEAN)),
+            image_std=tuple(get("image_std", CLIP_STD)),
+            rescale_factor=float(get("rescale_factor", 1 / 255)),
+            resample=int(get("resample", 3)),
+            pad_to_square=pad,
+            do_resize=bool(get("do_resize", True)),
+            do_center_crop=bool(get("do_center_crop", True)),
+            do_rescale=bool(get("do_rescale", True)),
+            do_normalize=bool(get("do_normalize", True)),
         )
+        if fallbacks and log is not None:
+            log(f"{source}: {kind or 'image processor'} settings not in the file, defaults used: "
+                f"{', '.join(fallbacks)}")
+        return ip
 
     @classmethod
-    def from_model_config(cls, model_config) -> "ImageProcessor":
-        """Defaults for a model with no preprocessor_config.json: LLaVA-1.5 pads to square, S = vision image_size."""
+    def from_model_config(cls, model_config, log=None, source="config.json") -> "ImageProcessor":
+        """Defaults for a model with no image-processor settings at all (original LLaVA checkpoints, which take the
+        CLIP tower's): S = vision image_size; LLaVA-1.5 pads to square unless config.json's `image_aspect_ratio`
+        says otherwise (LLaVA's own setting; "pad" is LLaVA-1.5's)."""
         s = int(_cfg_get(model_config, "vision_config", "image_size", default=336))
-        return cls(
+        pad = _cfg_get(model_config, "image_aspect_ratio", default="pad") == "pad"
+        ip = cls(
             model_type=_cfg_get(model_config, "model_type", default="llava"),
             size={"shortest_edge": s}, crop_size=s,
             patch_size=int(_cfg_get(model_config, "vision_config", "patch_size", default=14)),
             vision_feature_select_strategy=_cfg_get(model_config, "vision_feature_select_strategy", default="default"),
             image_grid_pinpoints=_cfg_get(model_config, "image_grid_pinpoints"),
-            pad_to_square=True)
+            pad_to_square=pad)
+        if log is not None:
+            log(f"{source}: no image-processor settings ({PROCESSOR_FILE} 'image_processor' or {PREPROCESSOR_FILE}); "
+                f"defaults used: size=crop_size={s}, CLIP mean/std, bicubic, pad_to_square={pad}")
+        return ip
 
     @classmethod
-    def from_pretrained(cls, path: str, model_config=None) -> "ImageProcessor":
-        """Read `path`/preprocessor_config.json when present, else defaults from the model config (the argument,
-        or `path`/config.json)."""
+    def from_pretrained(cls, path: str, model_config=None, log=print) -> "ImageProcessor":
+        """The image-processor settings of a checkpoint folder, looked up where transformers looks: the
+        "image_processor" section of processor_config.json (what transformers 5 writes) first, else
+        preprocessor_config.json (older layout), else defaults from the model config (the argument, or
+        `path`/config.json). Every fallback to a default is printed as one line through `log` (None: silent)."""
         if not os.path.isdir(path):
             raise FileNotFoundError(f"ImageProcessor.from_pretrained: {path}: no such directory")
         if model_config is None and os.path.isfile(os.path.join(path, "config.json")):
             model_config = _read_json(os.path.join(path, "config.json"))
-        pre = os.path.join(path, PREPROCESSOR_FILE)
-        if os.path.isfile(pre):
-            return cls.from_dict(_read_json(pre), model_config)
+        d, source = read_image_processor_dict(path)
+        if d is not None:
+            return cls.from_dict(d, model_config, source, log)
         if model_config is None:
-            raise FileNotFoundError(f"{path}: neither {PREPROCESSOR_FILE} nor config.json found")
-        return cls.from_model_config(model_config)
+            raise FileNotFoundError(f"{path}: none of {PROCESSOR_FILE}, {PREPROCESSOR_FILE}, config.json found")
+        return cls.from_model_config(model_config, log, os.path.join(path, "config.json"))
 
     def to_dict(self) -> dict:
         """A preprocessor_config.json that transformers' Llava(Next)ImageProcessor loads to the same behaviour."""

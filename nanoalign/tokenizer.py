@@ -4,17 +4,23 @@ The Processor does what transformers' LlavaProcessor / LlavaNextProcessor do: th
 as one added token, then every `<image>` id is repeated num_image_tokens(h, w) times for its image (576 for a
 LLaVA-1.5 336px model; base + unpadded AnyRes grid + newlines for LLaVA-1.6), so the model can scatter exactly that
 many image features where input_ids == image_token_index.
+
+Chat templates: a checkpoint's own Jinja chat template (read by read_chat_template from where transformers keeps it)
+is rendered by render_chat_template the way transformers' apply_chat_template renders it; the named LLaVA templates
+(vicuna_v1, ...) serve checkpoints without one. Processor.build_prompt / Processor.prompt_ids pick between them
+(`template`: "auto" = the checkpoint's own if present else vicuna_v1, "checkpoint", or a named one).
 """
 from __future__ import annotations
 
 import json
 import os
+from datetime import datetime
 
 import torch
 from PIL import Image
 from tokenizers import Tokenizer as HFTokenizer
 
-from nanoalign.image import ImageProcessor, _cfg_get, _read_json
+from nanoalign.image import PREPROCESSOR_FILE, PROCESSOR_FILE, ImageProcessor, _cfg_get, _read_json
 
 IMAGE_TOKEN = "<image>"
 TOKENIZER_FILE = "tokenizer.json"
@@ -28,7 +34,11 @@ _SYSTEMS = {
     "llava_v1": "A chat between a curious human and an artificial intelligence assistant. "
                 "The assistant gives helpful, detailed, and polite answers to the human's questions.",
 }
-TEMPLATES = ("vicuna_v1", "llava_v1", "vicuna_nosys", "raw")
+TEMPLATES = ("vicuna_v1", "llava_v1", "vicuna_nosys", "raw")  # the named templates (module-level build_prompt)
+# what Processor.build_prompt and --template accept: "auto" (the checkpoint's own chat template when it has one,
+# else vicuna_v1), "checkpoint" (its own, an error when it has none) or a named template
+TEMPLATE_CHOICES = ("auto", "checkpoint") + TEMPLATES
+DEFAULT_TEMPLATE = "vicuna_v1"  # what "auto" falls back to
 
 
 def build_prompt(question: str, template: str = "vicuna_v1", with_image: bool = True) -> str:
@@ -40,6 +50,9 @@ def build_prompt(question: str, template: str = "vicuna_v1", with_image: bool = 
     world uses it: its 72 tokens would double a toy sequence). raw: the question unchanged (it must carry its own
     `<image>` if an image is given).
     """
+    if template in ("auto", "checkpoint"):
+        raise ValueError(f"build_prompt: template {template!r} needs the checkpoint's processor: "
+                         f"call Processor.build_prompt / Processor.prompt_ids")
     if template == "raw":
         return question
     if template not in _SYSTEMS and template != "vicuna_nosys":
@@ -49,6 +62,112 @@ def build_prompt(question: str, template: str = "vicuna_v1", with_image: bool = 
     if template == "vicuna_nosys":
         return f"USER: {question} ASSISTANT:"
     return f"{_SYSTEMS[template]} USER: {question} ASSISTANT:"
+
+
+# ---------------------------------------------------------------------------------------------- chat templates
+def read_chat_template(path: str) -> tuple[str | None, str | None]:
+    """(the checkpoint folder's own chat template, the file it came from), or (None, None).
+
+    Looked up in transformers' order: processor_config.json "chat_template", chat_template.json (older processor
+    layout), chat_template.jinja (transformers 5), then tokenizer_config.json "chat_template" (the tokenizer's; a
+    string, or a list of {"name", "template"} of which "default" is taken). A dict of named templates yields its
+    "default". Malformed entries -> ValueError naming the file."""
+    def pick(v, where):
+        if isinstance(v, list):  # tokenizer_config.json's named-template list
+            v = {t.get("name"): t.get("template") for t in v if isinstance(t, dict)}
+        if isinstance(v, dict):
+            if "default" not in v:
+                raise ValueError(f"{where}: several chat templates but none named 'default' ({', '.join(map(str, v))})")
+            v = v["default"]
+        if not isinstance(v, str):
+            raise ValueError(f"{where}: chat_template is {type(v).__name__}, not a string")
+        return v
+
+    pc = os.path.join(path, "processor_config.json")
+    if os.path.isfile(pc) and _read_json(pc).get("chat_template") is not None:
+        return pick(_read_json(pc)["chat_template"], pc), pc
+    cj = os.path.join(path, "chat_template.json")
+    if os.path.isfile(cj):
+        return pick(_read_json(cj).get("chat_template"), cj), cj
+    jj = os.path.join(path, "chat_template.jinja")
+    if os.path.isfile(jj):
+        with open(jj, encoding="utf-8") as f:
+            return f.read(), jj
+    tc = os.path.join(path, "tokenizer_config.json")
+    if os.path.isfile(tc) and _read_json(tc).get("chat_template") is not None:
+        return pick(_read_json(tc)["chat_template"], tc), tc
+    return None, None
+
+
+_JINJA_ENV = None
+
+
+def _jinja_env():
+    """The environment transformers renders chat templates in: sandboxed (a template from disk cannot run code),
+    trim_blocks + lstrip_blocks, loop controls, `{% generation %}` blocks (rendered as their body), a tojson that
+    does not escape HTML, raise_exception() and strftime_now()."""
+    global _JINJA_ENV
+    if _JINJA_ENV is None:
+        import jinja2
+        from jinja2.ext import Extension, loopcontrols
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        class Generation(Extension):  # transformers marks assistant text with {% generation %}..{% endgeneration %}
+            tags = {"generation"}
+
+            def parse(self, parser):
+                lineno = next(parser.stream).lineno
+                body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+                return jinja2.nodes.Scope(body).set_lineno(lineno)
+
+        def raise_exception(message):
+            raise jinja2.exceptions.TemplateError(message)
+
+        def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+            return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=[Generation, loopcontrols])
+        env.filters["tojson"] = tojson
+        env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        _JINJA_ENV = env
+    return _JINJA_ENV
+
+
+def template_reads_content_parts(template: str) -> bool:
+    """Whether a chat template reads typed content parts (message['content'] as [{"type": "image"}, {"type": "text",
+    "text": ...}], what transformers' processors pass and every llava-hf template expects) rather than a string
+    (a text model's template). Decided from the template's syntax tree: it looks up a "type" or "text" key."""
+    from jinja2 import nodes
+    tree = _jinja_env().parse(template)
+    # item.type / item['type'] / selectattr('type', 'equalto', 'image'): a Getattr or a string constant
+    return any((n.attr if isinstance(n, nodes.Getattr) else n.value) in ("type", "text")
+               for n in tree.find_all((nodes.Getattr, nodes.Const)))
+
+
+def chat_messages(question: str, with_image: bool, content_parts: bool) -> list[dict]:
+    """One user turn as transformers' processors take it: content parts [{"type": "image"}, {"type": "text",
+    "text": question}] (content_parts), or a string "<image>\n" + question (LLaVA's order). A question that already
+    holds `<image>` keeps it in its text and gets no image part."""
+    image = with_image and IMAGE_TOKEN not in question
+    if content_parts:
+        parts = ([{"type": "image"}] if image else []) + [{"type": "text", "text": question}]
+        return [{"role": "user", "content": parts}]
+    return [{"role": "user", "content": (IMAGE_TOKEN + "\n" if image else "") + question}]
+
+
+def render_chat_template(template: str, messages: list[dict], add_generation_prompt: bool = True,
+                         source: str = "chat template", **special_tokens) -> str:
+    """Render a Jinja chat template as transformers' apply_chat_template(tokenize=False) does: the same environment
+    (see _jinja_env), variables messages, add_generation_prompt and the special-token strings (bos_token, ...).
+    A template error -> ValueError naming `source`."""
+    import jinja2
+    try:
+        return _jinja_env().from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                          **special_tokens)
+    except jinja2.exceptions.TemplateError as e:
+        raise ValueError(f"{source}: chat template failed: {e}") from None
 
 
 def _special(v):
@@ -66,7 +185,7 @@ class Tokenizer:
     """
 
     def __init__(self, tok: HFTokenizer, bos_token="<s>", eos_token="</s>", pad_token=None,
-                 image_token=IMAGE_TOKEN, source="tokenizer"):
+                 image_token=IMAGE_TOKEN, source="tokenizer", unk_token=None):
         self.tok = tok
         self.source = source
         self.image_token = image_token
@@ -75,6 +194,16 @@ class Tokenizer:
             raise ValueError(f"{source}: no {image_token!r} token in the vocabulary (add it as a special token)")
         self.bos_id = tok.token_to_id(bos_token) if bos_token else None
         self.eos_id = tok.token_to_id(eos_token) if eos_token else None
+        self.bos_token = bos_token if self.bos_id is not None else None
+        # Whether a prompt starts with BOS: as the file's post-processor does it (what transformers follows: a
+        # Llama/Mistral tokenizer.json adds BOS, a ChatML/Qwen-style one adds nothing); a file without any
+        # post-processor gets BOS (LLaVA's rule; the toy world's tokenizer relies on it, transformers adds none).
+        probe = tok.encode("", add_special_tokens=True).ids
+        self.adds_bos = self.bos_id is not None and (tok.post_processor is None or probe[:1] == [self.bos_id])
+        # the special-token strings a chat template sees (transformers passes its special_tokens_map)
+        self.special_tokens = {k: v for k, v in (("bos_token", bos_token), ("eos_token", eos_token),
+                                                 ("unk_token", unk_token), ("pad_token", pad_token))
+                               if v is not None and tok.token_to_id(v) is not None}
         if pad_token is not None:
             self.pad_id = tok.token_to_id(pad_token)
             if self.pad_id is None:
@@ -106,14 +235,19 @@ class Tokenizer:
         tc = os.path.join(path, "tokenizer_config.json")
         if os.path.isfile(tc):
             d = _read_json(tc)
-            for key in ("bos_token", "eos_token", "pad_token", "image_token"):
+            for key in ("bos_token", "eos_token", "pad_token", "image_token", "unk_token"):
                 if isinstance(_special(d.get(key)), str):
                     kw[key] = _special(d[key])
         return cls.from_file(os.path.join(path, TOKENIZER_FILE), **kw)
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        """Ids of `text`, BOS in front when add_bos and the tokenizer puts one there (adds_bos) -- unless the text
+        already starts with the BOS string (a chat template that writes it), the rule of transformers'
+        processor.apply_chat_template(tokenize=True). Nothing else of the file's post-processor is applied."""
+        if not self.adds_bos or (self.bos_token is not None and text.startswith(self.bos_token)):
+            add_bos = False
         ids = self.tok.encode(text, add_special_tokens=False).ids
-        return ([self.bos_id] if add_bos and self.bos_id is not None else []) + ids
+        return ([self.bos_id] if add_bos else []) + ids
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         if isinstance(ids, torch.Tensor):
@@ -138,10 +272,17 @@ class Processor:
         pixel_values (n_img, 3, S, S) or (n_img, n_tiles_max, 3, S, S) or None, image_sizes (n_img, 2) or None)
     images[i] is a PIL image, None, or a list of PIL images (one per `<image>` in prompts[i], in order).
     Padding uses pad_id (the model config's pad_token_id when set, else the tokenizer's).
+    end_ids: every id that ends a turn (see end_ids()); eos_id: the tokenizer's EOS (appended to responses).
+    chat_template / chat_template_source: the checkpoint's own Jinja template and its file (None when it has none);
+    build_prompt / prompt_ids turn a question into the prompt with it or with a named template.
     """
 
-    def __init__(self, tokenizer: Tokenizer, image_processor: ImageProcessor, config=None):
+    def __init__(self, tokenizer: Tokenizer, image_processor: ImageProcessor, config=None, chat_template=None,
+                 chat_template_source=None, generation_config=None, source_files=None):
         self.tokenizer = tokenizer
+        self.chat_template = chat_template              # the checkpoint's own Jinja template, or None
+        self.chat_template_source = chat_template_source  # the file it came from (for messages)
+        self.source_files = dict(source_files or {})    # name -> bytes of the source folder's processor files
         self.image_processor = image_processor
         self.config = config
         cfg_image = _cfg_get(config, "image_token_index")
@@ -158,6 +299,9 @@ class Processor:
             self.pad_id = 0
         self.eos_id = tokenizer.eos_id if tokenizer.eos_id is not None else _cfg_get(
             config, "text_config", "eos_token_id")
+        if isinstance(self.eos_id, list):
+            self.eos_id = self.eos_id[0] if self.eos_id else None
+        self.end_ids = end_ids(generation_config, config, tokenizer)
 
     def __call__(self, prompts, images=None, padding_side: str = "left", add_bos: bool = True) -> dict:
         if isinstance(prompts, str):
@@ -193,6 +337,32 @@ class Processor:
             out.update(self.image_processor.process(flat_images))
         return out
 
+    def build_prompt(self, question: str, template: str = "auto", with_image: bool = True) -> str:
+        """One user question -> the prompt text. template "auto": the checkpoint's own chat template when it has
+        one (rendered as transformers' apply_chat_template(add_generation_prompt=True) renders it, the question as
+        the text part after one image part), else vicuna_v1; "checkpoint": its own, ValueError when it has none;
+        a named template (vicuna_v1, llava_v1, vicuna_nosys, raw): module-level build_prompt."""
+        if template not in TEMPLATE_CHOICES:
+            raise ValueError(f"unknown template {template!r} (choose from {', '.join(TEMPLATE_CHOICES)})")
+        if template == "checkpoint" and self.chat_template is None:
+            raise ValueError(f"--template checkpoint: {self.tokenizer.source}: the checkpoint has no chat template "
+                             f"(chat_template.jinja, chat_template.json, processor_config.json or "
+                             f"tokenizer_config.json); choose a named one: {', '.join(TEMPLATES)}")
+        if template == "auto":
+            template = "checkpoint" if self.chat_template is not None else DEFAULT_TEMPLATE
+        if template != "checkpoint":
+            return build_prompt(question, template, with_image)
+        parts = template_reads_content_parts(self.chat_template)
+        return render_chat_template(self.chat_template, chat_messages(question, with_image, parts), True,
+                                    self.chat_template_source, **self.tokenizer.special_tokens)
+
+    def prompt_ids(self, question: str, image_size: tuple[int, int] | None, template: str = "auto") -> list[int]:
+        """BOS + build_prompt(question, template) tokenized, the `<image>` id expanded for the (height, width) image
+        (None: text only) -- equal to transformers' processor.apply_chat_template(conversation,
+        add_generation_prompt=True, tokenize=True) for a checkpoint template."""
+        ids = self.tokenizer.encode(self.build_prompt(question, template, with_image=image_size is not None))
+        return self.expand_image_tokens(ids, [image_size] if image_size is not None else [])
+
     def expand_image_tokens(self, ids: list[int], image_sizes: list[tuple[int, int]]) -> list[int]:
         """Repeat the k-th image token id num_image_tokens(*image_sizes[k]) times (one (height, width) per tag)."""
         counts = iter([self.image_processor.num_image_tokens(h, w) for h, w in image_sizes])
@@ -202,24 +372,87 @@ class Processor:
         return out
 
     def save(self, path: str) -> None:
-        """Write tokenizer.json, tokenizer_config.json (special token names) and preprocessor_config.json."""
+        """Write the processor files into the folder `path` so that transformers' AutoProcessor.from_pretrained(path)
+        and apply_chat_template behave as on the source checkpoint: the source folder's processor, tokenizer,
+        chat-template and generation files (read at load time) are written back unchanged; what the source lacked
+        is written from our settings: tokenizer.json, tokenizer_config.json (special-token names), the image
+        processor (preprocessor_config.json, unless the source's processor_config.json holds it) and a
+        processor_config.json (processor_class, patch_size, select strategy: without it transformers' processor
+        has patch_size None and fails)."""
         os.makedirs(path, exist_ok=True)
-        self.tokenizer.save(os.path.join(path, TOKENIZER_FILE))
-        tok = self.tokenizer.tok
-        names = {k: (tok.id_to_token(v) if v is not None else None) for k, v in
-                 (("bos_token", self.tokenizer.bos_id), ("eos_token", self.tokenizer.eos_id),
-                  ("pad_token", self.tokenizer.pad_id))}
-        with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
-            json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "image_token": self.tokenizer.image_token,
-                       **names}, f, indent=2)
-        self.image_processor.save(path)
+        for name, data in self.source_files.items():
+            os.makedirs(os.path.dirname(os.path.join(path, name)), exist_ok=True)
+            with open(os.path.join(path, name), "wb") as f:
+                f.write(data)
+        have = set(self.source_files)
+        if TOKENIZER_FILE not in have:
+            self.tokenizer.save(os.path.join(path, TOKENIZER_FILE))
+        if "tokenizer_config.json" not in have:
+            tok = self.tokenizer.tok
+            names = {k: (tok.id_to_token(v) if v is not None else None) for k, v in
+                     (("bos_token", self.tokenizer.bos_id), ("eos_token", self.tokenizer.eos_id),
+                      ("pad_token", self.tokenizer.pad_id))}
+            with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+                json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "image_token": self.tokenizer.image_token,
+                           **names}, f, indent=2)
+        nested = PROCESSOR_FILE in have and "image_processor" in json.loads(self.source_files[PROCESSOR_FILE])
+        if not nested and PREPROCESSOR_FILE not in have:
+            self.image_processor.save(path)
+        if PROCESSOR_FILE not in have:
+            ip = self.image_processor
+            with open(os.path.join(path, PROCESSOR_FILE), "w") as f:
+                json.dump({"processor_class": ip.to_dict()["processor_class"],
+                           "image_token": self.tokenizer.image_token,
+                           "patch_size": ip.patch_size, "vision_feature_select_strategy":
+                           ip.vision_feature_select_strategy,
+                           "num_additional_image_tokens": 1}, f, indent=2)  # CLIP's CLS: counts as ours
+        if self.chat_template is not None and self.chat_template_source is None:
+            with open(os.path.join(path, "chat_template.jinja"), "w", encoding="utf-8") as f:
+                f.write(self.chat_template)
 
     @classmethod
-    def from_pretrained(cls, path: str, model_config=None) -> "Processor":
-        """tokenizer.json (+ tokenizer_config.json's special-token names when present) and the image processor."""
+    def from_pretrained(cls, path: str, model_config=None, log=print) -> "Processor":
+        """A checkpoint folder's processor: tokenizer.json (+ tokenizer_config.json's special-token names), the
+        image processor (image.ImageProcessor.from_pretrained: every layout transformers reads), the chat template
+        (read_chat_template), the end-of-turn ids (end_ids) and the bytes of its processor files (see save).
+        `log` prints the one-line notes about settings that fall back to defaults (None: silent)."""
         if not os.path.isdir(path):
             raise FileNotFoundError(f"Processor.from_pretrained: {path}: no such directory")
         if model_config is None and os.path.isfile(os.path.join(path, "config.json")):
             model_config = _read_json(os.path.join(path, "config.json"))
         tokenizer = Tokenizer.from_pretrained(path)
-        return cls(tokenizer, ImageProcessor.from_pretrained(path, model_config), model_config)
+        template, source = read_chat_template(path)
+        gen = os.path.join(path, GENERATION_FILE)
+        files = {}
+        for name in CARRIED_FILES:
+            if os.path.isfile(os.path.join(path, name)):
+                with open(os.path.join(path, name), "rb") as f:
+                    files[name] = f.read()
+        tdir = os.path.join(path, "chat_templates")
+        if os.path.isdir(tdir):
+            for name in sorted(os.listdir(tdir)):
+                if name.endswith(".jinja") and os.path.isfile(os.path.join(tdir, name)):
+                    with open(os.path.join(tdir, name), "rb") as f:
+                        files["chat_templates/" + name] = f.read()
+        return cls(tokenizer, ImageProcessor.from_pretrained(path, model_config, log=log), model_config, template,
+                   source, _read_json(gen) if os.path.isfile(gen) else None, files)
+
+
+GENERATION_FILE = "generation_config.json"
+# files a saved checkpoint carries over unchanged from the folder it was loaded from (plus chat_templates/*.jinja)
+CARRIED_FILES = (TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                 "tokenizer.model", "vocab.json", "merges.txt", PROCESSOR_FILE, PREPROCESSOR_FILE,
+                 "chat_template.json", "chat_template.jinja", GENERATION_FILE)
+
+
+def end_ids(generation_config=None, model_config=None, tokenizer=None) -> list[int]:
+    """The ids that end a turn, in order, without repeats: generation_config.json's eos_token_id (an int or a list;
+    Llama-3 / Mistral-style checkpoints list several), the model config's text_config.eos_token_id (int or list)
+    and top-level eos_token_id, and the tokenizer's EOS. Generation stops at any of them."""
+    out = []
+    for v in (_cfg_get(generation_config, "eos_token_id"), _cfg_get(model_config, "text_config", "eos_token_id"),
+              _cfg_get(model_config, "eos_token_id"), getattr(tokenizer, "eos_id", None)):
+        for i in (v if isinstance(v, (list, tuple)) else [v]):
+            if isinstance(i, int) and not isinstance(i, bool) and i not in out:
+                out.append(i)
+    return out

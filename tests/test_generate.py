@@ -160,7 +160,7 @@ def test_generate_text_with_stub_model_trims_eos_and_stop(tmp_path):
     out = generate_text(stub, proc, [Image.new("RGB", (9, 7)), None], ["what ?", "blue"], stop="is")
     assert out == ["red cat", "blue dog"]
     (ids, kw), = stub.calls
-    assert kw["eos_token_id"] == EOS_ID and kw["pad_token_id"] == PAD_ID and callable(kw["stop_fn"])
+    assert kw["eos_token_id"] == [EOS_ID] and kw["pad_token_id"] == PAD_ID and callable(kw["stop_fn"])
     assert kw["stop_fn"]([w("blue"), w("is")]) and not kw["stop_fn"]([w("blue")])
     assert (ids[0] == IMAGE_ID).sum() == 4 and (ids[1] == IMAGE_ID).sum() == 0  # text-only row gets no <image>
     assert kw["pixel_values"].shape == (1, 3, 16, 16)

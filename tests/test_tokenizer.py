@@ -166,3 +166,25 @@ def test_processor_save_and_from_pretrained(tok_path, tmp_path):
     img = rand_image(20, 60)
     a, b = p(["<image> red"], [img]), q(["<image> red"], [img])
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bos_follows_the_post_processor_and_is_never_doubled(tmp_path):
+    """BOS as transformers' tokenizer puts it (the file's post-processor) and, as in its apply_chat_template, not
+    again when the text already starts with it; a file with no post-processor keeps LLaVA's BOS."""
+    from tokenizers import processors
+    os.makedirs(tmp_path / "a")
+    with_bos = Tokenizer.from_file(make_tokenizer_json(tmp_path / "a"))
+    hft = hf_tokenizer(with_bos.source)
+    red_cat = [with_bos.tok.token_to_id(w) for w in ("red", "cat")]
+    assert with_bos.encode("<s> red cat") == hft("<s> red cat", add_special_tokens=False).input_ids == [1] + red_cat
+    assert with_bos.encode("red cat") == hft("red cat").input_ids
+    os.makedirs(tmp_path / "b")
+    path = make_tokenizer_json(tmp_path / "b")
+    raw = Tokenizer.from_file(path).tok
+    raw.post_processor = processors.TemplateProcessing(single="$A", special_tokens=[])  # ChatML/Qwen-style
+    raw.save(path)
+    no_bos = Tokenizer.from_file(path)
+    assert not no_bos.adds_bos and no_bos.encode("red cat") == hf_tokenizer(path)("red cat").input_ids == red_cat
+    os.makedirs(tmp_path / "c")
+    bare = Tokenizer.from_file(make_tokenizer_json(tmp_path / "c", bos_post_processor=False))
+    assert bare.adds_bos and bare.encode("red cat")[0] == 1
