@@ -57,23 +57,23 @@ def dpo_loss(rho, beta):
 
 
 def ipo_loss(rho, beta):
-    """IPO (Azar et al. 2024, "A general theoretical paradigm...", Eq. 17 with tau = beta):
+    """IPO (Azar et al. 2024, arXiv:2310.12036, Eq. 17 with tau = beta):
         L = (rho - 1/(2 beta))^2
-    The Apple study cites Azar et al. and Tang et al. 2024 (GPO) for it. Scores are what the caller passes: with
-    `average=False` (our default) rho uses summed log-probs as in the paper; TRL's `ipo` averages log-probs by
-    length, which is `average=True` here.
+    Amirloo et al. 2024 (arXiv:2407.02477) cite Azar et al. and Tang et al. 2024 (GPO, arXiv:2402.05749) for it.
+    Scores are what the caller passes: with `average=False` (our default) rho uses summed log-probs as in the
+    paper; TRL's `ipo` averages log-probs by length, which is `average=True` here.
     """
     return (rho - 1.0 / (2.0 * beta)) ** 2
 
 
 def slic_loss(rho, beta):
-    """SLiC as a hinge on the reference-adjusted margin (the form used by the Apple study via Tang et al. 2024, GPO
-    Table 1; = TRL's `hinge`):
+    """SLiC as a hinge on the reference-adjusted rho (the form Amirloo et al. 2024, arXiv:2407.02477, use via Tang
+    et al. 2024, GPO, arXiv:2402.05749, Table 1; = TRL's `hinge`):
         L = max(0, 1 - beta * rho)
-    Departure from SLiC-HF (Zhao et al. 2023, Eq. 2): SLiC-HF's calibration loss is max(0, delta - log pi(y_w) +
-    log pi(y_l)) without a reference model plus a separate regularizer. Ours = beta * max(0, 1/beta - rho): the
-    margin delta is 1/beta, the scores are relative to the reference, and the regularizer is the optional SFT term
-    (`sft_weight` in ops.preference_loss).
+    Departure from SLiC-HF (Zhao et al. 2023, arXiv:2305.10425, Eq. 2): SLiC-HF's calibration loss is
+    max(0, delta - log pi(y_w) + log pi(y_l)) without a reference model plus a separate regularizer. Ours =
+    beta * max(0, 1/beta - rho): the margin delta is 1/beta, the scores are relative to the reference, and the
+    regularizer is the optional SFT term (`sft_weight` in ops.preference_loss).
     """
     return torch.relu(1.0 - beta * rho)
 

@@ -138,19 +138,21 @@ def build_cache(model, examples: list, encoded: list, processor, model_dir, cach
     return cache, keys
 
 
-def reference_logps(b: dict, keys: list[str], cache: RefLogpCache, reference, device) -> torch.Tensor:
-    """Per-token reference log-probs (R, T) float32 on CPU, 0 off-response, of a batch of P = len(keys) examples
-    laid out [chosen | data rejected | made during training ...] in blocks of P rows (nanoalign/rollout.py).
-    Rows [0:2P] come from the cache (keys: the examples' `build_cache` keys); any later rows from a forward of the
-    frozen `reference` model (needed only when a rollout made them; None otherwise).
+def reference_logps(b: dict, keys: list[str] | None, cache: RefLogpCache | None, reference, device) -> torch.Tensor:
+    """Per-token reference log-probs (R, T) float32 on CPU, 0 off-response, of a batch laid out in blocks of P rows
+    [chosen | data rejected | made during training ...] (nanoalign/rollout.py).
+    With a cache, rows [0:2P] (P = len(keys), the examples' `build_cache` keys) are read from it; every other row
+    comes from a forward of the frozen `reference` model (needed only when there is such a row; None otherwise).
     Raises ValueError when a cached entry does not match the batch's labelled tokens (stale cache).
     """
-    P = len(keys)
-    cached = [cache.get(k) for k in keys]  # (chosen, rejected) per pair
-    ref = scatter_response_values(b["labels"][:2 * P], [c for c, _ in cached] + [r for _, r in cached])  # (2P,T)
-    if b["labels"].shape[0] > 2 * P:
+    n_cached = 0 if cache is None else 2 * len(keys)
+    parts = []
+    if cache is not None:
+        cached = [cache.get(k) for k in keys]  # (chosen, rejected) per pair
+        parts.append(scatter_response_values(b["labels"][:n_cached], [c for c, _ in cached] +
+                                             [r for _, r in cached]))  # (2P, T)
+    if b["labels"].shape[0] > n_cached:
         with torch.no_grad():
-            h = forward(reference, b, device, rows=slice(2 * P, None))  # (R-2P, T, H)
-            made = token_logprobs(h, reference.lm_head_weight, b["labels"][2 * P:].to(device)).cpu()
-        ref = torch.cat([ref, made], 0)
-    return ref
+            h = forward(reference, b, device, rows=slice(n_cached, None))  # (R - n_cached, T, H)
+            parts.append(token_logprobs(h, reference.lm_head_weight, b["labels"][n_cached:].to(device)).cpu())
+    return torch.cat(parts, 0) if len(parts) > 1 else parts[0]

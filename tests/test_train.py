@@ -300,6 +300,8 @@ def test_rollout_and_reference_stages_match_transformers(world, tmp_path):
     assert ref.shape == b3["labels"].shape
     assert torch.allclose(ref.double(), want, atol=1e-4)
     assert (ref[2 * P:][b3["labels"][2 * P:] != -100] != 0).all()  # the noisy rows were scored, not left at 0
+    no_cache = reference_logps(b3, None, None, policy, "cpu")  # online algorithms: every row from the reference
+    assert torch.allclose(no_cache.double(), want, atol=1e-4)
 
 
 def test_progress_fallback_line_and_counts(monkeypatch, capsys):
