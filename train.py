@@ -3,20 +3,17 @@
     python train.py --algo dpo --model DIR --data pairs.jsonl --data-format prefs --out runs/dpo
     torchrun --standalone --nproc_per_node 2 train.py --algo ddpo --model DIR --data rlhf-v.parquet --data-format rlhfv
 
-Algorithms (the loss formulas, their papers and our departures are in nanoalign/losses.py and nanoalign/ops.py):
-    sft     next-token NLL on the chosen response (how the toy world's base model is made)
-    dpo     -log sigmoid(beta * rho)                         rho = policy/reference log-ratio margin (chosen - rejected)
-    ipo     (rho - 1/(2 beta))^2                             Azar et al. 2024
-    slic    max(0, 1 - beta * rho)                           SLiC-HF hinge
-    ddpo    dpo on RLHF-V's dense scores: gamma on corrected tokens (explicit spans, else a token diff)
-    povid   0.5 * dpo(chosen, data rejected) + 0.5 * dpo(chosen, noisy-self rejected): the noisy-self rejected
-            response is the policy's teacher-forced argmax under a diffusion-noised image (POVID; paper 000 Eq. 5)
-
-Sections, top to bottom: arguments, distributed init, model, data, reference log-probs, FSDP, optimizer, resume,
-the rollout hook, the loop, save. Everything shared with other entry points lives in nanoalign/.
-Where this departs from the papers: the reference log-probs of offline algorithms come from a cache computed once
-with the initial weights (RLHF-V does the same); POVID's noisy-self reference log-probs come from a frozen reference
-model kept in memory, since that response changes every step.
+Every algorithm is a row of ALGOS below (loss formulas and papers: nanoalign/losses.py). One step, in stages, each a
+plain function of its own module:
+    batch       the data's examples of this step                                 nanoalign/batch.py
+    rollout     responses made during training (POVID's noisy-self)              nanoalign/rollout.py
+    reward      scores of those responses (none of today's algorithms)           -
+    reference   reference log-probs: the cache, or the frozen reference model    nanoalign/refcache.py
+    objective   the policy's loss                                                nanoalign/objective.py
+Sections, top to bottom: the table, arguments, distributed init, model, data, reference, LoRA, resume, FSDP,
+optimizer, the loop, save. Where this departs from the papers: the reference log-probs of the data's pairs come from
+a cache computed once with the initial weights (RLHF-V does the same); responses made during training are scored by
+a frozen reference model kept in memory, since they change every step.
 """
 import argparse
 import math
@@ -24,30 +21,50 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
+from nanoalign import rollout
 from nanoalign import trainutil as tu
-from nanoalign.batch import collate, encode_all, image_bytes, open_image, scatter_response_values
+from nanoalign.batch import collate, encode_all, open_image
 from nanoalign.checkpoint import load_pretrained
 from nanoalign.data import FORMATS, load_examples
 from nanoalign.lora import DEFAULT_TARGETS, apply_lora, load_lora_adapter, lora_modules
-from nanoalign.noise import noisy_pixel_values
-from nanoalign.ops import preference_loss, token_logprobs
-from nanoalign.refcache import RefLogpCache, checkpoint_fingerprint, example_key
+from nanoalign.objective import objective
+from nanoalign.refcache import build_cache, reference_logps
 from nanoalign.tokenizer import TEMPLATES
 
-PREFERENCE_ALGOS = {"dpo": "dpo", "ipo": "ipo", "slic": "slic", "ddpo": "ddpo", "povid": "dpo"}  # algo -> loss
-ROLLOUT_ALGOS = {"povid"}  # the one place that says which algorithms make responses during training
-DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "slic": 0.1, "ddpo": 0.5, "povid": 0.1}  # ddpo: RLHF-V's 0.5
+
+# ------------------------------------------------------------------------------------------------ the algorithms
+class Algo(NamedTuple):
+    """One row of the algorithm table: what the step's stages do for this --algo."""
+    loss: str  # the objective: "nll" | "dpo" | "ipo" | "slic" (nanoalign/objective.py, formulas in losses.py)
+    beta: float = 0.1  # default --beta (recorded in the run's config even where the loss has none)
+    weights: str | None = None  # token weighting of the scores: None | "ddpo" (RLHF-V's gamma on corrected tokens)
+    responses: str = "none"  # made during training (nanoalign/rollout.py): "none" | "noisy_self"
+    reward: str | None = None  # what scores the responses made during training: None (an annotator, a reward model)
+    data: str = "pairs"  # what each --data row gives: "pairs" (prompt, chosen, rejected) | "responses" (prompt, one)
+
+
+ALGOS = {  # rho = [log pi(chosen) - log ref(chosen)] - [log pi(rejected) - log ref(rejected)]
+    "sft": Algo("nll", data="responses"),  # next-token NLL of the response: the toy world's base model
+    "dpo": Algo("dpo", 0.1),  # -log sigmoid(beta rho): Rafailov et al. 2023
+    "ipo": Algo("ipo", 0.1),  # (rho - 1/(2 beta))^2: Azar et al. 2024
+    "slic": Algo("slic", 0.1),  # max(0, 1 - beta rho): the SLiC-HF hinge (Zhao et al. 2023)
+    "ddpo": Algo("dpo", 0.5, weights="ddpo"),  # DPO on gamma-weighted scores: RLHF-V (Yu et al. 2024)
+    "povid": Algo("dpo", 0.1, responses="noisy_self"),  # + DPO against the noisy-self response: Zhou et al. 2024
+}
+# Temporary: nanoalign/reproduce.py still reads this name; delete it when the toy runner takes list(ALGOS).
+PREFERENCE_ALGOS = [name for name, algo in ALGOS.items() if algo.data == "pairs"]
 
 
 # ----------------------------------------------------------------------------------------------------- arguments
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     g = p.add_argument_group("what to train")
-    g.add_argument("--algo", default="ddpo", choices=["sft", *PREFERENCE_ALGOS], help="the algorithm (default ddpo)")
+    g.add_argument("--algo", default="ddpo", choices=list(ALGOS), help="the algorithm (default ddpo)")
     g.add_argument("--model", help="llava-hf checkpoint folder (config.json, *.safetensors, tokenizer.json)")
     g.add_argument("--data", help="data file")
     g.add_argument("--data-format", choices=FORMATS, default="prefs", help="format of --data (default prefs)")
@@ -74,7 +91,7 @@ def parse_args(argv=None):
     g.add_argument("--freeze-vision", action="store_true", help="freeze the vision tower")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute decoder activations in backward")
     g = p.add_argument_group("preference losses")
-    g.add_argument("--beta", type=float, default=None, help="beta (default: dpo/ipo/slic/povid 0.1, ddpo 0.5)")
+    g.add_argument("--beta", type=float, default=None, help="beta (default: the algorithm's, see ALGOS)")
     g.add_argument("--gamma", type=float, default=5.0, help="DDPO weight of corrected tokens (RLHF-V: 5)")
     g.add_argument("--ddpo-average", action="store_true", help="DDPO score divided by N = |y_u| + gamma |y_c|")
     g.add_argument("--sft-weight", type=float, default=0.0, help="weight of an NLL term on the chosen response")
@@ -95,7 +112,7 @@ def parse_args(argv=None):
         action.default = argparse.SUPPRESS  # the toy run lets override its own settings even when equal to a default
     args.given = sorted(vars(p.parse_args(argv)))
     if args.beta is None:
-        args.beta = DEFAULT_BETA.get(args.algo, 0.1)
+        args.beta = ALGOS[args.algo].beta
     if args.lora_alpha is None:
         args.lora_alpha = 2.0 * args.lora_rank
     if args.out is None:
@@ -109,6 +126,7 @@ def parse_args(argv=None):
 
 
 def main(args):
+    algo = ALGOS[args.algo]
     # ------------------------------------------------------------------------------------------- distributed init
     distributed = "RANK" in os.environ
     cuda = torch.cuda.is_available()
@@ -122,7 +140,6 @@ def main(args):
     out = Path(args.out)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-    preference = args.algo in PREFERENCE_ALGOS
 
     # ------------------------------------------------------------------------------------------------------ model
     model, processor = load_pretrained(args.model, dtype=torch.float32)
@@ -135,15 +152,16 @@ def main(args):
     tu.print0(f"data: {len(examples)} examples from {args.data} ({args.data_format}); {skipped.total()} rows skipped")
     if skipped.total():
         tu.print0(str(skipped))
-    if preference and any(ex.rejected is None for ex in examples):
+    if algo.data == "pairs" and any(ex.rejected is None for ex in examples):
         raise SystemExit(f"error: --algo {args.algo} needs pairs, but {args.data} ({args.data_format}) has rows "
                          "without a rejected response")
-    gamma = args.gamma if args.algo == "ddpo" else None
+    gamma = args.gamma if algo.weights == "ddpo" else None  # DDPO's token weights, set once at encoding
     encoded, _ = encode_all(examples, processor, args.image_root, args.template, args.max_len, gamma, args.strict,
                             log=tu.print0)
     global_batch = args.batch_size * args.grad_accum * world
     steps_per_epoch = max(1, len(encoded) // global_batch)
     max_steps = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
+    sides = ["chosen", "rejected"] if algo.data == "pairs" else ["chosen"]
 
     def batch_indices(step: int, micro: int) -> list[int]:
         """Examples of (step, micro-step) on this rank: a fresh seeded permutation each epoch, split so that the
@@ -153,49 +171,17 @@ def main(args):
         start = pos * global_batch + (micro * world + rank) * args.batch_size
         return [order[i % len(order)] for i in range(start, start + args.batch_size)]
 
-    def make_batch(indices, sides):
-        items = [encoded[i] for i in indices]
-        images = [open_image(examples[it.index], args.image_root) for it in items]
-        return items, images, collate(items, sides, processor, images)
-
-    # ------------------------------------------------------------------------------------- reference log-probs
-    # Offline algorithms score every pair once with the initial weights (= the reference) and never load a
-    # reference model; entries are keyed by token ids + image bytes + image settings (nanoalign/refcache.py).
-    ref_cache, keys = None, {}
-    if preference:
-        cache_dir = Path(args.ref_cache or out / "refcache")
-        ref_cache = RefLogpCache(cache_dir, checkpoint_fingerprint(args.model))
-        settings = {"image_processor": processor.image_processor.to_dict(), "template": args.template}
-        for it in encoded:
-            ex = examples[it.index]
-            keys[it.index] = example_key(it.prompt_ids + it.chosen_ids, it.prompt_ids + it.rejected_ids,
-                                         image_bytes(ex, args.image_root), settings)
-        todo = [pos for pos, it in enumerate(encoded) if keys[it.index] not in ref_cache]  # positions in encoded
-        mine = todo[rank::world]
-        tu.print0(f"reference log-probs: {len(encoded) - len(todo)} cached, {len(todo)} to compute "
-                  f"({ref_cache.path})")
-        new = {}
-        model.to(device).eval()
-        with torch.no_grad():
-            for i in range(0, len(mine), args.batch_size):
-                items, _, b = make_batch(mine[i:i + args.batch_size], ["chosen", "rejected"])
-                logp = response_logps(model, b, device)
-                P = len(items)
-                for k, it in enumerate(items):
-                    new[keys[it.index]] = (logp[k], logp[P + k])
-        if distributed:
-            gathered = [None] * world
-            dist.all_gather_object(gathered, new)
-            new = {k: v for part in gathered for k, v in part.items()}
-        for k, (c, r) in new.items():
-            ref_cache.put(k, c, r)
-        if todo and rank == 0:
-            ref_cache.save()
-
-    ref_model = None
-    if args.algo in ROLLOUT_ALGOS:  # POVID's noisy-self rejected changes every step: score it with a frozen copy
-        ref_model, _ = load_pretrained(args.model, dtype=torch.float32)
-        ref_model.requires_grad_(False)
+    # ------------------------------------------------------------------------------------------------ reference
+    # The data's pairs are scored once with the initial weights (= the reference), keyed by token ids + image bytes
+    # + image settings (nanoalign/refcache.py). Responses made during training change every step: a frozen copy.
+    ref_cache, keys, reference = None, {}, None
+    if algo.data == "pairs":
+        ref_cache, keys = build_cache(model, examples, encoded, processor, args.model,
+                                      args.ref_cache or out / "refcache", args.image_root, args.template,
+                                      args.batch_size, device)
+    if algo.responses != "none":
+        reference, _ = load_pretrained(args.model, dtype=torch.float32)
+        reference.requires_grad_(False)
 
     # ---------------------------------------------------------------------------------------------- LoRA, freeze
     model.train()
@@ -231,15 +217,15 @@ def main(args):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda else \
             MixedPrecisionPolicy()
-        for m in [model, ref_model]:
+        for m in [model, reference]:
             if m is None:
                 continue
             fully_shard(m.vision_tower, mp_policy=mp)
             for layer in m.language_model.model.layers:
                 fully_shard(layer, mp_policy=mp)
             fully_shard(m, mp_policy=mp)
-    elif ref_model is not None:
-        ref_model.to(device)
+    elif reference is not None:
+        reference.to(device)
 
     # --------------------------------------------------------------------------------------------------- optimizer
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -273,81 +259,38 @@ def main(args):
             tu.print0("warning: --wandb given but wandb is not installed; logging to metrics.jsonl only")
             wandb = None
 
-    # --------------------------------------------------------------------------------------------- rollout hook
-    def rollout(items, images, b):
-        """The one place where algorithms make responses during training (online / mixed / RL issues plug in
-        here). POVID: run the chosen tokens under a noised image and take the policy's argmax at every response
-        position (teacher forcing); those tokens, scored under the clean image, are the noisy-self rejected.
-        Returns the batch with rows [chosen | data rejected | noisy-self] and the reference log-probs of the last."""
-        P = len(items)
-        noisy = b["pixel_values"]
-        if noisy is not None:  # a fresh draw every call, as POVID does
-            ip = processor.image_processor
-            noisy = noisy_pixel_values(noisy, ip.image_mean, ip.image_std, args.noise_step)
-        with torch.no_grad():
-            h = forward(model, {**b, "pixel_values": noisy}, device, rows=slice(0, P))  # (P,T,H) chosen rows
-            scored = b["labels"][:P].to(device) != -100  # (P,T)
-            logits = h[scored].float() @ model.lm_head_weight.float().T  # (n_scored, V): response rows only
-            if 0 <= model_config.image_token_index < logits.shape[1]:
-                logits[:, model_config.image_token_index] = -float("inf")  # never emit the image placeholder
-            argmax = logits.argmax(-1).cpu()  # (n_scored,)
-        for it, toks in zip(items, argmax.split(scored.sum(1).tolist())):
-            it.noisy_ids, it.noisy_w = toks.tolist(), None
-        b3 = collate(items, ["chosen", "rejected", "noisy"], processor, [None] * P)  # text only, then the images:
-        b3.update(pixel_values=b["pixel_values"], image_sizes=b["image_sizes"],
-                  image_index=None if b["image_index"] is None else torch.arange(P).repeat(3))
-        with torch.no_grad():
-            hr = forward(ref_model, b3, device, rows=slice(2 * P, 3 * P))
-            ref_noisy = token_logprobs(hr, ref_model.lm_head_weight, b3["labels"][2 * P:].to(device)).cpu()
-        return b3, ref_noisy
-
     # ------------------------------------------------------------------------------------------------------ loop
     progress = tu.Progress(max_steps, start_step)
-    loss_fn = PREFERENCE_ALGOS.get(args.algo)
     last_save = None
     for step in range(start_step, max_steps):
         t0 = time.time()
         sums, n_tokens = {}, 0
         for micro in range(args.grad_accum):
+            # batch: P examples, rows [chosen | rejected] (sft: [chosen])
             idx = batch_indices(step, micro)
-            if args.algo == "sft":
-                items, _, b = make_batch(idx, ["chosen"])
-                h = forward(model, b, device)
-                labels = b["labels"].to(device)
-                logp = token_logprobs(h, model.lm_head_weight, labels)  # (R,T), never (R,T,V) logits
-                loss = -logp.sum() / (labels != -100).sum().clamp_min(1)  # token-mean NLL of the responses
-                metrics = {}
-            else:
-                items, images, b = make_batch(idx, ["chosen", "rejected"])
-                P = len(items)
-                cached = [ref_cache.get(keys[it.index]) for it in items]  # (chosen, rejected) per pair
-                ref = scatter_response_values(b["labels"], [c for c, _ in cached] + [r for _, r in cached])
-                if args.algo in ROLLOUT_ALGOS:
-                    b, ref_noisy = rollout(items, images, b)
-                    ref = torch.cat([torch.nn.functional.pad(ref, (0, b["labels"].shape[1] - ref.shape[1])),
-                                     ref_noisy], 0)
-                h = forward(model, b, device)  # (2P or 3P, T, H)
-                labels, w, ref = b["labels"].to(device), b["token_weights"].to(device), ref.to(device)
-                rejected_sets = [P] + ([2 * P] if args.algo in ROLLOUT_ALGOS else [])
-                loss, metrics = 0.0, {}
-                for r0 in rejected_sets:  # povid: the mean of DPO against the data's rejected and the noisy-self one
-                    rows = slice(None, 2 * P) if r0 == P else torch.cat([torch.arange(P), torch.arange(r0, r0 + P)])
-                    l, m = preference_loss(h[rows], model.lm_head_weight, labels[rows], w[rows], ref[rows],
-                                           loss_type=loss_fn, beta=args.beta, sft_weight=args.sft_weight,
-                                           average=args.ddpo_average and args.algo == "ddpo")
-                    loss = loss + l / len(rejected_sets)
-                    for k, v in m.items():
-                        metrics[k] = metrics.get(k, 0) + v.float().mean() / len(rejected_sets)
+            items = [encoded[i] for i in idx]
+            b = collate(items, sides, processor, [open_image(examples[it.index], args.image_root) for it in items])
+            # rollout: responses made during training, appended as more blocks of P rejected rows
+            if algo.responses == "noisy_self":
+                b = rollout.noisy_self(model, items, b, processor, args.noise_step, device)
+            # reward: none of today's algorithms scores its responses (Online-DPO's annotator, RLOO's reward: here)
+            # reference: per-token reference log-probs of every response row
+            ref = None
+            if algo.data == "pairs":
+                ref = reference_logps(b, [keys[it.index] for it in items], ref_cache, reference, device)
+            # objective
+            loss, metrics = objective(algo.loss, model, b, ref, len(items), device, beta=args.beta,
+                                      sft_weight=args.sft_weight, average=args.ddpo_average and algo.weights == "ddpo")
             if not torch.isfinite(loss):
-                raise SystemExit(f"error: non-finite loss {float(loss.detach())} at step {step + 1}, micro-step {micro}, "
-                                 f"rank {rank}, examples {[examples[i].id for i in idx]}; stopping before the "
-                                 f"optimizer step (last checkpoint: {last_save or 'none'})")
+                raise SystemExit(f"error: non-finite loss {float(loss.detach())} at step {step + 1}, "
+                                 f"micro-step {micro}, rank {rank}, examples {[examples[i].id for i in idx]}; stopping "
+                                 f"before the optimizer step (last checkpoint: {last_save or 'none'})")
             (loss / args.grad_accum).backward()
             sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) / args.grad_accum
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v) / args.grad_accum
             n_tokens += int(b["attention_mask"].sum())
-        grad_norm = clip_grad_norm(model, args.clip)
+        grad_norm = tu.clip_grad_norm(model, args.clip)
         lr = scheduler.get_last_lr()[0]  # the rate this step uses
         optimizer.step()
         scheduler.step()
@@ -356,7 +299,7 @@ def main(args):
         rec = {"step": step + 1, **{k: tu.all_mean(v) for k, v in sums.items()}, "lr": lr,
                "grad_norm": grad_norm, "tokens_per_s": tu.all_mean(n_tokens / (time.time() - t0)) * world,
                "peak_mem_mb": tu.peak_memory_mb(), "time_s": time.time() - t0}
-        if preference:
+        if algo.data == "pairs":
             rec["resp_len"] = tu.all_mean(float((b["labels"] != -100).sum(1).float().mean()))
         log.write(rec)
         if wandb is not None:
@@ -372,33 +315,6 @@ def main(args):
                                max_steps, args)
     tu.print0(f"saved {final}")
     return final
-
-
-def forward(model, b: dict, device, rows=slice(None)):
-    """Hidden states (R,T,H) of the batch rows `rows` (a slice), each image through the vision tower once."""
-    to = lambda x: None if x is None else x.to(device)
-    return model(b["input_ids"][rows].to(device), to(b["pixel_values"]), to(b["image_sizes"]),
-                 b["attention_mask"][rows].to(device),
-                 image_index=None if b["image_index"] is None else to(b["image_index"][rows]))
-
-
-@torch.no_grad()
-def response_logps(model, b, device) -> list[torch.Tensor]:
-    """Per-row 1-D tensors of log p(response token) under `model` (used for the reference cache)."""
-    h = forward(model, b, device)
-    labels = b["labels"].to(device)
-    logp = token_logprobs(h, model.lm_head_weight, labels).cpu()
-    return [logp[r][labels[r].cpu() != -100] for r in range(logp.shape[0])]
-
-
-def clip_grad_norm(model, max_norm: float) -> float:
-    params = [p for p in model.parameters() if p.grad is not None]
-    if not params:
-        return 0.0
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-    if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
-        norm = norm.full_tensor()
-    return float(norm)
 
 
 if __name__ == "__main__":

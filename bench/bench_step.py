@@ -216,12 +216,12 @@ def run_nanoalign(d: Path, steps: int, with_ref: bool) -> dict:
     """train.py's DPO step (one rank, batch = 8 pairs, grad_accum 1), built from train.py's own pieces."""
     import torch
     sys.path.insert(0, str(REPO))
-    import train
     from nanoalign import ops
     from nanoalign import trainutil as tu
     from nanoalign.batch import collate, encode_all, image_bytes, open_image, scatter_response_values
     from nanoalign.checkpoint import load_pretrained
     from nanoalign.data import load_examples
+    from nanoalign.forward import forward, response_logps
     from nanoalign.ops import preference_loss
     from nanoalign.refcache import RefLogpCache, checkpoint_fingerprint, example_key
     torch.manual_seed(SEED)
@@ -243,7 +243,7 @@ def run_nanoalign(d: Path, steps: int, with_ref: bool) -> dict:
                                   image_bytes(examples[it.index], root), settings) for it in encoded}
     model.eval()
     items, b = make_batch(list(range(P)))
-    logp = train.response_logps(model, b, device)
+    logp = response_logps(model, b, device)
     for k, it in enumerate(items):
         cache.put(keys[it.index], logp[k], logp[P + k])
     ref_model = None
@@ -263,12 +263,12 @@ def run_nanoalign(d: Path, steps: int, with_ref: bool) -> dict:
         items, b = make_batch(idx)  # untimed: collation / image processing (as TRL's, before on_step_begin)
         meter.start()
         if ref_model is not None:  # no cache: score the batch with the frozen reference model
-            lp = train.response_logps(ref_model, b, device)
+            lp = response_logps(ref_model, b, device)
             ref = scatter_response_values(b["labels"], lp)
         else:
             ref = scatter_response_values(b["labels"], [cache.get(keys[it.index])[0] for it in items] +
                                           [cache.get(keys[it.index])[1] for it in items])
-        h = train.forward(model, b, device)  # (2P,T,H); each image through the vision tower once
+        h = forward(model, b, device)  # (2P,T,H); each image through the vision tower once
         labels, w = b["labels"], b["token_weights"]
         loss, m = preference_loss(h, model.lm_head_weight, labels, w, ref, loss_type="dpo",
                                   beta=BETA, sft_weight=0.0, average=False)
@@ -276,7 +276,7 @@ def run_nanoalign(d: Path, steps: int, with_ref: bool) -> dict:
             raise SystemExit(f"error: non-finite loss at step {step + 1}")
         loss.backward()
         rec = {"loss": float(loss.detach()), **{k: float(v.float().mean()) for k, v in m.items()}}
-        grad_norm = train.clip_grad_norm(model, 1.0)
+        grad_norm = tu.clip_grad_norm(model, 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)

@@ -269,7 +269,7 @@ class _FusedPreferenceLoss(torch.autograd.Function):
         row = torch.div(flat, T, rounding_mode="floor")  # (N,) row in [0, 2P)
         pair = row % P
         y = labels.reshape(-1).index_select(0, flat).long()  # (N,)
-        # Sequence scores, margins and their gradients are (2P,)-sized: kept in float64, so summing thousands of
+        # Sequence scores, rho and their gradients are (2P,)-sized: kept in float64, so summing thousands of
         # fp32 token log-probs does not cost the 1e-5 relative gradient accuracy the rows themselves reach.
         f64 = torch.float64
         w_tok = token_weights.reshape(-1).index_select(0, flat).to(f64)  # (N,)
@@ -299,11 +299,11 @@ class _FusedPreferenceLoss(torch.autograd.Function):
                     pol[s] = torch.where(den[s] > 0, pol[s] / den[s].clamp_min(1e-30), 0.0)
             logp_sum = torch.zeros(B, device=dev, dtype=f64).index_add_(0, r, logp.to(f64))  # (2P,)
             sft_nll[c] = -logp_sum[c] / n_tok[c].clamp_min(1)
-            margin = (pol[c] - ref[c]) - (pol[rej] - ref[rej])  # (c,) rho
-            loss_pairs[c] = L.pair_losses(loss_type, margin, beta)
+            rho = (pol[c] - ref[c]) - (pol[rej] - ref[rej])  # (c,)
+            loss_pairs[c] = L.pair_losses(loss_type, rho, beta)
             if not need_grad or tok.numel() == 0:
                 continue
-            dm = L.loss_grad(loss_type, margin, beta) / P  # (c,) dL/drho, L = mean over pairs
+            dm = L.loss_grad(loss_type, rho, beta) / P  # (c,) dL/drho, L = mean over pairs
             dscore = torch.zeros(B, device=dev, dtype=f64)  # (2P,) dL/ds
             dscore[c], dscore[rej] = dm, -dm
             if average:  # s = num / den: ds/dnum = 1/den (0 for an empty row)
@@ -354,8 +354,8 @@ def preference_loss(hidden, weight, labels, token_weights, ref_logps, loss_type=
       token_weights (2P, T) float or None (= 1): DDPO puts gamma on corrected tokens and 1 elsewhere;
       ref_logps (2P, T) per-token reference log-probs (from a cache or a reference forward; not differentiated),
         or None = no reference (s_ref = 0: SLiC-HF's original reference-free calibration);
-      loss_type "dpo" | "ipo" | "slic" | "ddpo" (formulas and papers in nanoalign/losses.py; "ddpo" = DPO on the
-        DDPO-weighted scores, i.e. the same as "dpo" with token_weights carrying gamma);
+      loss_type "dpo" | "ipo" | "slic" (formulas and papers in nanoalign/losses.py; DDPO is "dpo" with
+        token_weights carrying gamma, RLHF-V's weighted scores);
       beta > 0; average: s = sum(w logp) / sum(w) (RLHF-V's 1/N, TRL's IPO) instead of sum(w logp);
       sft_weight >= 0: adds sft_weight * mean over pairs of the chosen response's token-mean NLL (unweighted);
       fused: True = loss and gradients in one pass (see _FusedPreferenceLoss), False = token_logprobs + autograd
@@ -364,7 +364,8 @@ def preference_loss(hidden, weight, labels, token_weights, ref_logps, loss_type=
     Scores: s = sum_t w_t logp_t over scored tokens for policy and reference alike; rho = (s_pi(c) - s_ref(c)) -
     (s_pi(r) - s_ref(r)); loss = mean over pairs of L(rho) (+ SFT term).
     Returns (loss: fp32 scalar, metrics: dict of detached (P,) tensors reward_chosen, reward_rejected, margin
-    (= beta rho), accuracy, logp_chosen, logp_rejected (policy scores), ref_chosen, ref_rejected, pair_loss, sft_nll).
+    (= beta rho, under its logged name), accuracy, logp_chosen, logp_rejected (policy scores), ref_chosen,
+    ref_rejected, pair_loss, sft_nll).
     """
     if token_weights is None:
         token_weights = torch.ones(labels.shape, device=labels.device)
@@ -391,8 +392,8 @@ def _unfused(hidden, weight, labels, token_weights, ref_logps, loss_type, beta, 
     logp = token_logprobs(hidden, weight, labels)  # (2P, T)
     pol = L.sequence_scores(logp, mask, token_weights, average)  # (2P,)
     ref = L.sequence_scores(ref_logps.detach(), mask, token_weights, average)
-    margin = (pol[:P] - ref[:P]) - (pol[P:] - ref[P:])
-    pair_loss = L.pair_losses(loss_type, margin, beta)
+    rho = (pol[:P] - ref[:P]) - (pol[P:] - ref[P:])  # (P,)
+    pair_loss = L.pair_losses(loss_type, rho, beta)
     n_c = mask[:P].sum(1).clamp_min(1)
     nll = -(logp[:P] * mask[:P]).sum(1) / n_c  # (P,)
     loss = pair_loss.mean() + sft_weight * nll.mean()

@@ -13,6 +13,10 @@ template, the tokenizer, truncation and the number of image tokens are all in it
 processing settings. A changed example, checkpoint or setting is a new key, hence a recompute; stale keys are
 simply never read. The checkpoint fingerprint hashes config.json, every safetensors header and samples of every
 safetensors file's content (hashing 14 GB of a 7B checkpoint in full takes longer than scoring a small data set).
+
+The step's reference stage is `reference_logps`: cached rows for the data's pairs, a frozen reference model for the
+responses made during training (they change every step). `build_cache` fills the cache before training.
+Departure from the papers: offline algorithms never load a reference model (RLHF-V does the same).
 """
 from __future__ import annotations
 
@@ -22,7 +26,13 @@ import os
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
+
+from nanoalign.batch import collate, image_bytes, open_image, scatter_response_values
+from nanoalign.forward import forward, response_logps
+from nanoalign.ops import token_logprobs
+from nanoalign.trainutil import print0, rank, world_size
 
 
 def checkpoint_fingerprint(model_dir: str | os.PathLike) -> str:
@@ -89,3 +99,60 @@ class RefLogpCache:
         tmp = self.path.with_name(self.path.name + f".tmp-{os.getpid()}")
         save_file(self.entries, str(tmp), metadata={"fingerprint": self.fingerprint})
         os.replace(tmp, self.path)
+
+
+def build_cache(model, examples: list, encoded: list, processor, model_dir, cache_dir, image_root, template: str,
+                batch_size: int, device) -> tuple[RefLogpCache, dict]:
+    """Score every pair not yet cached with `model` (the initial weights = the reference) and save the cache.
+
+    Collective under torch.distributed: each rank scores every world_size-th missing pair, the ranks exchange their
+    entries, rank 0 writes the file. encoded: batch.encode_all's kept examples (it.index indexes `examples`).
+    Returns (cache, keys): keys maps it.index -> example key, for `reference_logps`. Leaves `model` in eval mode.
+    """
+    cache = RefLogpCache(cache_dir, checkpoint_fingerprint(model_dir))
+    settings = {"image_processor": processor.image_processor.to_dict(), "template": template}
+    keys = {}
+    for it in encoded:
+        keys[it.index] = example_key(it.prompt_ids + it.chosen_ids, it.prompt_ids + it.rejected_ids,
+                                     image_bytes(examples[it.index], image_root), settings)
+    todo = [it for it in encoded if keys[it.index] not in cache]
+    mine = todo[rank()::world_size()]
+    print0(f"reference log-probs: {len(encoded) - len(todo)} cached, {len(todo)} to compute ({cache.path})")
+    new = {}
+    model.to(device).eval()
+    for i in range(0, len(mine), batch_size):
+        items = mine[i:i + batch_size]
+        b = collate(items, ["chosen", "rejected"], processor, [open_image(examples[it.index], image_root)
+                                                                for it in items])
+        logp = response_logps(model, b, device)  # 2P rows: chosen then rejected
+        for k, it in enumerate(items):
+            new[keys[it.index]] = (logp[k], logp[len(items) + k])
+    if dist.is_initialized():
+        gathered = [None] * world_size()
+        dist.all_gather_object(gathered, new)
+        new = {k: v for part in gathered for k, v in part.items()}
+    for k, (c, r) in new.items():
+        cache.put(k, c, r)
+    if todo and rank() == 0:
+        cache.save()
+    return cache, keys
+
+
+def reference_logps(b: dict, keys: list[str] | None, cache: RefLogpCache | None, reference, device) -> torch.Tensor:
+    """Per-token reference log-probs (R, T) float32 on CPU, 0 off-response, of a batch laid out in blocks of P rows
+    [chosen | data rejected | made during training ...] (nanoalign/rollout.py).
+    With a cache, rows [0:2P] (P = len(keys), the examples' `build_cache` keys) are read from it; every other row
+    comes from a forward of the frozen `reference` model (needed only when there is such a row; None otherwise).
+    Raises ValueError when a cached entry does not match the batch's labelled tokens (stale cache).
+    """
+    n_cached = 0 if cache is None else 2 * len(keys)
+    parts = []
+    if cache is not None:
+        cached = [cache.get(k) for k in keys]  # (chosen, rejected) per pair
+        parts.append(scatter_response_values(b["labels"][:n_cached], [c for c, _ in cached] +
+                                             [r for _, r in cached]))  # (2P, T)
+    if b["labels"].shape[0] > n_cached:
+        with torch.no_grad():
+            h = forward(reference, b, device, rows=slice(n_cached, None))  # (R - n_cached, T, H)
+            parts.append(token_logprobs(h, reference.lm_head_weight, b["labels"][n_cached:].to(device)).cpu())
+    return torch.cat(parts, 0) if len(parts) > 1 else parts[0]

@@ -1,4 +1,5 @@
-"""What train.py needs besides the training loop: the schedule, checkpoints and resume, metrics, progress.
+"""What train.py needs besides the training loop: rank helpers, the schedule, gradient clipping, checkpoints and
+resume, metrics, the progress bar.
 
 Checkpoint folder (one per save, `OUT/step-000123`, and `OUT/final`):
     config.json, model.safetensors, tokenizer.json, preprocessor_config.json   -- llava-hf layout, loads in transformers
@@ -61,6 +62,18 @@ def cosine_with_warmup(step: int, total: int, warmup: int, min_ratio: float = 0.
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def clip_grad_norm(model, max_norm: float) -> float:
+    """Clip the gradients' global L2 norm to max_norm (0 = no clipping); returns the norm before clipping (the
+    whole model's, FSDP shards included)."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not params:
+        return 0.0
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
+        norm = norm.full_tensor()
+    return float(norm)
 
 
 # ------------------------------------------------------------------------------------------------ state dicts
@@ -179,12 +192,19 @@ def peak_memory_mb() -> float:
 
 
 class Progress:
-    """A progress line with rate and ETA on rank 0 (tqdm when installed). Redrawn at most every 0.1 s on a terminal
-    and every 30 s into a log file or pipe (a CI log gets a few lines, not one per step)."""
+    """The one progress bar (training steps, evaluation, pair making, BDHS): tqdm when installed, else a plain
+    stderr line `desc n/total rate unit/s ETA postfix`. Redrawn at most every 0.1 s on a terminal and every 30 s
+    into a log file or pipe (a CI log gets a few lines, not one per step).
 
-    def __init__(self, total: int, initial: int = 0, desc: str = "train", unit: str = "step"):
+    total / initial: counts of `unit`; enabled: draw it (default: on rank 0 only; pass False to silence, True to
+    draw on every rank). update(postfix, n) advances by n units.
+    """
+
+    def __init__(self, total: int, initial: int = 0, desc: str = "train", unit: str = "step",
+                 enabled: bool | None = None):
         self.total, self.n, self.t0, self.start, self.bar = total, initial, time.time(), initial, None
-        self.enabled = rank() == 0
+        self.desc, self.unit = desc, unit
+        self.enabled = rank() == 0 if enabled is None else enabled
         self.interval = 0.1 if sys.stderr.isatty() else 30.0
         self.last = 0.0
         if self.enabled:
@@ -195,18 +215,20 @@ class Progress:
             except ImportError:
                 pass
 
-    def update(self, postfix: str = "") -> None:
-        self.n += 1
+    def update(self, postfix: str = "", n: int = 1) -> None:
+        self.n += n
         if not self.enabled:
             return
         if self.bar is not None:
             self.bar.set_postfix_str(postfix, refresh=False)
-            self.bar.update(1)
-        elif time.time() - self.last >= self.interval or self.n == self.total:
+            self.bar.update(n)
+        elif time.time() - self.last >= self.interval or self.n >= self.total:
             self.last = time.time()
             rate = (self.n - self.start) / max(time.time() - self.t0, 1e-9)
             eta = (self.total - self.n) / rate if rate > 0 else float("inf")
-            print(f"\r{self.n}/{self.total} {rate:.2f} it/s ETA {eta:.0f}s {postfix}", end="", file=sys.stderr)
+            eta_s = f"{int(eta // 60)}m{int(eta % 60):02d}s" if math.isfinite(eta) else "?"
+            print(f"\r{self.desc} {self.n}/{self.total} {rate:.2f} {self.unit}/s ETA {eta_s} {postfix}", end="",
+                  file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:

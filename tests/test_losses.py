@@ -84,7 +84,19 @@ def test_unknown_loss_type():
         L.loss_grad("kto", _t(0.0), 0.1)
 
 
-def test_ddpo_equals_dpo_on_weighted_scores():
-    rho = _t(0.2, -1.0)
-    assert torch.equal(L.pair_losses("ddpo", rho, 0.5), L.dpo_loss(rho, 0.5))
-    assert math.isclose(L.pair_losses("dpo", _t(1.0), 1.0).item(), math.log1p(math.exp(-1.0)), rel_tol=1e-12)
+def test_ddpo_is_a_weighting_of_dpo_not_a_loss():
+    # RLHF-V's DDPO = DPO on the gamma-weighted scores: by hand, tokens logp chosen [-1, -2] (2nd corrected),
+    # rejected [-3, -1] (1st corrected), reference all -1.5, gamma 5, summed scores:
+    # s_pi(c) = -1 + 5 * -2 = -11, s_ref(c) = -1.5 - 7.5 = -9 ; s_pi(r) = 5 * -3 - 1 = -16, s_ref(r) = -9
+    # rho = (-11 + 9) - (-16 + 9) = 5 ; beta 0.5: -log sigmoid(2.5) = log(1 + e^-2.5) = 0.0789293301...
+    assert "ddpo" not in L.LOSS_TYPES
+    logps = _t(-1.0, -2.0, -3.0, -1.0).view(2, 2)
+    corrected = torch.tensor([[False, True], [True, False]])
+    mask = torch.ones(2, 2, dtype=torch.bool)
+    pol = L.ddpo_sequence_score(logps, mask, corrected, 5.0, average=False)
+    ref = L.ddpo_sequence_score(torch.full((2, 2), -1.5, dtype=torch.float64), mask, corrected, 5.0, average=False)
+    rho = (pol[:1] - ref[:1]) - (pol[1:] - ref[1:])
+    assert rho.item() == pytest.approx(5.0, rel=1e-12)
+    assert L.pair_losses("dpo", rho, 0.5).item() == pytest.approx(math.log1p(math.exp(-2.5)), rel=1e-12)
+    with pytest.raises(ValueError, match="loss_type"):
+        L.pair_losses("ddpo", rho, 0.5)

@@ -181,7 +181,7 @@ def ref_preference_loss(hidden, weight, labels, token_weights, ref_logps, loss_t
 
     pol, ref = score(logp), score(ref_logps.double())
     rho = (pol[:P] - ref[:P]) - (pol[P:] - ref[P:])
-    if loss_type in ("dpo", "ddpo"):
+    if loss_type == "dpo":
         loss = torch.log1p(torch.exp(-beta * rho))
     elif loss_type == "ipo":
         loss = (rho - 1 / (2 * beta)) ** 2
@@ -193,7 +193,7 @@ def ref_preference_loss(hidden, weight, labels, token_weights, ref_logps, loss_t
 
 @pytest.mark.parametrize("loss_type,average,sft_weight,dtype", [
     ("dpo", False, 0.0, torch.float32), ("ipo", True, 0.0, torch.float32), ("slic", False, 0.3, torch.float32),
-    ("ddpo", True, 0.5, torch.float32), ("dpo", True, 0.1, torch.bfloat16), ("ddpo", False, 0.0, torch.float16)])
+    ("dpo", True, 0.5, torch.float32), ("dpo", True, 0.1, torch.bfloat16), ("dpo", False, 0.0, torch.float16)])
 def test_preference_loss_vs_float64(backend, loss_type, average, sft_weight, dtype):
     hidden, weight, labels, tw, ref = make_pairs(3, 29, 40, 517, dtype)
     labels[1] = -100  # a chosen response with no scored token
@@ -215,7 +215,7 @@ def test_preference_loss_vs_float64(backend, loss_type, average, sft_weight, dty
         assert metrics[k].shape == (3,)
 
 
-@pytest.mark.parametrize("loss_type", ["dpo", "ipo", "slic", "ddpo"])
+@pytest.mark.parametrize("loss_type", ["dpo", "ipo", "slic"])
 @pytest.mark.parametrize("dtype,average,sft_weight,chunk_pairs", [(torch.float32, False, 0.0, None),
                                                                   (torch.float32, True, 0.2, 1),
                                                                   (torch.bfloat16, False, 0.1, 2)])
@@ -293,7 +293,7 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="hidden: batch 3"):
         ops.preference_loss(hidden[:3], weight, labels[:3], tw[:3], ref[:3], "dpo", 0.1)
     with pytest.raises(ValueError, match="loss_type"):
-        ops.preference_loss(hidden, weight, labels, tw, ref, "sigmoid", 0.1)
+        ops.preference_loss(hidden, weight, labels, tw, ref, "ddpo", 0.1)  # a token weighting, not a loss
     with pytest.raises(ValueError, match="beta"):
         ops.preference_loss(hidden, weight, labels, tw, ref, "dpo", 0.0)
 

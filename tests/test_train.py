@@ -1,6 +1,7 @@
 """train.py end to end on a tiny llava checkpoint made by transformers: every algorithm and every data format for a few
 steps, the first-step loss against the formulas and the policy log-probs against transformers' own logits, 1 rank vs
-2 ranks (torchrun, FSDP2 on gloo), the saved checkpoint in transformers, exact resume, and bad input."""
+2 ranks (torchrun, FSDP2 on gloo), the saved checkpoint in transformers, exact resume, and bad input; the step's
+stages (POVID's rollout, the reference log-probs) against transformers; the algorithm table and the progress bar."""
 import io
 import json
 import math
@@ -191,14 +192,15 @@ def test_resume_is_exact(world, tmp_path):
 
 
 def test_nan_loss_stops_before_the_step_and_keeps_checkpoint(world, tmp_path, monkeypatch):
-    real = train.preference_loss
+    from nanoalign import objective
+    real = objective.preference_loss
     calls = {"n": 0}
 
     def poisoned(*a, **kw):
         calls["n"] += 1
         loss, m = real(*a, **kw)
         return (loss * float("nan") if calls["n"] == 3 else loss), m
-    monkeypatch.setattr(train, "preference_loss", poisoned)
+    monkeypatch.setattr(objective, "preference_loss", poisoned)
     with pytest.raises(SystemExit, match=r"non-finite loss nan at step 3.*step-000002"):
         run(world, tmp_path, "--algo", "dpo", "--max-steps", 4, "--save-every", 2)
     assert (tmp_path / "step-000002" / "model.safetensors").is_file()
@@ -234,3 +236,84 @@ def test_cli_bad_input_is_one_line(world, tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [f"error: data file {tmp_path / 'missing.jsonl'} not found"]
+
+
+def test_the_table_drives_the_parser():
+    from nanoalign.losses import LOSS_TYPES
+    with pytest.raises(SystemExit):
+        train.parse_args(["--algo", "nope"])  # choices come from the table
+    for name, algo in train.ALGOS.items():
+        args = train.parse_args(["--algo", name])
+        assert args.beta == algo.beta and args.out == f"runs/{name}"
+        assert algo.loss in (*LOSS_TYPES, "nll") and algo.weights in (None, "ddpo")
+        assert algo.responses in ("none", "noisy_self") and algo.data in ("pairs", "responses")
+    assert train.ALGOS["ddpo"].loss == "dpo" and train.ALGOS["ddpo"].beta == 0.5  # RLHF-V: a weighting of DPO
+    assert train.parse_args(["--algo", "ddpo", "--beta", "0.3"]).beta == 0.3
+
+
+def _logps_by_transformers(hf, b, pixel_values):
+    """(R, T) float64 log p(label) from transformers' full logits (0 off-response), one image per row."""
+    with torch.no_grad():
+        logits = hf(input_ids=b["input_ids"], pixel_values=pixel_values[b["image_index"]],
+                    attention_mask=b["attention_mask"]).logits
+    labels = b["labels"]
+    lp = torch.log_softmax(logits.double(), -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    return lp * (labels != -100), logits
+
+
+def test_rollout_and_reference_stages_match_transformers(world, tmp_path):
+    """POVID's noisy-self tokens = argmax of transformers' logits under the same noised image (image token excluded);
+    the reference stage's cached rows and frozen-reference rows = transformers' log-probs of the clean image."""
+    from nanoalign import rollout
+    from nanoalign.batch import collate, encode_all, open_image
+    from nanoalign.checkpoint import load_pretrained
+    from nanoalign.data import load_examples
+    from nanoalign.noise import noisy_pixel_values
+    from nanoalign.refcache import build_cache, reference_logps
+    img = str(world / "img")
+    policy, processor = load_pretrained(world / "ckpt")
+    exs, _ = load_examples(str(world / "prefs.jsonl"), "prefs", img)
+    enc, _ = encode_all(exs, processor, img, "vicuna_v1", 4096)
+    cache, keys = build_cache(policy, exs, enc, processor, world / "ckpt", tmp_path / "rc", img, "vicuna_v1", 3, "cpu")
+    items = enc[1:4]
+    P = len(items)
+    b = collate(items, ["chosen", "rejected"], processor, [open_image(exs[it.index], img) for it in items])
+    torch.manual_seed(7)
+    b3 = rollout.noisy_self(policy, items, b, processor, 500, "cpu")
+    ip = processor.image_processor
+    torch.manual_seed(7)
+    noisy = noisy_pixel_values(b["pixel_values"], ip.image_mean, ip.image_std, 500)
+    hf = transformers.LlavaForConditionalGeneration.from_pretrained(str(world / "ckpt")).eval()
+    _, logits = _logps_by_transformers(hf, {**b, "input_ids": b["input_ids"][:P],
+                                            "attention_mask": b["attention_mask"][:P], "labels": b["labels"][:P],
+                                            "image_index": b["image_index"][:P]}, noisy)
+    image_token = hf.config.image_token_id
+    logits[..., image_token] = -float("inf")
+    for r, it in enumerate(items):
+        scored = b["labels"][r] != -100
+        assert it.noisy_ids == logits[r][scored].argmax(-1).tolist()
+    assert b3["labels"].shape[0] == 3 * P
+    T = b["labels"].shape[1]
+    assert torch.equal(b3["labels"][:2 * P, :T], b["labels"]) and (b3["labels"][:2 * P, T:] == -100).all()
+    ref = reference_logps(b3, [keys[it.index] for it in items], cache, policy, "cpu")  # the policy is untrained
+    want, _ = _logps_by_transformers(hf, b3, b3["pixel_values"])
+    assert ref.shape == b3["labels"].shape
+    assert torch.allclose(ref.double(), want, atol=1e-4)
+    assert (ref[2 * P:][b3["labels"][2 * P:] != -100] != 0).all()  # the noisy rows were scored, not left at 0
+    no_cache = reference_logps(b3, None, None, policy, "cpu")  # online algorithms: every row from the reference
+    assert torch.allclose(no_cache.double(), want, atol=1e-4)
+
+
+def test_progress_fallback_line_and_counts(monkeypatch, capsys):
+    from nanoalign.trainutil import Progress
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # no tqdm: the plain stderr line
+    bar = Progress(5, desc="pairs", unit="ex", enabled=True)
+    bar.update(n=2)
+    bar.update("last", n=3)
+    bar.close()
+    err = capsys.readouterr().err
+    assert "pairs 5/5" in err and "ex/s" in err and "last" in err and bar.n == 5
+    quiet = Progress(3, enabled=False)
+    quiet.update()
+    quiet.close()
+    assert capsys.readouterr().err == "" and quiet.n == 1
