@@ -61,7 +61,9 @@ PREFERENCE_ALGOS = [name for name, algo in ALGOS.items() if algo.data == "pairs"
 
 
 # ----------------------------------------------------------------------------------------------------- arguments
-def parse_args(argv=None):
+def parse_args(argv=None, toy_algo=None):
+    """Command line -> namespace. Without --model/--data (the toy world's run) the toy's settings for the algorithm
+    (toy_algo, else --algo; nanoalign.toy.run.train_defaults) are the defaults, so any option given overrides them."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     g = p.add_argument_group("what to train")
     g.add_argument("--algo", default="ddpo", choices=list(ALGOS), help="the algorithm (default ddpo)")
@@ -108,9 +110,10 @@ def parse_args(argv=None):
                    "~/.cache/nanoalign/toy/<hash>)")
     g.add_argument("--toy-seed", type=int, default=0, help="seed of the toy world and its SFT base model")
     args = p.parse_args(argv)
-    for action in p._actions:  # parsed again without defaults: the options the command line itself gave, which
-        action.default = argparse.SUPPRESS  # the toy run lets override its own settings even when equal to a default
-    args.given = sorted(vars(p.parse_args(argv)))
+    if args.model is None and args.data is None:
+        from nanoalign.toy.run import train_defaults
+        p.set_defaults(**train_defaults(toy_algo or args.algo))
+        args = p.parse_args(argv)
     if args.beta is None:
         args.beta = ALGOS[args.algo].beta
     if args.lora_alpha is None:
@@ -321,8 +324,8 @@ if __name__ == "__main__":
     _args = parse_args()
     try:
         if _args.model is None and _args.data is None:
-            from nanoalign import toyrun
-            toyrun.default_run(_args, main)
+            from nanoalign.toy.run import default_run
+            default_run(_args, main, parse_args, list(PREFERENCE_ALGOS))
         else:
             main(_args)
     except (ValueError, FileNotFoundError, ImportError) as e:  # bad input: one line, not a traceback

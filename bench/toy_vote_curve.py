@@ -26,8 +26,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from nanoalign import toyrun  # noqa: E402
-from nanoalign import toyworld as tw  # noqa: E402
+from nanoalign.toy import world as tw  # noqa: E402
+from nanoalign.toy.base import SETTINGS, cache_dir, load_model  # noqa: E402
+from nanoalign.toy.files import load_scenes  # noqa: E402
+from nanoalign.toy.oracle import parse  # noqa: E402
 
 
 def score(named, present):
@@ -37,14 +39,14 @@ def score(named, present):
 
 
 def named_kinds(caption):
-    return {m["kind"] for m in tw._parse(caption)}
+    return {m["kind"] for m in parse(caption)}
 
 
 def held_out(world, fresh=0):
     """The world's held-out scenes and images, or with fresh > 0 that many eval-split scenes beyond them (drawn and
     rendered here: no run has been evaluated, let alone tuned, on them) -> [(name, scene)], [PIL image]."""
     from PIL import Image
-    scenes = list(tw.load_scenes(world / "scenes_eval.jsonl").items())
+    scenes = list(load_scenes(world / "scenes_eval.jsonl").items())
     if fresh:
         n = len(scenes)
         scenes = [(f"fresh_{n + i}", sc) for i, sc in enumerate(tw.make_scenes(n + fresh, 0, "eval")[n:])]
@@ -56,7 +58,7 @@ def curve(model_dir, world, samples, temperature, template, batch_size=64, fresh
     """-> dict(greedy=(R, C), votes=[(t, R, C)], p_halluc, p_present, n_halluc) for one checkpoint."""
     from nanoalign.generate import generate_text
     from nanoalign.tokenizer import build_prompt
-    model, processor = toyrun._load_model(model_dir)
+    model, processor = load_model(model_dir)
     scenes, images = held_out(world, fresh)
     present = np.array([[k in tw.groups(sc) for k in tw.KINDS] for _, sc in scenes])
     prompts = [tw.CAPTION_PROMPT] * len(scenes)
@@ -79,7 +81,7 @@ def curve(model_dir, world, samples, temperature, template, batch_size=64, fresh
     with torch.no_grad():
         for (_, sc), image, cap in zip(scenes, images, [] if shared else greedy):
             gs, said = tw.groups(sc), set()
-            for m in tw._parse(cap):
+            for m in parse(cap):
                 k = m["kind"]
                 if k != "__total__" and k not in gs and k not in said:
                     text = build_prompt(tw.CAPTION_PROMPT, template) + " " + cap[:m["noun"][0]].rstrip()
@@ -111,7 +113,7 @@ def main(argv=None):
     labels = a.label or [Path(m).parent.name if Path(m).name == "final" else Path(m).name for m in a.model]
     if len(labels) != len(a.model):
         ap.error(f"{len(a.model)} --model but {len(labels)} --label")
-    world = toyrun.cache_dir({**toyrun.SETTINGS, "toy_seed": 0}, a.toy_cache) / "world"
+    world = cache_dir({**SETTINGS, "toy_seed": 0}, a.toy_cache) / "world"
     if not (world / "scenes_eval.jsonl").is_file():
         raise SystemExit(f"error: {world}: no toy world here; run `train.py` once (or give --toy-cache)")
     torch.set_num_threads(os.cpu_count() or 1)
@@ -119,7 +121,7 @@ def main(argv=None):
     for label, m in zip(labels, a.model):
         if not (Path(m) / "config.json").is_file():
             raise SystemExit(f"error: --model {m}: no config.json (a checkpoint folder, as OUT/final)")
-        r = results[label] = curve(m, world, a.samples, a.temperature, toyrun.SETTINGS["template"], fresh=a.fresh)
+        r = results[label] = curve(m, world, a.samples, a.temperature, SETTINGS["template"], fresh=a.fresh)
         rows.append((label, "greedy", "", *r["greedy"]))
         rows += [(label, "votes", t, rc, ch) for t, rc, ch in r["votes"]]
         probs = (f"at its {r['n_halluc']} hallucinated nouns p(wrong kind) {r['p_halluc']:.2f}, p(present unnamed "

@@ -241,11 +241,10 @@ def test_cli_single_model_pope_and_errors(tmp_path, monkeypatch, capsys):
 def test_toy_world_files_through_the_cli(tmp_path, monkeypatch, capsys):
     """The toy world's own POPE JSONL, COCO-style annotations, caption questions and synonyms evaluate here; an
     oracle that reads the scene gets POPE accuracy 1 and CHAIR 0 / Recall 1 (ground truth from the world's scenes)."""
-    T = pytest.importorskip("nanoalign.toyworld")
-    if not all(hasattr(T, f) for f in ("build_world", "render", "caption", "groups", "load_scenes")):
-        pytest.skip("toy world API not there yet")
-    paths = T.build_world(str(tmp_path / "world"), n_train=20, n_eval=4)
-    scenes = T.load_scenes(paths["scenes_eval"])
+    from nanoalign.toy import files
+    from nanoalign.toy import world as T
+    paths = files.build_world(str(tmp_path / "world"), n_train=20, n_eval=4)
+    scenes = files.load_scenes(paths["scenes_eval"])
     by_pixels = {T.render(sc).tobytes(): sc for sc in scenes.values()}
 
     def oracle(images, prompts):

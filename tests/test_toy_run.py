@@ -1,5 +1,6 @@
-"""The toy pipeline end to end at a tiny size (nanoalign/toyrun.py): world -> SFT base -> DDPO pairs -> DDPO -> eval,
-and the cache (a second run reuses the world and the base model)."""
+"""The toy pipeline end to end at a tiny size (nanoalign/toy/run.py): world -> SFT base -> DDPO pairs -> DDPO -> eval,
+and the cache (a second run reuses the world and the base model); the toy's settings as train.py's defaults; the
+pieces of nanoalign/toy/base.py, pairs.py and evaluate.py; bench/toy_reproduce.py."""
 import json
 from pathlib import Path
 
@@ -10,8 +11,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # train.py lives at the repo root
 import train  # noqa: E402
-from nanoalign import toyrun  # noqa: E402
-from nanoalign import toyworld as tw  # noqa: E402
+from nanoalign.toy import base, evaluate, files, pairs, run  # noqa: E402
+from nanoalign.toy import oracle as O  # noqa: E402
+from nanoalign.toy import world as W  # noqa: E402
 
 TINY = dict(n_train=24, n_eval=4, vocab_size=320, ground_steps=3, sft_steps=6, sft_batch=4, eval_max_new_tokens=20,
             vision_steps=3)
@@ -20,10 +22,11 @@ ALIGN = {"steps": 2, "lr": 1e-4, "batch": 2, "pair_scenes": 4, "samples": 1, "te
 
 
 def _run(tmp_path, out, monkeypatch, algo="ddpo", extra=()):
-    monkeypatch.setitem(toyrun.ALIGN, "default", ALIGN)
+    monkeypatch.setitem(run.ALIGN, "default", ALIGN)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
     args = train.parse_args(["--algo", algo, "--out", str(tmp_path / out), "--toy-cache", str(tmp_path / "cache"),
                              *extra])
-    return toyrun.default_run(args, train.main, settings=TINY)
+    return run.default_run(args, train.main, train.parse_args, list(train.PREFERENCE_ALGOS), settings=TINY)
 
 
 def test_smoke_pipeline_and_cache(tmp_path, monkeypatch, capsys):
@@ -54,9 +57,9 @@ def test_smoke_pipeline_and_cache(tmp_path, monkeypatch, capsys):
     rows = [json.loads(l) for l in open(tmp_path / "a" / "pairs.jsonl")]
     yesno = [r for r in rows if r["prompt"].startswith("<image>\nIs there")]
     assert summary["pairs"].get("yesno_pairs", 0) == len(yesno) > 0
-    scenes = tw.load_scenes(str(Path(summary["cache"]) / "world" / "scenes_train.jsonl"))
+    scenes = files.load_scenes(str(Path(summary["cache"]) / "world" / "scenes_train.jsonl"))
     for r in yesno:  # ground-truth existence pairs: chosen the truth about the scene, rejected the other answer
-        assert r["chosen"] == tw.answer_question(r["prompt"], scenes[Path(r["image"]).name])
+        assert r["chosen"] == W.answer_question(r["prompt"], scenes[Path(r["image"]).name])
         assert {r["chosen"], r["rejected"]} == {"Yes.", "No."}
     assert {r["chosen"] for r in yesno} == {"Yes.", "No."}
     # the best against the worst of 3 sampled captions by the oracle, one per scene unless all 3 score the same
@@ -67,8 +70,8 @@ def test_smoke_pipeline_and_cache(tmp_path, monkeypatch, capsys):
     assert n_ranked + summary["pairs"].get("ranked_tie", 0) == ALIGN["pair_scenes"]
     for r in no_spans:
         sc = scenes[Path(r["image"]).name]
-        assert tw.oracle_score(r["chosen"], sc)["score"] > tw.oracle_score(r["rejected"], sc)["score"]
-        assert "chosen_segments" not in r and r["prompt"].endswith(tw.CAPTION_PROMPT)
+        assert O.oracle_score(r["chosen"], sc)["score"] > O.oracle_score(r["rejected"], sc)["score"]
+        assert "chosen_segments" not in r and r["prompt"].endswith(W.CAPTION_PROMPT)
     for r in rows:
         assert r["chosen"] != r["rejected"]
         for a, b in r.get("rejected_segments") or []:
@@ -79,7 +82,7 @@ def test_smoke_pipeline_and_cache(tmp_path, monkeypatch, capsys):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     import toy_vote_curve
     v = toy_vote_curve.curve(cache / "base" / "final", cache / "world", samples=2, temperature=1.0,
-                             template=TINY.get("template", toyrun.SETTINGS["template"]))
+                             template=TINY.get("template", base.SETTINGS["template"]))
     assert v["greedy"][0] == pytest.approx(100 * summary["before"]["recall"])
     assert [t for t, *_ in v["votes"]] == [1, 2] and v["votes"][0][1] >= v["votes"][1][1]  # Recall falls with t
     assert (cache / "base" / "DONE.json").is_file() and (cache / "init" / "model.safetensors").is_file()
@@ -100,8 +103,10 @@ def test_smoke_pipeline_and_cache(tmp_path, monkeypatch, capsys):
     assert fp["base"] == hashlib.sha256(weights).hexdigest()[:16] == s1["fingerprint"]["base"]
     assert fp["init"] != fp["base"] and fp["cpu"] and fp["torch"] == torch.__version__
     # ALIGN's beta unless the user gives one; any other train.py option the user sets reaches the alignment run
-    assert seen[-1].beta == toyrun.ALIGN["ddpo"]["beta"] and not seen[-1].ddpo_average
-    assert seen[-1].sft_weight == 1.0 and seen[-1].lr == {**ALIGN, **toyrun.ALIGN["ddpo"]}["lr"]
+    assert seen[-1].beta == run.ALIGN["ddpo"]["beta"] and not seen[-1].ddpo_average
+    assert seen[-1].sft_weight == 1.0 and seen[-1].lr == {**ALIGN, **run.ALIGN["ddpo"]}["lr"]
+    assert seen[-1].max_steps == ALIGN["steps"] and seen[-1].batch_size == ALIGN["batch"]  # one process: all of it
+    assert seen[-1].warmup_steps == min(5, ALIGN["steps"] // 4)
     # ... even at train.py's default value (ddpo's beta 0.5, --sft-weight 0, --lr 1e-5), which ALIGN's would beat
     _run(tmp_path, "c", monkeypatch, extra=["--ddpo-average", "--beta", "0.5", "--warmup-steps", "1", "--gamma", "2",
                                             "--sft-weight", "0", "--lr=1e-5"])
@@ -112,14 +117,14 @@ def test_smoke_pipeline_and_cache(tmp_path, monkeypatch, capsys):
 
 
 PAIR_KW = dict(n_scenes=5, seed=3, samples=1, temperature=1.0, batch_size=2, max_new_tokens=12, ranked=3, yesno=2,
-               template=toyrun.SETTINGS["template"])  # 3 blocks of scenes: 2, 2 and 1
+               template=base.SETTINGS["template"])  # 3 blocks of scenes: 2, 2 and 1
 
 
 def _pairs_on_two_ranks(rank, port, args, out):
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
-        toyrun.build_pairs(*args, out_path=out, **PAIR_KW)
+        pairs.build_pairs(*args, out_path=out, **PAIR_KW)
     finally:
         dist.destroy_process_group()
 
@@ -134,7 +139,7 @@ def test_caption_pairs_split_over_two_ranks_equal_one_process(tmp_path, monkeypa
     world = {"scenes_train": str(cache / "world" / "scenes_train.jsonl"), "images": str(cache / "world" / "images")}
     args = ("ddpo", str(cache / "base" / "final"), world)
     one = tmp_path / "one.jsonl"
-    stats = toyrun.build_pairs(*args, out_path=one, **PAIR_KW)
+    stats = pairs.build_pairs(*args, out_path=one, **PAIR_KW)
     assert stats["pairs"] >= 10 and stats.get("ranked", 0) + stats.get("ranked_tie", 0) == 5
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -146,8 +151,8 @@ def test_caption_pairs_split_over_two_ranks_equal_one_process(tmp_path, monkeypa
 
 def test_init_checkpoint_std_and_layout(tmp_path):
     from nanoalign.checkpoint import load_pretrained
-    world = tw.build_world(str(tmp_path / "w"), 4, 2, 0, 1, 320)
-    toyrun.init_checkpoint(world, tmp_path / "init", {**toyrun.SETTINGS, "init_std": 0.02}, 0)
+    world = files.build_world(str(tmp_path / "w"), 4, 2, 0, 1, 320)
+    base.init_checkpoint(world, tmp_path / "init", {**base.SETTINGS, "init_std": 0.02}, 0)
     for f in ("config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json"):
         assert (tmp_path / "init" / f).is_file(), f
     model, proc = load_pretrained(tmp_path / "init")
@@ -160,20 +165,20 @@ def test_init_checkpoint_std_and_layout(tmp_path):
 def test_train_alone_runs_train_py_as_one_process(tmp_path, monkeypatch):
     """Under torchrun the toy's SFT base is trained by rank 0 in a plain child process: torchrun's variables must not
     reach it (with RANK set it would wait for a process group that never forms) and a failure must raise."""
-    world = tw.build_world(str(tmp_path / "w"), 6, 2, 0, 2, 320, exist_per_image=1)
-    toyrun.init_checkpoint(world, tmp_path / "init", {**toyrun.SETTINGS}, 0)
+    world = files.build_world(str(tmp_path / "w"), 6, 2, 0, 2, 320, exist_per_image=1)
+    base.init_checkpoint(world, tmp_path / "init", {**base.SETTINGS}, 0)
     torchrun_env = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
     for k, v in torchrun_env.items():
         monkeypatch.setenv(k, v)
     argv = ["--algo", "sft", "--model", str(tmp_path / "init"), "--data", world["sft"], "--data-format", "llava",
             "--image-root", world["images"], "--out", str(tmp_path / "sft"), "--max-steps", "2", "--batch-size", "2",
             "--template", "vicuna_nosys"]
-    toyrun._train_alone(train.main, argv)
+    base._train_alone(train.main, argv)
     header = json.loads(open(tmp_path / "sft" / "metrics.jsonl").readline())["header"]
     assert (tmp_path / "sft" / "final" / "model.safetensors").is_file()
     assert header["world"] == 1 and header["config"]["template"] == "vicuna_nosys"
     with pytest.raises(RuntimeError, match="exited with"):
-        toyrun._train_alone(train.main, argv[:5] + [str(tmp_path / "missing.json")] + argv[6:])
+        base._train_alone(train.main, argv[:5] + [str(tmp_path / "missing.json")] + argv[6:])
 
 
 def test_hallucination_kinds_and_table(tmp_path):
@@ -185,49 +190,86 @@ def test_hallucination_kinds_and_table(tmp_path):
             {"gt_objects": ["cup"], "hallucinated": ["star"], "answer": "There is a star. A cup is at the top."}]
     p.write_text("".join(json.dumps(r) + "\n" for r in rows))
     # knife is fork's companion, tree and star are unpaired; instead: knife, star; extra: tree
-    assert toyrun.hallucination_kinds(p) == {"companion_fraction": 1 / 3, "halluc_instead": 2 / 3, "halluc_extra": 1 / 3}
-    t = toyrun.table({"chair_i": 0.5, "mean_length": 10.0}, {"chair_i": 0.25, "mean_length": 9.0})
+    assert evaluate.hallucination_kinds(p) == {"companion_fraction": 1 / 3, "halluc_instead": 2 / 3, "halluc_extra": 1 / 3}
+    t = evaluate.table({"chair_i": 0.5, "mean_length": 10.0}, {"chair_i": 0.25, "mean_length": 9.0})
     assert "| chair_i | 50.0 | 25.0 | -25.0 |" in t and "| mean_length | 10.0 | 9.0 | -1.0 |" in t
 
 
 def test_cache_key_depends_on_settings():
-    a = toyrun.cache_key(toyrun.SETTINGS)
-    assert a == toyrun.cache_key(dict(toyrun.SETTINGS))
-    assert a != toyrun.cache_key({**toyrun.SETTINGS, "sft_steps": toyrun.SETTINGS["sft_steps"] + 1})
+    a = base.cache_key(base.SETTINGS)
+    assert a == base.cache_key(dict(base.SETTINGS))
+    assert a != base.cache_key({**base.SETTINGS, "sft_steps": base.SETTINGS["sft_steps"] + 1})
 
 
-def test_train_parse_args_toy_default():
+def test_toy_settings_are_train_py_defaults(monkeypatch):
+    """Without --model/--data, the toy's per-algorithm settings (ALIGN) are train.py's defaults; any option given
+    overrides them, even at train.py's own default value (ddpo's beta 0.5, --sft-weight 0, --lr 1e-5); with
+    --model/--data they are not applied."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    al = {**run.ALIGN["default"], **run.ALIGN["ddpo"]}
     a = train.parse_args(["--algo", "ddpo"])
     assert a.model is None and a.data is None and a.toy_seed == 0 and a.toy_cache is None
-    assert a.given == ["algo"] and a.beta == 0.5  # what the command line gave; beta: ddpo's default
-    assert train.parse_args(["--bet=0.5", "--lr", "1e-5"]).given == ["beta", "lr"]  # abbreviations, = forms
+    assert (a.beta, a.lr, a.max_steps, a.batch_size, a.sft_weight) == (al["beta"], al["lr"], al["steps"], al["batch"],
+                                                                        al["sft_weight"])
+    assert a.warmup_steps is None and not hasattr(a, "given")  # None: default_run warms up min(5, steps // 4)
+    a = train.parse_args(["--bet=0.5", "--lr", "1e-5", "--sft-weight", "0"])  # abbreviations, = forms
+    assert (a.beta, a.lr, a.sft_weight, a.max_steps) == (0.5, 1e-5, 0.0, al["steps"])
+    real = train.parse_args(["--algo", "ddpo", "--model", "m", "--data", "d"])  # not the toy: train.py's own
+    assert (real.beta, real.lr, real.max_steps, real.batch_size, real.sft_weight, real.warmup_steps) == (
+        train.DEFAULT_BETA["ddpo"], 1e-5, None, 4, 0.0, 0)
+    # the global batch is split over torchrun's ranks; a toy-only algorithm takes its own settings, not --algo's
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert train.parse_args(["--algo", "dpo"]).batch_size == run.ALIGN["default"]["batch"] // 2
+    assert train.parse_args(["--algo", "dpo"]).beta == run.ALIGN["dpo"]["beta"] != train.DEFAULT_BETA["dpo"]
+    assert train.parse_args(["--algo", "dpo"], toy_algo="bdhs").beta == train.DEFAULT_BETA["dpo"]
     with pytest.raises(SystemExit):
         train.parse_args(["--algo", "ddpo", "--model", "x"])  # --model without --data
 
 
+def test_every_train_option_survives_the_command_line_of_the_alignment_run():
+    """default_run hands the alignment run every option of the namespace as a command line (base.to_argv): each of
+    train.py's options, at its default or at another value, parses back to the same value."""
+    others = ["--algo", "povid", "--model", "m", "--data", "d", "--data-format", "llava", "--image-root", "r",
+              "--template", "raw", "--out", "o", "--max-steps", "3", "--epochs", "2.5", "--batch-size", "3",
+              "--grad-accum", "2", "--lr", "3e-05", "--projector-lr", "0.001", "--weight-decay", "0.1",
+              "--warmup-steps", "2", "--min-lr-ratio", "0.05", "--clip", "0", "--seed", "7", "--lora-rank", "8",
+              "--lora-alpha", "4", "--lora-dropout", "0.1", "--lora-targets", "q_proj,v_proj", "--freeze-vision",
+              "--grad-checkpointing", "--beta", "0.25", "--gamma", "2", "--ddpo-average", "--sft-weight", "0.5",
+              "--noise-step", "100", "--ref-cache", "c", "--max-len", "64", "--strict", "--save-every", "2",
+              "--keep", "1", "--resume", "--wandb", "w", "--toy-cache", "t", "--toy-seed", "3"]
+    for argv in (["--model", "m", "--data", "d"], others):
+        a = train.parse_args(argv)
+        assert vars(train.parse_args(base.to_argv(vars(a)))) == vars(a)
+    at_default = train.parse_args(["--model", "m0", "--data", "d0"])
+    given = {k for k, v in vars(train.parse_args(others)).items() if v != getattr(at_default, k)}
+    assert given == set(vars(a))  # the second command line changes every option of train.py
+
+
 def test_reproduce_table_and_plot(tmp_path, monkeypatch):
-    from nanoalign import reproduce
-    monkeypatch.setattr(toyrun, "SETTINGS", {**toyrun.SETTINGS, **TINY})
-    monkeypatch.setitem(toyrun.ALIGN, "default", ALIGN)
-    rc = reproduce.main(["--algos", "ddpo", "povid", "--seeds", "0", "1", "--max-steps", "1", "--out",
-                         str(tmp_path / "rep"), "--toy-cache", str(tmp_path / "cache")])
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import toy_reproduce
+    monkeypatch.setattr(base, "SETTINGS", {**base.SETTINGS, **TINY})
+    monkeypatch.setitem(run.ALIGN, "default", ALIGN)
+    rc = toy_reproduce.main(["--algos", "ddpo", "povid", "--seeds", "0", "1", "--max-steps", "1", "--out",
+                             str(tmp_path / "rep"), "--toy-cache", str(tmp_path / "cache")])
     assert rc == 0
     md = (tmp_path / "rep" / "results.md").read_text()
+    assert md.startswith("`python bench/toy_reproduce.py --algos ddpo povid")
     rows = [l for l in md.splitlines() if l.startswith("| ") and not l.startswith("| model")]
     assert [r.split("|")[1].strip() for r in rows] == ["SFT base", "ddpo", "povid"]
     assert all(r.split("|")[2].strip() == "2" for r in rows)  # two seeds each
     assert (tmp_path / "rep" / "results.png").stat().st_size > 1000
     s = json.loads((tmp_path / "rep" / "povid-s1" / "summary.json").read_text())
-    assert s["seed"] == 1 and s["algo"] == "povid"
-    assert reproduce.main(["--algos", "nope", "--out", str(tmp_path / "x")]) == 2
+    assert s["seed"] == 1 and s["algo"] == "povid" and s["steps"] == 1
+    assert toy_reproduce.main(["--algos", "nope", "--out", str(tmp_path / "x")]) == 2
 
 
 def test_yesno_auc_scores_present_against_absent_kinds(tmp_path):
     # a stand-in model whose logit(Yes) - logit(No) is +1 for a present kind and -1 for an absent one, except -1 ->
     # +2 for absent companions: AUC 1 over all kinds minus the companions' share, 0 against the companions alone
     from PIL import Image
-    world = tw.build_world(str(tmp_path / "w"), n_train=6, n_eval=8, seed=0, vocab_size=320)
-    scenes = tw.load_scenes(world["scenes_eval"])
+    world = files.build_world(str(tmp_path / "w"), n_train=6, n_eval=8, seed=0, vocab_size=320)
+    scenes = files.load_scenes(world["scenes_eval"])
     by_pixels = {Image.open(Path(world["images"]) / n).convert("RGB").tobytes(): sc for n, sc in scenes.items()}
 
     class Tok:
@@ -240,8 +282,8 @@ def test_yesno_auc_scores_present_against_absent_kinds(tmp_path):
         def __call__(self, texts, images, padding_side="left"):
             score = []
             for t, im in zip(texts, images):
-                k, gs = t.split("Is there a ")[1].split(" in the image?")[0], tw.groups(by_pixels[im.tobytes()])
-                score.append(1.0 if k in gs else 2.0 if any(tw.PAIRED.get(p) == k for p in gs) else -1.0)
+                k, gs = t.split("Is there a ")[1].split(" in the image?")[0], W.groups(by_pixels[im.tobytes()])
+                score.append(1.0 if k in gs else 2.0 if any(W.PAIRED.get(p) == k for p in gs) else -1.0)
             return {"input_ids": torch.tensor(score)[:, None], "pixel_values": None, "attention_mask": None}
 
     class Model:
@@ -251,9 +293,9 @@ def test_yesno_auc_scores_present_against_absent_kinds(tmp_path):
         def logits(self, h):  # (B,) -> (B, 3): token 1 "Yes" carries the score
             return torch.stack([torch.zeros_like(h), h, torch.zeros_like(h)], 1)
 
-    r = toyrun.yesno_auc(Model(), Proc(), world, "vicuna_nosys", n_scenes=8, batch_size=5)
-    pos = sum(len(tw.groups(sc)) for sc in scenes.values())
-    comp = sum(sum(k not in tw.groups(sc) and any(tw.PAIRED.get(p) == k for p in tw.groups(sc)) for k in tw.KINDS)
+    r = evaluate.yesno_auc(Model(), Proc(), world, "vicuna_nosys", n_scenes=8, batch_size=5)
+    pos = sum(len(W.groups(sc)) for sc in scenes.values())
+    comp = sum(sum(k not in W.groups(sc) and any(W.PAIRED.get(p) == k for p in W.groups(sc)) for k in W.KINDS)
                for sc in scenes.values())
     assert comp > 0 and r["yesno_auc_companion"] == 0.0
-    assert r["yesno_auc"] == pytest.approx(1 - comp / (8 * len(tw.KINDS) - pos))
+    assert r["yesno_auc"] == pytest.approx(1 - comp / (8 * len(W.KINDS) - pos))

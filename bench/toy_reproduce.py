@@ -1,9 +1,9 @@
 """The seeds' table in miniature: SFT base vs every alignment algorithm on the toy world, several seeds.
 
-    python -m nanoalign.reproduce [--algos dpo ipo ...] [--seeds 0 1 2] [--max-steps N] [--out runs/reproduce]
+    python bench/toy_reproduce.py [--algos dpo ipo ...] [--seeds 0 1 2] [--max-steps N] [--out runs/reproduce]
         [--toy-cache DIR] [--toy-seed S]
 
-Every run shares one cached world and SFT base model (nanoalign.toyrun); a seed changes the preference pairs (the
+Every run shares one cached world and SFT base model (nanoalign.toy); a seed changes the preference pairs (the
 base model's sampled captions / the corruptions) and the alignment's data order. Writes OUT/<algo>-s<seed>/ (the
 runs, each with its summary.json), OUT/results.md (mean +- sample standard deviation over seeds, metrics in %) and
 OUT/results.png. Finished runs (summary.json present) are reused, so an interrupted reproduction continues.
@@ -15,6 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # train.py and nanoalign/ live at the repo root
+import train  # noqa: E402
+from nanoalign.toy import run as toy_run  # noqa: E402
+
 METRICS = [("chair_i", "CHAIR_i", True), ("chair_s", "CHAIR_s", True), ("recall", "Recall", True),
            ("mean_length", "Len", False), ("pope_adversarial_acc", "POPE adv acc", True),
            ("pope_adversarial_f1", "POPE adv F1", True), ("pope_popular_acc", "POPE pop acc", True),
@@ -23,7 +27,6 @@ METRICS = [("chair_i", "CHAIR_i", True), ("chair_s", "CHAIR_s", True), ("recall"
 
 def available_algos():
     """The preference algorithms train.py knows, plus bdhs when nanoalign.bdhs has its library function."""
-    import train
     algos = list(train.PREFERENCE_ALGOS)
     try:
         from nanoalign import bdhs
@@ -35,20 +38,19 @@ def available_algos():
 
 
 def run_one(algo, seed, out, max_steps, toy_cache, toy_seed, settings=None):
-    import train
-    from nanoalign import toyrun
+    """The toy run of algo at seed into OUT/<algo>-s<seed> (reused when its summary.json exists) -> its summary."""
     path = Path(out) / f"{algo}-s{seed}"
     if (path / "summary.json").is_file():
         return json.loads((path / "summary.json").read_text())
-    argv = ["--algo", "dpo" if algo == "bdhs" else algo, "--seed", str(seed), "--out", str(path),
+    argv = ["--algo", toy_run.TOY_ONLY_ALGOS.get(algo, algo), "--seed", str(seed), "--out", str(path),
             "--toy-seed", str(toy_seed)]
     if max_steps:
         argv += ["--max-steps", str(max_steps)]
     if toy_cache:
         argv += ["--toy-cache", str(toy_cache)]
-    args = train.parse_args(argv)
+    args = train.parse_args(argv, toy_algo=algo)  # bdhs: train.py has no such --algo; its pairs align with dpo
     args.algo = algo
-    return toyrun.default_run(args, train.main, settings=settings)
+    return toy_run.default_run(args, train.main, train.parse_args, list(train.PREFERENCE_ALGOS), settings=settings)
 
 
 def _fmt(vals, pct):
@@ -93,10 +95,10 @@ def plot(runs, path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m nanoalign.reproduce", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python bench/toy_reproduce.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--algos", nargs="+", default=None, help="default: every available algorithm")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--max-steps", type=int, default=None, help="alignment steps (default: toyrun's per-algo budget)")
+    p.add_argument("--max-steps", type=int, default=None, help="alignment steps (default: the toy's per-algo budget)")
     p.add_argument("--out", default="runs/reproduce")
     p.add_argument("--toy-cache", default=None)
     p.add_argument("--toy-seed", type=int, default=0)
@@ -116,7 +118,7 @@ def main(argv=None):
             runs[algo].append(run_one(algo, s, a.out, a.max_steps, a.toy_cache, a.toy_seed))
     md = results_table(runs)
     out = Path(a.out)
-    cmd = "python -m nanoalign.reproduce " + " ".join(argv if argv is not None else sys.argv[1:])
+    cmd = "python bench/toy_reproduce.py " + " ".join(argv if argv is not None else sys.argv[1:])
     (out / "results.md").write_text(f"`{cmd.strip()}`\n\nHeld-out toy scenes, metrics in % (mean ± std over seeds "
                                     f"{a.seeds}).\n\n{md}\n")
     plot(runs, out / "results.png")
