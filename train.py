@@ -56,8 +56,6 @@ ALGOS = {  # rho = [log pi(chosen) - log ref(chosen)] - [log pi(rejected) - log 
     "ddpo": Algo("dpo", 0.5, weights="ddpo"),  # DPO on gamma-weighted scores: RLHF-V (Yu et al. 2024)
     "povid": Algo("dpo", 0.1, responses="noisy_self"),  # + DPO against the noisy-self response: Zhou et al. 2024
 }
-# Temporary: nanoalign/reproduce.py still reads this name; delete it when the toy runner takes list(ALGOS).
-PREFERENCE_ALGOS = [name for name, algo in ALGOS.items() if algo.data == "pairs"]
 
 
 # ----------------------------------------------------------------------------------------------------- arguments
@@ -325,7 +323,7 @@ if __name__ == "__main__":
     try:
         if _args.model is None and _args.data is None:
             from nanoalign.toy.run import default_run
-            default_run(_args, main, parse_args, list(PREFERENCE_ALGOS))
+            default_run(_args, main, parse_args, list(ALGOS))
         else:
             main(_args)
     except (ValueError, FileNotFoundError, ImportError) as e:  # bad input: one line, not a traceback

@@ -26,8 +26,9 @@ METRICS = [("chair_i", "CHAIR_i", True), ("chair_s", "CHAIR_s", True), ("recall"
 
 
 def available_algos():
-    """The preference algorithms train.py knows, plus bdhs when nanoalign.bdhs has its library function."""
-    algos = list(train.PREFERENCE_ALGOS)
+    """The algorithms of train.py's table that align a model (not sft), plus bdhs when nanoalign.bdhs has its
+    library function."""
+    algos = [name for name in train.ALGOS if name != "sft"]
     try:
         from nanoalign import bdhs
         if hasattr(bdhs, "bdhs_rejected"):
@@ -50,7 +51,7 @@ def run_one(algo, seed, out, max_steps, toy_cache, toy_seed, settings=None):
         argv += ["--toy-cache", str(toy_cache)]
     args = train.parse_args(argv, toy_algo=algo)  # bdhs: train.py has no such --algo; its pairs align with dpo
     args.algo = algo
-    return toy_run.default_run(args, train.main, train.parse_args, list(train.PREFERENCE_ALGOS), settings=settings)
+    return toy_run.default_run(args, train.main, train.parse_args, list(train.ALGOS), settings=settings)
 
 
 def _fmt(vals, pct):

@@ -26,7 +26,7 @@ def _run(tmp_path, out, monkeypatch, algo="ddpo", extra=()):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     args = train.parse_args(["--algo", algo, "--out", str(tmp_path / out), "--toy-cache", str(tmp_path / "cache"),
                              *extra])
-    return run.default_run(args, train.main, train.parse_args, list(train.PREFERENCE_ALGOS), settings=TINY)
+    return run.default_run(args, train.main, train.parse_args, list(train.ALGOS), settings=TINY)
 
 
 def test_smoke_pipeline_and_cache(tmp_path, monkeypatch, capsys):

@@ -60,12 +60,12 @@ def train_defaults(algo):
 
 def default_run(args, train_main, parse_args, algos, settings=None):
     """The toy pipeline for `args` (train.py's namespace, parsed with train_defaults(args.algo) as defaults) ->
-    the summary dict, on every rank. train_main / parse_args: train.py's main and parse_args; algos: the preference
-    algorithms train.py knows (plus sft, which evaluates the base, and TOY_ONLY_ALGOS); settings: overrides of
+    the summary dict, on every rank. train_main / parse_args: train.py's main and parse_args; algos: the names of
+    train.py's algorithm table (plus TOY_ONLY_ALGOS); settings: overrides of
     nanoalign.toy.base.SETTINGS. Raises ValueError for an unknown algorithm."""
     algo = args.algo
-    if algo != "sft" and algo not in algos and algo not in TOY_ONLY_ALGOS:
-        raise ValueError(f"toy run: unknown --algo {algo!r} (known: sft, {', '.join([*algos, *TOY_ONLY_ALGOS])})")
+    if algo not in algos and algo not in TOY_ONLY_ALGOS:
+        raise ValueError(f"toy run: unknown --algo {algo!r} (known: {', '.join([*algos, *TOY_ONLY_ALGOS])})")
     if "RANK" in os.environ and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
     settings = {**toy_base.SETTINGS, **(settings or {})}
