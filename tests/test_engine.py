@@ -116,10 +116,19 @@ def _fsdp_worker(rank, world, store, ckpt_dir, inputs_path, out_path):
             fully_shard(layer)
         fully_shard(model)
         b = torch.load(inputs_path)
+        import torch.distributed.fsdp._fully_shard._fsdp_param_group as pg
+        gather, n_gathers = pg.foreach_all_gather, []
+
+        def counted(*a, **k):  # every all-gather FSDP issues
+            n_gathers.append(1)
+            return gather(*a, **k)
+        pg.foreach_all_gather = counted
         res = {}
         for whole in (True, False):  # whole model gathered once / each block gathered in its own forward
+            n_gathers.clear()
             res[f"greedy_{whole}"] = sample(model, b, n_per_prompt=2, temperature=0.0, max_new_tokens=8,
-                                            end_ids=[EOS], gather_whole=whole).ids
+                                            gather_whole=whole).ids
+            res[f"gathers_{whole}"] = len(n_gathers)
             res[f"sampled_{whole}"] = sample(model, b, n_per_prompt=2, temperature=1.0, top_p=0.9, max_new_tokens=8,
                                              end_ids=[EOS], generator=torch.Generator().manual_seed(0),
                                              gather_whole=whole).ids
@@ -138,13 +147,13 @@ def _fsdp_worker(rank, world, store, ckpt_dir, inputs_path, out_path):
 
 def test_fsdp_sharded_policy_samples_like_the_unsharded_one(ckpts, tmp_path):
     """2 gloo ranks, fully_shard-ed as train.py does: greedy and seeded sampled rollouts equal the unsharded model's
-    in one process, in both gather modes."""
+    in one process, in both gather modes, with the number of all-gathers the engine's docstring states."""
     import torch.multiprocessing as mp
     path, hf = ckpts["llava_next"]
     model, _ = load_pretrained(path)
     b = _batch(*_inputs("llava_next", hf, [0, 1]))
     torch.save(b, tmp_path / "inputs.pt")
-    greedy = sample(model, b, n_per_prompt=2, temperature=0.0, max_new_tokens=8, end_ids=[EOS]).ids
+    greedy = sample(model, b, n_per_prompt=2, temperature=0.0, max_new_tokens=8).ids
     sampled = sample(model, b, n_per_prompt=2, temperature=1.0, top_p=0.9, max_new_tokens=8, end_ids=[EOS],
                      generator=torch.Generator().manual_seed(0)).ids
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -156,3 +165,7 @@ def test_fsdp_sharded_policy_samples_like_the_unsharded_one(ckpts, tmp_path):
         assert res[f"greedy_{whole}"] == greedy
         assert res[f"sampled_{whole}"] == sampled
     assert res["sharded"] and res["grad"]
+    # all-gathers per rollout: whole = one per unit (vision tower, 2 blocks, root); per block = the root and the
+    # vision tower once, each block at the prefill and at each of the 7 decode steps after the first token
+    assert all(len(r) == 8 for r in greedy)  # no end id: 8 tokens, 7 decode steps
+    assert res["gathers_True"] == 4 and res["gathers_False"] == 2 + 2 * 8
