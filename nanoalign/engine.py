@@ -323,8 +323,9 @@ def generate(model, batch: dict, max_new_tokens: int = 64, temperature: float = 
     n_per_prompt rows; response i * n_per_prompt + j is prompt i's j-th. Greedy when temperature == 0.
     image_keep / image_features / compact: see prefill (compact also drops finished rows, as BDHS does).
     Runs in the model's current mode; `sample` is the entry point for a policy being trained."""
-    if n_per_prompt < 1 or max_new_tokens < 0:
-        raise ValueError(f"n_per_prompt must be >= 1 and max_new_tokens >= 0, got {n_per_prompt}, {max_new_tokens}")
+    if n_per_prompt < 1 or max_new_tokens < 0 or temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"generate: n_per_prompt {n_per_prompt} (>= 1), max_new_tokens {max_new_tokens} (>= 0), "
+                         f"temperature {temperature} (>= 0), top_p {top_p} (in (0, 1])")
     ids, am = batch["input_ids"], batch.get("attention_mask")
     pre = prefill(model, ids, am, batch.get("pixel_values"), batch.get("image_sizes"), max_new_tokens, image_keep,
                   image_features, compact)

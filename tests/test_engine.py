@@ -169,3 +169,11 @@ def test_fsdp_sharded_policy_samples_like_the_unsharded_one(ckpts, tmp_path):
     # vision tower once, each block at the prefill and at each of the 7 decode steps after the first token
     assert all(len(r) == 8 for r in greedy)  # no end id: 8 tokens, 7 decode steps
     assert res["gathers_True"] == 4 and res["gathers_False"] == 2 + 2 * 8
+
+
+def test_bad_arguments_raise_one_line():
+    for kw in (dict(n_per_prompt=0), dict(temperature=-1.0), dict(top_p=0.0), dict(top_p=1.5),
+               dict(max_new_tokens=-1)):
+        with pytest.raises(ValueError, match=r"^generate: ") as e:
+            generate(None, {}, **kw)
+        assert "\n" not in str(e.value)
