@@ -6,8 +6,8 @@ Model: a random tiny LLaVA-1.6 (llava_next) checkpoint made with transformers' s
 (256 tokens a tile), 2x2 AnyRes grid + base = 1312 image tokens per sample, LLaMA text 4 layers, hidden 256, 8 heads /
 4 kv heads, vocab 32064 (LLaVA-1.6's). Prompt = 24 text tokens + the image. rho_th = 0.99 (~13 image tokens survive).
 Providers (same weights, same mask, greedy, fp32, no EOS so every row makes exactly --new-tokens tokens):
-  compact   nanoalign.sample.generate_compact: masked image tokens dropped, survivors keep their RoPE positions
-  dense     nanoalign.sample.generate_dense: full sequence, boolean mask removing masked image keys
+  compact   nanoalign.engine.generate(compact=True): masked image tokens dropped, survivors keep their RoPE positions
+  dense     nanoalign.engine.generate (dense layout): full sequence, masked image keys written but not attendable
   hf        transformers LlavaNextForConditionalGeneration.generate with a 2D attention_mask that is 0 at the masked
             image tokens (generate refuses 4D masks: "attention_mask passed to generate must be 2D"). A 2D key mask
             removes those keys for every query, i.e. the same masking; the tokens are compared with ours below.
@@ -30,8 +30,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from nanoalign.checkpoint import load_pretrained  # noqa: E402
-from nanoalign.sample import (KVCache, compact_prefill, dense_forward, generate_compact, generate_dense,  # noqa: E402
-                              last_hidden, ragged_forward, sample_image_mask, _rope, extend, decode)
+from nanoalign.engine import decode, decode_step, extend, generate, prefill, sample_image_mask  # noqa: E402
 
 IMG = 32000
 PIN = [[64, 128], [128, 64], [128, 128]]
@@ -76,10 +75,9 @@ def hf_mask(ids, am, keeps):
 @torch.no_grad()
 def run_provider(name, model, hf, inp, n_new):
     ids, am, pv, sizes, keeps, _ = inp
-    if name == "compact":
-        return generate_compact(model, ids, am, pv, sizes, keeps, max_new_tokens=n_new)
-    if name == "dense":
-        return generate_dense(model, ids, am, pv, sizes, keeps, max_new_tokens=n_new)
+    if name in ("compact", "dense"):
+        batch = {"input_ids": ids, "attention_mask": am, "pixel_values": pv, "image_sizes": sizes}
+        return generate(model, batch, n_new, image_keep=keeps, compact=name == "compact").ids
     out = hf.generate(input_ids=ids, attention_mask=hf_mask(ids, am, keeps), pixel_values=pv, image_sizes=sizes,
                       position_ids=(am.cumsum(1) - 1).clamp(min=0), max_new_tokens=n_new, min_new_tokens=n_new,
                       do_sample=False, eos_token_id=None, pad_token_id=0)
@@ -100,10 +98,10 @@ def run_branches(name, model, hf, inp, n_new):
     ctx = [torch.randint(3, 31000, (n,), generator=g).tolist() for n in CTX]
     rows = [b for b in range(B) for _ in CTX]
     if name == "compact":
-        cache, h, lens, _ = compact_prefill(model, ids, am, pv, sizes, keeps, 0)
-        bc = cache.fork(torch.tensor(rows), capacity=int(lens.max()) + max(CTX) + n_new)
-        hb = extend(model, bc, [ctx[i % len(CTX)] for i in range(len(rows))], last_hidden(h, lens)[rows])
-        return decode(model, bc, hb, n_new)
+        cache, _, last, _ = prefill(model, ids, am, pv, sizes, image_keep=keeps, compact=True)
+        bc = cache.fork(torch.tensor(rows), capacity=int(cache.lens.max()) + max(CTX) + n_new)
+        hb = extend(model, bc, [ctx[i % len(CTX)] for i in range(len(rows))], last[rows])
+        return decode(model, bc, hb, n_new, drop_finished=True)[0]
     full = [ids[b].tolist() + ctx[i % len(CTX)] for i, b in enumerate(rows)]
     T = max(map(len, full))
     ids2 = torch.tensor([[0] * (T - len(f)) + f for f in full])
@@ -117,43 +115,26 @@ def decode_step_fns(model, hf, inp):
     """One-token decode step per provider, after a prefill done here (not timed). Each call appends one token."""
     ids, am, pv, sizes, keeps, _ = inp
     B = ids.shape[0]
-    tok = torch.full((B, 1), 7)
-    emb = model.language_model.model.embed_tokens
+    tok = torch.full((B,), 7)
     fns = {}
-    cache, hc, lens, _ = compact_prefill(model, ids, am, pv, sizes, keeps, extra_capacity=4096)
+    # one decode step each: the compacted (ragged) cache and the dense one (masked image keys kept, not attendable)
+    for name, compact in (("compact", True), ("dense", False)):
+        cache = prefill(model, ids, am, pv, sizes, extra=4096, image_keep=keeps, compact=compact).cache
 
-    def compact():
-        ragged_forward(model, cache, emb(tok), torch.ones(B, dtype=torch.long), cache.next_pos[:, None])
-    fns["compact"] = compact
-    dc = KVCache(len(model.language_model.model.layers), capacity=ids.shape[1] + 4096)
-    _, keep, _ = dense_forward(model, ids, am, pv, sizes, keeps, dc)
-    state = {"keep": keep, "pos": am.sum(1, keepdim=True)}
+        def step(cache=cache):
+            model.logits(decode_step(model, cache, tok))
+        fns[name] = step
 
-    def dense():
-        state["keep"] = torch.cat([state["keep"], state["keep"].new_ones(B, 1)], 1)
-        cos, sin = _rope(model, state["pos"], torch.float32)
-        x = emb(tok)
-        for i, layer in enumerate(model.language_model.model.layers):
-            x = layer(x, cos, sin, state["keep"][:, None, None, :], dc, i)
-        dc.length += 1
-        model.logits(model.language_model.model.norm(x)[:, -1])
-        state["pos"] = state["pos"] + 1
-    fns["dense"] = dense
     m2 = hf_mask(ids, am, keeps)
     out = hf(input_ids=ids, attention_mask=m2, pixel_values=pv, image_sizes=sizes, use_cache=True, logits_to_keep=1)
     hs = {"pkv": out.past_key_values, "mask": m2, "pos": ids.shape[1]}
 
     def hf_step():
         hs["mask"] = torch.cat([hs["mask"], hs["mask"].new_ones(B, 1)], 1)
-        o = hf(input_ids=tok, attention_mask=hs["mask"], past_key_values=hs["pkv"], use_cache=True,
+        o = hf(input_ids=tok[:, None], attention_mask=hs["mask"], past_key_values=hs["pkv"], use_cache=True,
                cache_position=torch.tensor([hs["pos"]]), logits_to_keep=1)
         hs["pkv"], hs["pos"] = o.past_key_values, hs["pos"] + 1
     fns["hf"] = hf_step
-
-    def compact_full():  # add the LM head so compact and dense/hf steps do the same work
-        compact()
-        model.logits(hc[:, -1])
-    fns["compact"] = compact_full
     return fns
 
 
@@ -197,10 +178,12 @@ def main(argv=None):
                     gen[w, p].append(time.perf_counter() - t)
             fns = decode_step_fns(model, hf, inp)
             for p in providers:
-                fns[p]()  # warm
+                with torch.no_grad():
+                    fns[p]()  # warm
                 t = time.perf_counter()
-                for _ in range(args.steps):
-                    fns[p]()
+                with torch.no_grad():  # the closures run here, outside decode_step_fns' no_grad
+                    for _ in range(args.steps):
+                        fns[p]()
                 step[p].append((time.perf_counter() - t) / args.steps)
         for w, (fn, n_new, mult) in workloads.items():
             for p in providers:

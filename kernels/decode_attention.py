@@ -1,6 +1,6 @@
 """Triton decode attention over a ragged KV cache (one new query token per sequence), for BDHS sampling.
 
-BDHS (paper 000, Section 3.4.1) masks most image tokens out of attention. nanoalign/sample.py drops the masked image
+BDHS (paper 000, Section 3.4.1) masks most image tokens out of attention. nanoalign/engine.py drops the masked image
 tokens from the sequence instead (identical result, shared/notes/performance.md item 4), so every sequence of a batch
 has its own cache length: row b holds `lens[b]` valid keys in k_cache[b, :, :lens[b]], the rest is padding.
 
@@ -16,7 +16,7 @@ max m, running sum l, rescaled accumulator) in fp32. Each block has at least one
 finite after the first block and no -inf - -inf arises. Inputs of any float dtype are cast to fp32 right after the
 load (the interpreter's bf16 arithmetic is broken, shared/notes/environment.md); fp32 dots use input_precision="ieee".
 FLOPs per call: 4 * B * Hq * mean(lens) * D; bytes: the valid part of the cache once per kv head.
-GPU-only in production (nanoalign.sample calls it only for CUDA tensors); tests run it under TRITON_INTERPRET=1.
+GPU-only in production (nanoalign.engine calls it only for CUDA tensors); tests run it under TRITON_INTERPRET=1.
 """
 import math
 

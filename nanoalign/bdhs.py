@@ -1,7 +1,7 @@
 """Bias-Driven Hallucination Sampling (BDHS; paper 000 = Amirloo et al. 2024, Section 3.4, Appendix E, Algorithm 1).
 
 The rejected response is sampled from the model itself with most image embeddings masked out of attention
-(nanoalign/sample.py, Eq. 6), guided by the reference answer y_w (Eq. 7):
+(nanoalign/engine.py, Eq. 6), guided by the reference answer y_w (Eq. 7):
 
     y_w = s_1 ... s_n (sentences);  s_i = s_i^< s_i^> split at a random pivot;
     s~_i ~ pi(. | x_masked, s_1 ... s_{i-1}, s_i^<)  until the first full stop or EOS      (Eq. 7)
@@ -15,7 +15,7 @@ sentence embedding; resample (a new mask, new pivots) while above the threshold,
 generates without reference guidance and is taken whatever its similarity.
 
 Defaults and where our text of the paper is unreadable (math symbols were lost in the extraction):
-- rho_th = 0.99 (footnote 2 "final results are reported at rho_th = ?"; 0.99 per the issue, see nanoalign/sample.py).
+- rho_th = 0.99 (footnote 2 "final results are reported at rho_th = ?"; see nanoalign.engine.sample_image_mask).
 - similarity threshold: unreadable (footnote 3). Default 0.97 (our choice: reference-guided responses share most of
   their text with y_w, so only a high threshold separates trivial rephrasings). A setting: --sim-threshold.
 - max iterations N = 5 (E.2: "in iteration 5 ... guidance-free response generation").
@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nanoalign.sample import RHO_TH, compact_prefill, decode, extend, last_hidden, sample_image_mask
+from nanoalign.engine import RHO_TH, decode, extend, inference, prefill, sample_image_mask
 from nanoalign.tokenizer import TEMPLATES
 
 SIM_THRESHOLD = 0.97
@@ -299,11 +299,13 @@ def _one_iteration(model, processor, preps, refs, seeds, guided, settings, sampl
     for b, k in enumerate(keeps):
         if preps[b].n_img and not bool(k.any()):
             notes[b].append("all_image_tokens_masked")  # fine: the model answers from the text alone
-    cache, hidden, lens, _ = compact_prefill(model, ids, am, None, None, keeps, 0, feats or None)
-    h0 = last_hidden(hidden, lens)  # (B,H)
+    cache, _, h0, _ = prefill(model, ids, am, image_keep=keeps, image_features=feats or None, compact=True)
+    lens = cache.lens  # h0 (B,H): each row's last hidden state
+    end_ids = [processor.eos_id]
     if not guided:
         cache = cache.fork(torch.arange(len(preps)), capacity=int(lens.max()) + max_new)
-        out = decode(model, cache, h0, max_new, settings.temperature, settings.top_p, processor.eos_id, sample_gen)
+        out, _ = decode(model, cache, h0, max_new, settings.temperature, settings.top_p, end_ids, sample_gen,
+                        drop_finished=True)
         texts = [tok.decode([t for t in o if t != processor.eos_id]).strip() for o in out]
         return texts, [int(k.sum()) for k in keeps], notes
     # branches: one per (example, sentence)
@@ -331,8 +333,8 @@ def _one_iteration(model, processor, preps, refs, seeds, guided, settings, sampl
         text = prefixes[r] + _continuation(tok, ctx_ids[r], new_ids)
         return _sentence_done(len(prefixes[r]), text) is not None
 
-    out = decode(model, bc, hb, max_new, settings.temperature, settings.top_p, processor.eos_id, sample_gen,
-                 stop_fn)
+    out, _ = decode(model, bc, hb, max_new, settings.temperature, settings.top_p, end_ids, sample_gen, stop_fn,
+                    drop_finished=True)
     texts = []
     for b, (ref, plan) in enumerate(zip(refs, plans)):
         pieces, last = [], 0
@@ -353,15 +355,11 @@ def _one_iteration(model, processor, preps, refs, seeds, guided, settings, sampl
 def bdhs_rejected(model, processor, images, prompts, references, settings: BDHSSettings | None = None,
                   generator: torch.Generator | None = None, embedder=None, seeds: list[int] | None = None,
                   stats: dict | None = None) -> list[BDHSResult]:
-    """See _bdhs_rejected; runs without gradients and in eval mode (the training mode is restored after)."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            return _bdhs_rejected(model, processor, images, prompts, references, settings, generator, embedder,
-                                  seeds, stats)
-    finally:
-        model.train(was_training)
+    """See _bdhs_rejected; runs without gradients and in eval mode (the training mode is restored after), on a plain
+    or an FSDP2-sharded model (nanoalign.engine.inference)."""
+    with inference(model):
+        return _bdhs_rejected(model, processor, images, prompts, references, settings, generator, embedder, seeds,
+                              stats)
 
 
 def _bdhs_rejected(model, processor, images, prompts, references, settings, generator, embedder, seeds, stats):

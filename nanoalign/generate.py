@@ -18,44 +18,33 @@ import sys
 
 import torch
 
+from nanoalign import engine
 from nanoalign.tokenizer import IMAGE_TOKEN, TEMPLATE_CHOICES
-
-
-def _trim(ids: list[int], end_ids) -> list[int]:
-    """New ids up to and including the first end id (an int or a list of them; the model pads after it)."""
-    ends = set(end_ids if isinstance(end_ids, (list, tuple, set)) else [end_ids]) - {None}
-    for i, t in enumerate(ids):
-        if t in ends:
-            return ids[: i + 1]
-    return ids
 
 
 @torch.no_grad()
 def generate_ids(model, processor, images, prompts, max_new_tokens=64, temperature=0.0, top_p=1.0, stop=None,
-                 generator=None) -> list[list[int]]:
+                 generator=None, end_ids=None) -> list[list[int]]:
     """One batch: already-templated prompts (+ one image or None each) -> generated ids per row, up to and including
-    the first of processor.end_ids (every end-of-turn id of the checkpoint)."""
+    the first end id (end_ids: a list of token ids, default processor.end_ids: every end-of-turn id of the
+    checkpoint); through nanoalign.engine."""
     tok = processor.tokenizer
     enc = processor(prompts, images, padding_side="left")
-    device = next(model.parameters()).device
-    pv = enc["pixel_values"]
-    if pv is not None:
-        pv = pv.to(device=device, dtype=next(model.parameters()).dtype)
+    params = next(model.parameters())
+    if enc["pixel_values"] is not None:
+        enc["pixel_values"] = enc["pixel_values"].to(dtype=params.dtype)
     stop_fn = None
     if stop:
-        def stop_fn(new_ids):  # one row's new ids so far -> stop?
+        def stop_fn(row, new_ids):  # one row's new ids so far -> stop?
             text = tok.decode(new_ids)
             return any(s in text for s in stop)
-    out = model.generate(
-        enc["input_ids"].to(device), enc["attention_mask"].to(device), pixel_values=pv,
-        image_sizes=None if enc["image_sizes"] is None else enc["image_sizes"].to(device),
-        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-        eos_token_id=processor.end_ids, pad_token_id=processor.pad_id, generator=generator, stop_fn=stop_fn)
-    return [_trim(row, processor.end_ids) for row in out.tolist()]
+    end_ids = processor.end_ids if end_ids is None else list(end_ids)
+    return engine.sample(model, enc, 1, temperature, top_p, max_new_tokens, end_ids, generator, processor.pad_id,
+                         stop_fn).ids
 
 
 def generate_text(model, processor, images, prompts, template="auto", max_new_tokens=64, temperature=0.0,
-                  top_p=1.0, stop=None, batch_size=8, seed=0) -> list[str]:
+                  top_p=1.0, stop=None, batch_size=8, seed=0, end_ids=None) -> list[str]:
     """Answer each prompt about its image (None = text only); returns the decoded answers, cut before the first
     stop string when `stop` (a string or list of strings) is given. Runs in batches of `batch_size`, left-padded."""
     if images is None:
@@ -69,7 +58,7 @@ def generate_text(model, processor, images, prompts, template="auto", max_new_to
     answers = []
     for i in range(0, len(texts), batch_size):
         rows = generate_ids(model, processor, images[i:i + batch_size], texts[i:i + batch_size], max_new_tokens,
-                            temperature, top_p, stop, generator)
+                            temperature, top_p, stop, generator, end_ids)
         for ids in rows:
             text = processor.tokenizer.decode(ids)
             for s in stop or []:

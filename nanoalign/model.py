@@ -320,49 +320,6 @@ def apply_rope(x, cos, sin):  # x (B,h,T,D)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
-class KVCache:
-    """Per-layer (k, v) of shape (B, Hkv, T_cached, D). With `capacity` the tensors are allocated once and
-    filled in place (no O(T^2) copying during generation); without, they grow by concatenation.
-    The caller keeps the attention mask (over cached + new keys) and the position ids."""
-
-    def __init__(self, n_layers: int, capacity: int | None = None):
-        self.k: list = [None] * n_layers
-        self.v: list = [None] * n_layers
-        self.capacity = capacity
-        self.length = 0  # tokens cached (the same for every layer once a forward pass has finished)
-
-    def update(self, layer: int, k, v):  # k/v (B,Hkv,Tnew,D) -> all keys/values so far
-        if self.capacity is None:
-            if self.k[layer] is not None:
-                k, v = torch.cat([self.k[layer], k], 2), torch.cat([self.v[layer], v], 2)
-            self.k[layer], self.v[layer] = k, v
-            return k, v
-        end = self.length + k.shape[2]
-        if end > self.capacity:
-            raise ValueError(f"KVCache capacity {self.capacity} exceeded ({end} tokens)")
-        if self.k[layer] is None:
-            shape = (k.shape[0], k.shape[1], self.capacity, k.shape[3])
-            self.k[layer], self.v[layer] = k.new_empty(shape), v.new_empty(shape)
-        self.k[layer][:, :, self.length:end] = k
-        self.v[layer][:, :, self.length:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
-
-    def attend(self, layer: int, q, k, v, mask):
-        """Append this step's k/v (B,Hkv,Tnew,D) and attend q (B,nh,Tnew,D) to all cached keys -> (B,Tnew,nh*D)."""
-        k, v = self.update(layer, k, v)  # (B,Hkv,T_past+Tnew,D)
-        return attention(q, k, v, mask, is_causal=mask is None and k.shape[2] == q.shape[2])
-
-    def fork(self, rows) -> "KVCache":
-        """A new cache holding batch rows `rows` (LongTensor, repeats allowed): prefill a shared prefix once,
-        then continue several sequences from it. The caller forks its attention mask / positions the same way."""
-        new = KVCache(len(self.k), self.capacity)
-        new.length = self.length
-        for i, (k, v) in enumerate(zip(self.k, self.v)):
-            if k is not None:
-                new.k[i], new.v[i] = k.index_select(0, rows), v.index_select(0, rows)
-        return new
-
-
 class LlamaAttention(nn.Module):
     def __init__(self, c: TextConfig):
         super().__init__()
@@ -373,14 +330,14 @@ class LlamaAttention(nn.Module):
         self.v_proj = nn.Linear(c.hidden_size, self.nkv * self.hd, bias=b)
         self.o_proj = nn.Linear(self.nh * self.hd, c.hidden_size, bias=b)
 
-    def forward(self, x, cos, sin, mask, kv_cache, layer_idx):  # x (B,T,H)
+    def forward(self, x, cos, sin, mask, kv=None):  # x (B,T,H)
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.nh, self.hd).transpose(1, 2)  # (B,nh,T,D)
         k = self.k_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)  # (B,nkv,T,D)
         v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if kv_cache is not None:  # the cache stores the new keys and attends (dense here, ragged in sample.py)
-            return self.o_proj(kv_cache.attend(layer_idx, q, k, v, mask))
+        if kv is not None:  # generation: nanoalign.engine's LayerKV writes the new keys at its slots and attends
+            return self.o_proj(kv.attend(q, k, v, mask))
         return self.o_proj(attention(q, k, v, mask, is_causal=mask is None))
 
 
@@ -404,8 +361,8 @@ class LlamaLayer(nn.Module):
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, kv_cache=None, layer_idx=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, layer_idx)
+    def forward(self, x, cos, sin, mask, kv=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -536,16 +493,13 @@ class LlavaModel(nn.Module):
         return out
 
     # ------------------------------------------------------------------ forward
-    def forward(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None, position_ids=None,
-                kv_cache: KVCache | None = None, image_index=None):
-        """input_ids (B,T) -> final-normed hidden states (B,T,H).
+    def embed(self, input_ids, pixel_values=None, image_sizes=None, image_index=None, image_features=None):
+        """input_ids (B,T) -> input embeddings (B,T,H), the projected image features at the image tokens.
 
-        attention_mask (B, T_cached + T), 1 = real token (left padding). position_ids (B,T) default: from the
-        attention mask (cumsum - 1), else T_cached + arange(T).
         image_index (n_uses,) long, optional: the image (row of pixel_values) used by each `<image>` occurrence in
         row-major order, so an image shared by several rows (chosen and rejected of a pair) runs through the vision
-        tower once; by default every occurrence has its own image, in order."""
-        B, T = input_ids.shape
+        tower once; by default every occurrence has its own image, in order. image_features: a precomputed list of
+        (n_i, H) instead of pixel_values."""
         lm = self.language_model.model
         is_img = input_ids == self.config.image_token_index  # (B,T)
         idx = self.config.image_token_index
@@ -553,98 +507,46 @@ class LlavaModel(nn.Module):
             input_ids = input_ids.masked_fill(is_img, 0)
         x = lm.embed_tokens(input_ids)  # (B,T,H)
         n_tok = int(is_img.sum())
-        if pixel_values is not None:
-            per_image = self.vision_features(pixel_values, image_sizes)  # list of (n_i, H)
+        if image_features is None and pixel_values is not None:
+            image_features = self.vision_features(pixel_values, image_sizes)  # list of (n_i, H)
             if image_index is not None:
-                per_image = [per_image[i] for i in image_index.tolist()]
-            feats = torch.cat(per_image)  # (n_feat, H)
+                image_features = [image_features[i] for i in image_index.tolist()]
+        if image_features is not None and len(image_features):
+            feats = torch.cat(list(image_features))  # (n_feat, H)
             if n_tok != feats.shape[0]:
                 raise ValueError(f"image tokens and image features do not match: input_ids hold {n_tok} tokens "
                                  f"with image_token_index {self.config.image_token_index}, the images give "
                                  f"{feats.shape[0]} features")
             x = x.masked_scatter(is_img[..., None], feats.to(x.dtype))
-        elif n_tok and (kv_cache is None or kv_cache.length == 0):
+        elif n_tok:
             raise ValueError(f"input_ids hold {n_tok} image tokens but no pixel_values were given")
+        return x
 
-        past = kv_cache.length if kv_cache is not None else 0
+    def forward(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None, position_ids=None,
+                image_index=None):
+        """input_ids (B,T) -> final-normed hidden states (B,T,H). Generation (KV cache): nanoalign.engine.
+
+        attention_mask (B,T), 1 = real token (left padding). position_ids (B,T) default: from the attention mask
+        (cumsum - 1), else arange(T). image_index: see embed."""
+        B, T = input_ids.shape
+        x = self.embed(input_ids, pixel_values, image_sizes, image_index)
         if position_ids is None:
             if attention_mask is not None:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
             else:
-                position_ids = torch.arange(past, past + T, device=x.device).expand(B, T)
+                position_ids = torch.arange(T, device=x.device).expand(B, T)
         mask = None
         if attention_mask is not None and not bool(attention_mask.all()):
-            if attention_mask.shape != (B, past + T):
-                raise ValueError(f"attention_mask is {tuple(attention_mask.shape)}, expected {(B, past + T)}")
+            if attention_mask.shape != (B, T):
+                raise ValueError(f"attention_mask is {tuple(attention_mask.shape)}, expected {(B, T)}")
             mask = causal_mask(attention_mask, T, x.device)
-        elif past and T > 1:
-            mask = causal_mask(torch.ones(B, past + T, dtype=torch.bool, device=x.device), T, x.device)
         cos, sin = rope_cos_sin(position_ids, self.config.text_config.head_dim, self.config.text_config.rope_theta,
                                 x.dtype)
-        ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and kv_cache is None
-        for i, layer in enumerate(lm.layers):
+        lm = self.language_model.model
+        ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for layer in lm.layers:
             if ckpt:
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, kv_cache, i)
-        if kv_cache is not None:
-            kv_cache.length = past + T
+                x = layer(x, cos, sin, mask)
         return lm.norm(x)
-
-    # ------------------------------------------------------------------ generation
-    @torch.no_grad()
-    def generate(self, input_ids, attention_mask=None, pixel_values=None, image_sizes=None, max_new_tokens=64,
-                 temperature=0.0, top_p=1.0, eos_token_id=None, pad_token_id=None, generator=None, stop_fn=None):
-        """Left-padded batch (B,T) -> new tokens (B, T_new <= max_new_tokens), EOS kept, pad_token_id after it.
-
-        temperature 0 -> greedy; else softmax(logits / temperature) restricted to the top-p nucleus (smallest set
-        of most likely tokens whose probability reaches top_p), sampled with `generator`. stop_fn(list of new ids
-        of one row) -> True ends that row (e.g. a stop string). Stops early when every row is done."""
-        B, T = input_ids.shape
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        tc = self.config.text_config
-        eos = tc.eos_token_id if eos_token_id is None else eos_token_id
-        eos = torch.tensor([] if eos is None else [eos] if isinstance(eos, int) else list(eos),
-                           dtype=torch.long, device=input_ids.device)
-        if pad_token_id is None:
-            pad_token_id = next((p for p in (self.config.pad_token_id, tc.pad_token_id) if p is not None),
-                                int(eos[0]) if len(eos) else 0)
-        cache = KVCache(len(self.language_model.model.layers), capacity=T + max_new_tokens)
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B,T)
-        next_pos = attention_mask.long().sum(-1, keepdim=True)  # (B,1) position of the first new token
-        h = self.forward(input_ids, pixel_values, image_sizes, attention_mask, position_ids, cache)[:, -1]  # (B,H)
-        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-        out: list[torch.Tensor] = []
-        for step in range(max_new_tokens):
-            tok = sample_next(self.logits(h).float(), temperature, top_p, generator)  # (B,)
-            tok = tok.masked_fill(done, pad_token_id)
-            out.append(tok)
-            done |= torch.isin(tok, eos)
-            if stop_fn is not None:
-                rows = torch.stack(out, 1).tolist()
-                for b in range(B):
-                    if not done[b] and stop_fn(rows[b]):
-                        done[b] = True
-            if bool(done.all()) or step == max_new_tokens - 1:
-                break
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
-            h = self.forward(tok[:, None], attention_mask=attention_mask, position_ids=next_pos,
-                             kv_cache=cache)[:, -1]
-            next_pos = next_pos + 1
-        if not out:
-            return input_ids.new_zeros(B, 0)
-        return torch.stack(out, dim=1)
-
-
-def sample_next(logits, temperature=0.0, top_p=1.0, generator=None):
-    """logits (B,V) fp32 -> token ids (B,): argmax when temperature == 0, else nucleus sampling."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p < 1.0:
-        p_sorted, idx = probs.sort(dim=-1, descending=True)
-        before = p_sorted.cumsum(-1) - p_sorted  # mass of the strictly more likely tokens
-        p_sorted = p_sorted.masked_fill(before >= top_p, 0.0)  # the first token always survives
-        probs = torch.zeros_like(probs).scatter_(-1, idx, p_sorted)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -1,5 +1,5 @@
 """nanoalign.bdhs: sentence splitting / pivots / the yes-no flip (hand-written expectations), reference-guided
-generation checked against nanoalign.model's own greedy generate on the same context (rho_th = 0: nothing masked),
+generation checked against nanoalign.engine's dense greedy generate on the same context (rho_th = 0: nothing masked),
 the similarity loop with an injected fake embedder (early stop, guidance-free last iteration), seeds, bad input
 counted per example, and the CLI's output read back by nanoalign.data.load_examples(path, "prefs")."""
 import json
@@ -16,6 +16,7 @@ from nanoalign.bdhs import (BDHSSettings, bdhs_rejected, choose_pivot, flip_yes_
                             plan_branches, sentence_spans, similarity_table, split_sentences)
 from nanoalign.checkpoint import load_pretrained
 from nanoalign.data import load_examples
+from nanoalign.engine import generate
 from nanoalign.tokenizer import build_prompt
 
 transformers = pytest.importorskip("transformers")
@@ -125,8 +126,8 @@ def test_yes_no_flip():
 
 # ---------------------------------------------------------------------------------------------------- generation
 def test_reference_guided_branches_match_model_generate(ckpt):
-    """rho_th 0 (nothing masked), greedy: each generated sentence = its prefix + model.generate's greedy tokens on
-    prompt + reference's previous sentences + prefix (nanoalign.model's own KV-cache generate)."""
+    """rho_th 0 (nothing masked), greedy: each generated sentence = its prefix + the engine's dense greedy generate on
+    prompt + reference's previous sentences + prefix (checked against transformers in tests/test_engine.py)."""
     _, model, proc = ckpt
     ref = "red cat on the mat . blue dog is there . w1 w2 w3"
     q = "what is in the image ?"
@@ -142,8 +143,7 @@ def test_reference_guided_branches_match_model_generate(ckpt):
     for a, e, prefix in plan:
         ctx = (ref[:a] + prefix).strip()
         enc = proc([prompt + " " + ctx], [_image()])
-        new = model.generate(enc["input_ids"], enc["attention_mask"], enc["pixel_values"], max_new_tokens=5,
-                             eos_token_id=2, pad_token_id=3)[0].tolist()
+        new = generate(model, enc, max_new_tokens=5, end_ids=[2]).ids[0]
         new = new[:new.index(2)] if 2 in new else new
         words = tok.decode(new).split()
         if "." in words:  # the sentence ends at its full stop
@@ -169,12 +169,11 @@ def test_similarity_loop_early_stop_and_guidance_free_last(ckpt):
     assert len(res[0].history) == 2 and len(res[1].history) == 4
     assert stats["nonsimilar"] == [0, 1, 1, 1] and stats["examples"] == 2
     assert "| 4 | none | 1 | 50.0 |" in similarity_table(stats["nonsimilar"], 2, 4)
-    # guidance-free with nothing masked and greedy == model.generate on the bare prompt
+    # guidance-free with nothing masked and greedy == the engine's dense generate on the bare prompt
     s1 = BDHSSettings(rho_th=0.0, max_iters=1, temperature=0.0, max_free_tokens=6)
     r = bdhs_rejected(model, proc, imgs[:1], qs[:1], refs[:1], s1, embedder=FakeEmbedder(refs, [0.99]), seeds=[5])[0]
     enc = proc([build_prompt(qs[0])], imgs[:1])
-    new = model.generate(enc["input_ids"], enc["attention_mask"], enc["pixel_values"], max_new_tokens=6,
-                         eos_token_id=2, pad_token_id=3)[0].tolist()
+    new = generate(model, enc, max_new_tokens=6, end_ids=[2]).ids[0]
     assert r.guided is False and r.rejected == proc.tokenizer.decode([t for t in new if t not in (2, 3)]).strip()
 
 

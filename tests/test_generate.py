@@ -138,29 +138,29 @@ def test_cli_errors(ckpt_dir, tmp_path, capsys):
         assert err.startswith("error: ") and msg in err and "\n" not in err, (argv, err)
 
 
-def test_generate_text_with_stub_model_trims_eos_and_stop(tmp_path):
-    """Independent of the model: a stub whose generate returns fixed ids (pad after EOS)."""
+def test_generate_text_with_stub_engine_passes_end_ids_and_stop(tmp_path, monkeypatch):
+    """Independent of the model: the engine replaced by a stub returning fixed ids (trimmed at the end id)."""
+    from nanoalign import engine
     tok = Tokenizer.from_file(make_tokenizer_json(tmp_path))
     cfg = {"model_type": "llava", "image_token_index": IMAGE_ID, "vision_config": {"image_size": 16, "patch_size": 8}}
     proc = Processor(tok, ImageProcessor.from_model_config(cfg), cfg)
     w = tok.tok.token_to_id
+    calls = []
 
-    class Stub(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.p = torch.nn.Parameter(torch.zeros(1))
-            self.calls = []
+    def stub(policy, batch, n_per_prompt, temperature, top_p, max_new_tokens, end_ids, generator, pad_id, stop_fn):
+        calls.append((batch, end_ids, pad_id, stop_fn, n_per_prompt))
+        rows = [[w("red"), w("cat"), EOS_ID], [w("blue"), w("dog"), w("is"), w("red")]]
+        return engine.Rollout(rows[: batch["input_ids"].shape[0]], [True, False])
 
-        def generate(self, input_ids, attention_mask, **kw):
-            self.calls.append((input_ids, kw))
-            rows = [[w("red"), w("cat"), EOS_ID, PAD_ID], [w("blue"), w("dog"), w("is"), w("red")]]
-            return torch.tensor(rows[: input_ids.shape[0]])
-
-    stub = Stub()
-    out = generate_text(stub, proc, [Image.new("RGB", (9, 7)), None], ["what ?", "blue"], stop="is")
+    monkeypatch.setattr(engine, "sample", stub)
+    model = torch.nn.Linear(1, 1)
+    out = generate_text(model, proc, [Image.new("RGB", (9, 7)), None], ["what ?", "blue"], stop="is")
     assert out == ["red cat", "blue dog"]
-    (ids, kw), = stub.calls
-    assert kw["eos_token_id"] == [EOS_ID] and kw["pad_token_id"] == PAD_ID and callable(kw["stop_fn"])
-    assert kw["stop_fn"]([w("blue"), w("is")]) and not kw["stop_fn"]([w("blue")])
+    (batch, end_ids, pad_id, stop_fn, n), = calls
+    assert end_ids == [EOS_ID] and pad_id == PAD_ID and n == 1
+    assert stop_fn(0, [w("blue"), w("is")]) and not stop_fn(0, [w("blue")])
+    ids = batch["input_ids"]
     assert (ids[0] == IMAGE_ID).sum() == 4 and (ids[1] == IMAGE_ID).sum() == 0  # text-only row gets no <image>
-    assert kw["pixel_values"].shape == (1, 3, 16, 16)
+    assert batch["pixel_values"].shape == (1, 3, 16, 16)
+    generate_text(model, proc, [None], ["blue"], end_ids=[5, 7])  # a list of end ids is passed down as given
+    assert calls[-1][1] == [5, 7]

@@ -1,0 +1,179 @@
+"""nanoalign.engine: greedy generation against transformers' generate (dense layout, left padding), the cache's fork +
+ragged chunk against transformers' logits, sampling (seeded, top-p, end ids, stop_fn), several responses per prompt,
+and rollouts from an FSDP2-sharded policy on 2 gloo ranks == the unsharded policy in one process.
+The tiny checkpoints are made by transformers (tests/test_model.py's fixture)."""
+import json
+import os
+
+import pytest
+import torch
+
+from nanoalign.checkpoint import load_pretrained
+from nanoalign.engine import forward_cached, generate, prefill, sample
+from test_model import _hf_kw, _inputs, ckpts  # noqa: F401 (fixture)
+
+transformers = pytest.importorskip("transformers")
+EOS = 2
+
+
+def _batch(ids, mask, pv, sizes):
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pv, "image_sizes": sizes}
+
+
+def _trim(row, end_ids):
+    """transformers' padded output row -> up to and including the first end id."""
+    for i, t in enumerate(row):
+        if t in end_ids:
+            return row[:i + 1]
+    return row
+
+
+@pytest.mark.parametrize("kind", ["llava", "llava_full", "llava_next"])
+def test_greedy_generate_matches_transformers(ckpts, kind):
+    path, hf = ckpts[kind]
+    model, _ = load_pretrained(path)
+    ids, mask, pv, sizes = _inputs(kind, hf, [0, 1])
+    with torch.no_grad():
+        ref = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=False, eos_token_id=EOS,
+                          pad_token_id=0, **_hf_kw(pv, sizes))[:, ids.shape[1]:]
+    ours = generate(model, _batch(ids, mask, pv, sizes), max_new_tokens=16, end_ids=[EOS])
+    assert ours.ids == [_trim(r, [EOS]) for r in ref.tolist()]
+    assert ours.ended == [EOS in r for r in ref.tolist()]
+
+
+def test_kv_cache_fork_then_ragged_chunk_matches_transformers(ckpts):
+    """Prefill image+prompt once, fork the cache to two rows, append 3 and 2 tokens (a right-padded ragged chunk):
+    the logits equal transformers' on the two full sequences."""
+    path, hf = ckpts["llava"]
+    model, _ = load_pretrained(path)
+    ids, _, pv, _ = _inputs("llava", hf, [0])  # (1,T), no padding
+    cont = torch.tensor([[5, 6, 7], [9, 10, 0]])
+    n = torch.tensor([3, 2])
+    with torch.no_grad():
+        cache = prefill(model, ids, None, pv, extra=3).cache
+        cache = cache.fork(torch.tensor([0, 0]))
+        x = model.language_model.model.embed_tokens(cont)
+        pos = cache.next_pos[:, None] + torch.arange(3)[None, :]
+        ours = model.logits(forward_cached(model, cache, x, pos, n_new=n))
+        full = torch.cat([ids.expand(2, -1), cont], 1)
+        ref = hf(input_ids=full, pixel_values=pv.expand(2, -1, -1, -1)).logits[:, -3:]
+    assert (ours[0] - ref[0]).abs().max() < 1e-4 and (ours[1, :2] - ref[1, :2]).abs().max() < 1e-4
+    assert cache.lens.tolist() == [ids.shape[1] + 3, ids.shape[1] + 2]
+    with pytest.raises(ValueError, match="capacity"):
+        forward_cached(model, cache, x, pos + 3)
+
+
+def test_sampling_reproducible_top_p_end_ids_and_stop(ckpts):
+    path, hf = ckpts["llava"]
+    model, _ = load_pretrained(path)
+    b = _batch(*_inputs("llava", hf, [0, 1]))
+    draw = [generate(model, b, 8, temperature=1.5, generator=torch.Generator().manual_seed(s)).ids for s in (3, 3, 4)]
+    assert draw[0] == draw[1] and draw[0] != draw[2]
+    greedy = generate(model, b, 8).ids
+    assert all(len(r) == 8 for r in greedy)
+    # a nucleus this small keeps only the most likely token: greedy
+    assert generate(model, b, 8, temperature=1.5, top_p=1e-6, generator=torch.Generator()).ids == greedy
+    # several end ids: each row stops at the first of any of them, kept; rows without one run to the limit
+    ends = [greedy[0][3], greedy[1][5]]
+    out = generate(model, b, 8, end_ids=ends)
+    for row, full in zip(out.ids, greedy):
+        cut = next((i for i, t in enumerate(full) if t in ends), None)
+        assert row == (full if cut is None else full[:cut + 1])
+    assert out.ended == [any(t in ends for t in full) for full in greedy]
+    stopped = generate(model, b, 8, stop_fn=lambda r, new: len(new) >= 3 + r)
+    assert stopped.ids == [greedy[0][:3], greedy[1][:4]] and stopped.ended == [True, True]
+
+
+def test_n_per_prompt_and_train_mode_restored(ckpts):
+    path, hf = ckpts["llava_next"]
+    model, _ = load_pretrained(path)
+    b = _batch(*_inputs("llava_next", hf, [0, 1]))
+    one = generate(model, b, 6).ids
+    model.train()
+    three = sample(model, b, n_per_prompt=3, temperature=0.0, max_new_tokens=6)
+    assert model.training  # restored
+    assert three.ids == [one[0]] * 3 + [one[1]] * 3
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    s1 = sample(model, b, n_per_prompt=3, temperature=2.0, max_new_tokens=6, generator=g())
+    s2 = sample(model, b, n_per_prompt=3, temperature=2.0, max_new_tokens=6, generator=g())
+    assert s1 == s2 and len(set(map(tuple, s1.ids[:3]))) > 1  # the forked rows draw their own tokens
+    # the same draws as prefilling every row on its own (rows repeated in the batch)
+    rep = {k: (v.repeat_interleave(3, 0) if k != "pixel_values" else v.repeat_interleave(3, 0)) for k, v in b.items()}
+    assert generate(model, rep, 6, temperature=2.0, generator=g()).ids == s1.ids
+
+
+# ---------------------------------------------------------------------------------------------------- FSDP2
+def _fsdp_worker(rank, world, store, ckpt_dir, inputs_path, out_path):
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        model, _ = load_pretrained(ckpt_dir)
+        fully_shard(model.vision_tower)  # the units of train.py
+        for layer in model.language_model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        b = torch.load(inputs_path)
+        import torch.distributed.fsdp._fully_shard._fsdp_param_group as pg
+        gather, n_gathers = pg.foreach_all_gather, []
+
+        def counted(*a, **k):  # every all-gather FSDP issues
+            n_gathers.append(1)
+            return gather(*a, **k)
+        pg.foreach_all_gather = counted
+        res = {}
+        for whole in (True, False):  # whole model gathered once / each block gathered in its own forward
+            n_gathers.clear()
+            res[f"greedy_{whole}"] = sample(model, b, n_per_prompt=2, temperature=0.0, max_new_tokens=8,
+                                            gather_whole=whole).ids
+            res[f"gathers_{whole}"] = len(n_gathers)
+            res[f"sampled_{whole}"] = sample(model, b, n_per_prompt=2, temperature=1.0, top_p=0.9, max_new_tokens=8,
+                                             end_ids=[EOS], generator=torch.Generator().manual_seed(0),
+                                             gather_whole=whole).ids
+        # resharded after the rollout, and training still works: a forward + backward
+        w = model.language_model.model.layers[0].mlp.up_proj.weight
+        res["sharded"] = isinstance(w, DTensor) and w.to_local().shape[0] < w.shape[0]
+        model.train()
+        model(b["input_ids"], b["pixel_values"], b["image_sizes"], b["attention_mask"]).sum().backward()
+        res["grad"] = w.grad is not None
+        if rank == 0:
+            with open(out_path, "w") as f:
+                json.dump(res, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_sharded_policy_samples_like_the_unsharded_one(ckpts, tmp_path):
+    """2 gloo ranks, fully_shard-ed as train.py does: greedy and seeded sampled rollouts equal the unsharded model's
+    in one process, in both gather modes, with the number of all-gathers the engine's docstring states."""
+    import torch.multiprocessing as mp
+    path, hf = ckpts["llava_next"]
+    model, _ = load_pretrained(path)
+    b = _batch(*_inputs("llava_next", hf, [0, 1]))
+    torch.save(b, tmp_path / "inputs.pt")
+    greedy = sample(model, b, n_per_prompt=2, temperature=0.0, max_new_tokens=8).ids
+    sampled = sample(model, b, n_per_prompt=2, temperature=1.0, top_p=0.9, max_new_tokens=8, end_ids=[EOS],
+                     generator=torch.Generator().manual_seed(0)).ids
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(_fsdp_worker, args=(2, str(tmp_path / "store"), str(path), str(tmp_path / "inputs.pt"),
+                                 str(tmp_path / "out.json")), nprocs=2, join=True)
+    res = json.loads((tmp_path / "out.json").read_text())
+    assert len({t for r in greedy for t in r}) > 2  # a meaningful comparison
+    for whole in (True, False):
+        assert res[f"greedy_{whole}"] == greedy
+        assert res[f"sampled_{whole}"] == sampled
+    assert res["sharded"] and res["grad"]
+    # all-gathers per rollout: whole = one per unit (vision tower, 2 blocks, root); per block = the root and the
+    # vision tower once, each block at the prefill and at each of the 7 decode steps after the first token
+    assert all(len(r) == 8 for r in greedy)  # no end id: 8 tokens, 7 decode steps
+    assert res["gathers_True"] == 4 and res["gathers_False"] == 2 + 2 * 8
+
+
+def test_bad_arguments_raise_one_line():
+    for kw in (dict(n_per_prompt=0), dict(temperature=-1.0), dict(top_p=0.0), dict(top_p=1.5),
+               dict(max_new_tokens=-1)):
+        with pytest.raises(ValueError, match=r"^generate: ") as e:
+            generate(None, {}, **kw)
+        assert "\n" not in str(e.value)
