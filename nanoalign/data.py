@@ -153,14 +153,10 @@ class _Ctx:
             raise _BadRow("multi_image", f"{len(raw)} images")
         if not isinstance(raw, str) or not raw.strip():
             raise _BadRow("missing_field", "image path is not a non-empty string")
-        if os.path.isabs(raw) and not self.explicit_root:
-            full = os.path.realpath(raw)
-        else:
-            full = os.path.realpath(os.path.join(self.root, raw))
-            if os.path.commonpath([full, self.root]) != self.root:
-                raise _BadRow("path_escape", f"{raw!r} is outside {self.root}")
-        if not os.path.isfile(full):
-            raise _BadRow("missing_image", full)
+        try:
+            full = resolve_image_path(raw, self.root, allow_absolute=not self.explicit_root)
+        except ImageError as e:
+            raise _BadRow(e.reason, str(e)) from None
         if self.verify:
             if full not in self.checked:
                 try:
@@ -171,6 +167,23 @@ class _Ctx:
             if self.checked[full] is not None:
                 raise self.checked[full]
         return full
+
+
+def resolve_image_path(raw: str, root: str, allow_absolute: bool = False) -> str:
+    """The one image-path check of every entry point (train's loaders, eval, ...): `raw` joined to `root` and
+    resolved (symlinks followed) must stay inside realpath(root); an absolute `raw` is taken as is only with
+    allow_absolute (train.py without --image-root). Returns the resolved path of an existing file; raises ImageError
+    with reason path_escape or missing_image."""
+    root = os.path.realpath(root)
+    if os.path.isabs(raw) and allow_absolute:
+        full = os.path.realpath(raw)
+    else:
+        full = os.path.realpath(os.path.join(root, raw))
+        if os.path.commonpath([full, root]) != root:
+            raise ImageError("path_escape", f"{raw!r} is outside {root}")
+    if not os.path.isfile(full):
+        raise ImageError("missing_image", full)
+    return full
 
 
 def _verify_image(src: Any) -> None:
