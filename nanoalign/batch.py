@@ -208,7 +208,7 @@ def _pad_rows(rows: list[list[int]], value) -> torch.Tensor:
 
 
 def collate(items: list[Encoded], which: list[str], processor, images: list[Image.Image | None],
-            pad_to: int | None = None) -> dict:
+            pad_to: int | None = None, vision_always: bool = False) -> dict:
     """Right-padded batch of sequences prompt + response for each `which` in ("chosen", "rejected").
 
     Rows are ordered [all items' `which[0]`, all items' `which[1]`, ...], so for which=["chosen", "rejected"] the
@@ -219,6 +219,9 @@ def collate(items: list[Encoded], which: list[str], processor, images: list[Imag
     once; None when no item has one) and image_index (n_rows_with_image,): the image of each `<image>` occurrence
     in row order, for the model's forward (the vision tower runs once per image, not once per row), and row_image
     (R,): each row's image among those present, -1 for a text-only row (select_rows uses it).
+    vision_always: a batch without any image still carries one blank crop_size x crop_size image that no row uses
+    (image_index empty): under FSDP every rank must run the vision tower every step, since its parameters are
+    gathered and its gradients reduced collectively (the model then adds 0 x its features).
     """
     seqs, weights, label_rows = [], [], []
     for side in which:
@@ -253,6 +256,10 @@ def collate(items: list[Encoded], which: list[str], processor, images: list[Imag
     if bool((batch["row_image"] >= 0).any()):
         batch.update(processor.image_processor.process([im for im in images if im is not None]))
         batch["image_index"] = batch["row_image"][batch["row_image"] >= 0]
+    elif vision_always:
+        S = processor.image_processor.crop_size
+        batch.update(processor.image_processor.process([Image.new("RGB", (S, S))]))
+        batch["image_index"] = torch.zeros(0, dtype=torch.long)
     return batch
 
 

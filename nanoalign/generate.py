@@ -105,14 +105,12 @@ def main(argv=None) -> int:
     prompt = build_prompt(args.prompt, args.template)
     if prompt.count(IMAGE_TOKEN) != 1:
         return fail(f"--prompt has {prompt.count(IMAGE_TOKEN)} {IMAGE_TOKEN} tags; exactly one is needed for one image")
-    from PIL import Image
+    from nanoalign.image import ImageError, open_image
     try:
-        with Image.open(args.image) as im:
-            im.load()
-            image = im.copy()
-    except Exception as e:  # missing file, not an image, truncated data
+        image = open_image(args.image)  # the one opener: as train, eval and bdhs decode images
+    except ImageError as e:  # missing file, not an image, truncated data, over the pixel limit
         first = (str(e).splitlines() or [""])[0]
-        return fail(f"--image {args.image}: cannot read image ({type(e).__name__}: {first})")
+        return fail(f"--image {args.image}: cannot read image ({e.reason}: {first})")
     from nanoalign.checkpoint import load_for_cli
     try:
         model, processor = load_for_cli(args.model)
