@@ -183,7 +183,7 @@ def encode_example(index: int, ex: Example, processor, image_root: str | None, t
 
 
 def encode_all(examples, processor, image_root, template, max_len, gamma=None, strict=False, log=print):
-    """Encode every example; rejected ones are counted per reason (or raise with --strict)."""
+    """Encode every example; unusable ones are counted per reason (or raise with --strict)."""
     kept, reasons = [], Counter()
     for i, ex in enumerate(examples):
         try:
@@ -193,7 +193,7 @@ def encode_all(examples, processor, image_root, template, max_len, gamma=None, s
                 raise ValueError(f"example {ex.id}: {r.reason}: {r}") from None
             reasons[r.reason] += 1
     for reason, n in sorted(reasons.items()):
-        log(f"rejected {n} example(s): {reason}")
+        log(f"skipped {n} example(s) at tokenization: {reason}")
     if not kept:
         raise ValueError(f"no example left to train on after tokenization ({dict(reasons)})")
     return kept, reasons
@@ -274,18 +274,20 @@ def row_image(has_image: list[bool], n_sides: int) -> torch.Tensor:
     return torch.tensor(pos * n_sides, dtype=torch.long)
 
 
-def select_rows(batch: dict, rows) -> dict:
+def select_rows(batch: dict, rows, vision_always: bool = False) -> dict:
     """The batch restricted to `rows` (a slice or index tensor of rows) for a forward on part of it: per-row
-    tensors cut, image_index recomputed from row_image (pixel_values kept whole, image_index points into them;
-    both None when none of these rows has an image)."""
+    tensors cut, image_index recomputed from row_image (pixel_values kept whole, image_index points into them).
+    When none of these rows has an image: pixel_values / image_sizes / image_index None, or with vision_always
+    (FSDP, see collate) the images kept and image_index empty."""
     per_row = ("input_ids", "attention_mask", "labels", "token_weights", "row_image")
     out = {k: (v[rows] if k in per_row and v is not None else v) for k, v in batch.items()}
     ri = out.get("row_image")
     if ri is not None:
         has = ri >= 0
-        out["image_index"] = ri[has] if bool(has.any()) else None
-        if out["image_index"] is None:
-            out["pixel_values"] = out["image_sizes"] = None
+        if bool(has.any()) or (vision_always and out.get("pixel_values") is not None):
+            out["image_index"] = ri[has]
+        else:
+            out["image_index"] = out["pixel_values"] = out["image_sizes"] = None
     return out
 
 
