@@ -406,6 +406,12 @@ def _parse_llava(ctx, label, row):
         raise _BadRow("missing_field", "row is not an object")
     conv = _conversation(row.get("conversations"))
     image = ctx.image_path(row["image"]) if row.get("image") is not None else None
+    later_tags = [k for k, (h, _) in enumerate(conv) if k and IMAGE_TOKEN in h]
+    if image is not None and IMAGE_TOKEN not in conv[0][0] and len(later_tags) == 1:
+        k = later_tags[0]  # the tag in a later question: moved to the front of the first, as LLaVA's preprocessing does
+        h = conv[k][0].replace(IMAGE_TOKEN + "\n", "", 1) if IMAGE_TOKEN + "\n" in conv[k][0] else \
+            conv[k][0].replace(IMAGE_TOKEN, "", 1)
+        conv = [(IMAGE_TOKEN + "\n" + conv[0][0], conv[0][1])] + conv[1:k] + [(h.strip(), conv[k][1])] + conv[k + 1:]
     prompt, _ = _check_pair(conv[0][0], image is not None, conv[0][1], None, later=conv[1:])
     return [Example(str(row.get("id", label)), image, prompt, conv[0][1], None, later_turns=conv[1:])]
 

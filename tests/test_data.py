@@ -211,6 +211,10 @@ def test_llava_sft(tmp_path, root):
     exs, counts = D.load_examples(str(path), "llava", image_root=str(root))
     assert [e.id for e in exs] == ["ok"]
     assert dict(counts) == {"turns_not_alternating": 3, "extra_image_token": 1}
+    moved = [{"id": "late", "image": "good.png", "conversations": _turns(("What?", "A."), ("<image>\nAnd?", "B."))}]
+    path.write_text(json.dumps(moved))
+    (e,), _ = D.load_examples(str(path), "llava", image_root=str(root))
+    assert e.prompt == "<image>\nWhat?" and e.later_turns == [("And?", "B.")]
 
 
 def _completion(model, resp, h, v, e):
