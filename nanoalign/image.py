@@ -402,7 +402,7 @@ def _open_raw(src):
         raise ImageError("missing_image", f"{src}: no such file") from None
     except Image.DecompressionBombError as e:
         raise ImageError("image_too_large", f"{src if isinstance(src, str) else 'image'}: {e}") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except (OSError, SyntaxError, ValueError) as e:
         where = "image bytes" if isinstance(src, (bytes, bytearray)) else str(src)
         raise ImageError("unreadable_image", f"{where}: {type(e).__name__}: {e}") from None
 
