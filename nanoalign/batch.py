@@ -10,11 +10,18 @@ example whose image tokens plus prompt do not fit is rejected with the counted r
 silently cut (the "Image features and image tokens do not match" failure of TRL / LLaMA-Factory).
 
 A preference batch of P pairs holds the chosen sequences in rows [0, P) and the rejected ones in rows [P, 2P): the
-layout `nanoalign.ops.preference_loss` expects.
+layout `nanoalign.ops.preference_loss` expects. Rows with and without an image mix freely in one batch: the images
+present are processed once each and `image_index` maps every `<image>` occurrence (row-major) to its image.
+
+Multi-turn: an example's `history` (earlier exchanges) is part of the prompt (never labelled); an SFT example's
+`later_turns` follow its first answer in the same sequence, each answer (+ EOS) labelled and each question not, as
+LLaVA trains conversations. Later turns are rendered as LLaVA's SeparatorStyle.TWO does for the vicuna templates:
+"... ASSISTANT: a1</s>USER: q2 ASSISTANT: a2</s>" (see later_turn_text).
 """
 from __future__ import annotations
 
 import io
+import os
 from collections import Counter
 from dataclasses import dataclass
 
@@ -22,6 +29,7 @@ import torch
 from PIL import Image
 
 from nanoalign.data import Example, example_token_weights, load_image
+from nanoalign.image import ImageError, exif_transpose_default, image_size
 from nanoalign.tokenizer import IMAGE_TOKEN, build_prompt
 
 
@@ -35,6 +43,7 @@ class Encoded:
     chosen_w: torch.Tensor | None  # (len(chosen_ids),) DDPO weights, None = all ones
     rejected_w: torch.Tensor | None
     image_size: tuple[int, int] | None  # (height, width) of the image
+    chosen_labelled: list[bool] | None = None  # per chosen token: trained (True) or context (a later question)
 
 
 class Unusable(Exception):
@@ -46,27 +55,48 @@ class Unusable(Exception):
 
 
 def open_image(example: Example, image_root: str | None) -> Image.Image | None:
+    """The example's image decoded by nanoalign.image.open_image (None for a text-only example); raises
+    Unusable(missing_image / unreadable_image / image_too_large)."""
     if example.image is None:
         return None
     try:
         return load_image(example, image_root)
-    except Exception as e:  # unreadable at decode time although its header looked fine
-        raise Unusable("unreadable_image", f"{example.id}: {e}") from e
+    except ImageError as e:  # e.g. unreadable at decode time although its header looked fine
+        raise Unusable(e.reason, str(e)) from None
+
+
+def _image_size(example: Example, image_root: str | None) -> tuple[int, int] | None:
+    """(height, width) of the example's image from its header (no decode); None when text-only."""
+    img = example.image
+    if img is None:
+        return None
+    if isinstance(img, str) and image_root is not None and not os.path.isabs(img):
+        img = os.path.join(image_root, img)
+    try:
+        return image_size(img)
+    except ImageError as e:
+        raise Unusable(e.reason, f"example {example.id}: {e}") from None
 
 
 def image_bytes(example: Example, image_root: str | None) -> bytes | None:
-    """The raw bytes of an example's image (for cache keys); None for text-only examples."""
+    """The raw bytes of an example's image (for cache keys); None for text-only examples. With the EXIF setting
+    on (nanoalign.image.exif_transpose_default) the bytes are prefixed by a marker, so the cache never mixes
+    pixels decoded under the two settings."""
     img = example.image
     if img is None:
         return None
     if isinstance(img, bytes):
-        return img
-    if isinstance(img, Image.Image):
+        data = img
+    elif isinstance(img, Image.Image):
         buf = io.BytesIO()
         img.save(buf, format="PNG")
-        return buf.getvalue()
-    with open(img, "rb") as f:
-        return f.read()
+        data = buf.getvalue()
+    else:
+        if image_root is not None and not os.path.isabs(img):
+            img = os.path.join(image_root, img)
+        with open(img, "rb") as f:
+            data = f.read()
+    return b"exif_transpose\0" + data if exif_transpose_default() else data
 
 
 def _encode_response(tokenizer, text: str, eos: bool = True) -> tuple[list[int], list[tuple[int, int]]]:
@@ -78,10 +108,28 @@ def _encode_response(tokenizer, text: str, eos: bool = True) -> tuple[list[int],
     return ids, offsets
 
 
-def encode_prompt(processor, prompt: str, image_size: tuple[int, int] | None, template: str) -> list[int]:
-    """BOS + template(prompt), the <image> id expanded by Processor.expand_image_tokens."""
+def later_turn_text(question: str, template: str) -> str:
+    """A human turn after the first one. vicuna_v1 / llava_v1 / vicuna_nosys: "USER: {question} ASSISTANT:" (no
+    system sentence again, as LLaVA's SeparatorStyle.TWO renders a conversation); raw: the question unchanged; any
+    other template: build_prompt(question, template, with_image=False) (the whole single-turn wrapper)."""
+    if template == "raw":
+        return question
+    if template in ("vicuna_v1", "llava_v1", "vicuna_nosys"):
+        return build_prompt(question, "vicuna_nosys", with_image=False)
+    return build_prompt(question, template, with_image=False)
+
+
+def encode_prompt(processor, prompt: str, image_size: tuple[int, int] | None, template: str,
+                  history=()) -> list[int]:
+    """BOS + template(first question) [+ answer EOS + later question ...], the <image> id expanded by
+    Processor.expand_image_tokens. history: earlier (human, assistant) exchanges before `prompt`."""
     tok = processor.tokenizer
-    ids = tok.encode(build_prompt(prompt, template, with_image=image_size is not None))
+    humans = [h for h, _ in history] + [prompt]
+    # the first question gets the template's "<image>\n" unless a later one already carries the tag
+    first_image = image_size is not None and not any(IMAGE_TOKEN in h for h in humans[1:])
+    ids = tok.encode(build_prompt(humans[0], template, with_image=first_image))
+    for (_, answer), question in zip(history, humans[1:]):
+        ids += _encode_response(tok, answer)[0] + tok.encode(later_turn_text(question, template), add_bos=False)
     n_tags = ids.count(tok.image_token_id)
     if image_size is None:
         if n_tags:
@@ -94,34 +142,48 @@ def encode_prompt(processor, prompt: str, image_size: tuple[int, int] | None, te
 
 def encode_example(index: int, ex: Example, processor, image_root: str | None, template: str, max_len: int,
                    gamma: float | None = None) -> Encoded:
-    """Tokenize one example; raises Unusable(reason) when it cannot be trained on."""
-    img = open_image(ex, image_root)
-    size = (img.height, img.width) if img is not None else None
-    prompt_ids = encode_prompt(processor, ex.prompt, size, template)
+    """Tokenize one example; raises Unusable(reason) when it cannot be trained on. The image is not decoded here:
+    its size comes from the file header."""
+    size = _image_size(ex, image_root)
+    prompt_ids = encode_prompt(processor, ex.prompt, size, template, ex.history)
     room = max_len - len(prompt_ids)
     if room < 1:
         raise Unusable("prompt_too_long", f"{ex.id}: image + prompt are {len(prompt_ids)} tokens > --max-len {max_len}")
     tok = processor.tokenizer
     chosen_ids, chosen_off = _encode_response(tok, ex.chosen)
+    labelled = None
+    if ex.later_turns:  # SFT conversation: [answer 1][question 2][answer 2]..., the questions not labelled
+        labelled = [True] * len(chosen_ids)
+        for question, answer in ex.later_turns:
+            q = tok.encode(later_turn_text(question, template), add_bos=False)
+            a = _encode_response(tok, answer)[0]
+            chosen_ids += q + a
+            labelled += [False] * len(q) + [True] * len(a)
     rejected_ids = rejected_off = None
     if ex.rejected is not None:
         rejected_ids, rejected_off = _encode_response(tok, ex.rejected)
+    for side, ids in (("chosen", chosen_ids), ("rejected", rejected_ids or [])):
+        if tok.image_token_id in ids:  # the tokenizer made an image token of an answer's text
+            raise Unusable("image_token_in_response", f"{ex.id}: the {side} answer holds the image token")
     chosen_w = rejected_w = None
     if gamma is not None and rejected_ids is not None:
         chosen_w, rejected_w = example_token_weights(ex, chosen_ids, rejected_ids, gamma, chosen_off, rejected_off)
+    if rejected_ids is not None and rejected_ids == chosen_ids:
+        raise Unusable("identical_after_tokenization", f"{ex.id}: chosen and rejected have the same token ids")
     # Truncate responses only (a truncated response loses its EOS: the model is not taught to stop there).
     chosen_ids = chosen_ids[:room]
     chosen_w = chosen_w[:room] if chosen_w is not None else None
+    labelled = labelled[:room] if labelled is not None else None
     if rejected_ids is not None:
         rejected_ids = rejected_ids[:room]
         rejected_w = rejected_w[:room] if rejected_w is not None else None
         if rejected_ids == chosen_ids:
-            raise Unusable("identical_after_truncation", f"{ex.id}: chosen == rejected within --max-len")
-    return Encoded(index, prompt_ids, chosen_ids, rejected_ids, chosen_w, rejected_w, size)
+            raise Unusable("identical_after_truncation", f"{ex.id}: chosen == rejected within --max-len {max_len}")
+    return Encoded(index, prompt_ids, chosen_ids, rejected_ids, chosen_w, rejected_w, size, labelled)
 
 
 def encode_all(examples, processor, image_root, template, max_len, gamma=None, strict=False, log=print):
-    """Encode every example; rejected ones are counted per reason (or raise with --strict)."""
+    """Encode every example; unusable ones are counted per reason (or raise with --strict)."""
     kept, reasons = [], Counter()
     for i, ex in enumerate(examples):
         try:
@@ -131,7 +193,7 @@ def encode_all(examples, processor, image_root, template, max_len, gamma=None, s
                 raise ValueError(f"example {ex.id}: {r.reason}: {r}") from None
             reasons[r.reason] += 1
     for reason, n in sorted(reasons.items()):
-        log(f"rejected {n} example(s): {reason}")
+        log(f"skipped {n} example(s) at tokenization: {reason}")
     if not kept:
         raise ValueError(f"no example left to train on after tokenization ({dict(reasons)})")
     return kept, reasons
@@ -146,14 +208,20 @@ def _pad_rows(rows: list[list[int]], value) -> torch.Tensor:
 
 
 def collate(items: list[Encoded], which: list[str], processor, images: list[Image.Image | None],
-            pad_to: int | None = None) -> dict:
+            pad_to: int | None = None, vision_always: bool = False) -> dict:
     """Right-padded batch of sequences prompt + response for each `which` in ("chosen", "rejected").
 
     Rows are ordered [all items' `which[0]`, all items' `which[1]`, ...], so for which=["chosen", "rejected"] the
-    chosen sequences are rows [0, P) and the rejected ones rows [P, 2P).
-    Returns input_ids (R,T), attention_mask (R,T), labels (R,T) (-100 off-response), token_weights (R,T) float,
-    pixel_values / image_sizes of the len(items) images (each processed once) and image_index (R,): the image of
-    each row, for the model's forward (the vision tower then runs once per image, not once per row).
+    chosen sequences are rows [0, P) and the rejected ones rows [P, 2P). images[i] is item i's image or None
+    (text-only); a batch may mix both.
+    Returns input_ids (R,T), attention_mask (R,T), labels (R,T) (-100 off-response and on the later questions of a
+    conversation), token_weights (R,T) float, pixel_values / image_sizes of the images present (each processed
+    once; None when no item has one) and image_index (n_rows_with_image,): the image of each `<image>` occurrence
+    in row order, for the model's forward (the vision tower runs once per image, not once per row), and row_image
+    (R,): each row's image among those present, -1 for a text-only row (select_rows uses it).
+    vision_always: a batch without any image still carries one blank crop_size x crop_size image that no row uses
+    (image_index empty): under FSDP every rank must run the vision tower every step, since its parameters are
+    gathered and its gradients reduced collectively (the model then adds 0 x its features).
     """
     seqs, weights, label_rows = [], [], []
     for side in which:
@@ -161,12 +229,13 @@ def collate(items: list[Encoded], which: list[str], processor, images: list[Imag
             resp = getattr(it, f"{side}_ids")
             w = getattr(it, f"{side}_w")
             w = [1.0] * len(resp) if w is None else w.tolist()
+            labelled = getattr(it, f"{side}_labelled", None) or [True] * len(resp)
             ids = it.prompt_ids + resp
             n_p = len(it.prompt_ids)
             # position t predicts ids[t+1]: response token j is predicted at position n_p - 1 + j
             seqs.append(ids)
-            label_rows.append([-100] * (n_p - 1) + resp + [-100])
-            weights.append([0.0] * (n_p - 1) + w + [0.0])
+            label_rows.append([-100] * (n_p - 1) + [t if m else -100 for t, m in zip(resp, labelled)] + [-100])
+            weights.append([0.0] * (n_p - 1) + [x if m else 0.0 for x, m in zip(w, labelled)] + [0.0])
     pad = processor.pad_id
     batch = {
         "input_ids": _pad_rows(seqs, pad),
@@ -183,13 +252,43 @@ def collate(items: list[Encoded], which: list[str], processor, images: list[Imag
         batch["attention_mask"] = torch.nn.functional.pad(batch["attention_mask"], (0, extra), value=0)
         batch["labels"] = torch.nn.functional.pad(batch["labels"], (0, extra), value=-100)
         batch["token_weights"] = torch.nn.functional.pad(batch["token_weights"], (0, extra), value=0.0)
-    present = [im for im in images if im is not None]
-    if present:
-        if len(present) != len(images):
-            raise ValueError("collate: a batch mixes examples with and without images")
-        batch.update(processor.image_processor.process(present))
-        batch["image_index"] = torch.arange(len(items)).repeat(len(which))  # row r uses image r % len(items)
+    batch["row_image"] = row_image([im is not None for im in images], len(which))
+    if bool((batch["row_image"] >= 0).any()):
+        batch.update(processor.image_processor.process([im for im in images if im is not None]))
+        batch["image_index"] = batch["row_image"][batch["row_image"] >= 0]
+    elif vision_always:
+        S = processor.image_processor.crop_size
+        batch.update(processor.image_processor.process([Image.new("RGB", (S, S))]))
+        batch["image_index"] = torch.zeros(0, dtype=torch.long)
     return batch
+
+
+def row_image(has_image: list[bool], n_sides: int) -> torch.Tensor:
+    """(R,) long for a batch of n_sides blocks of len(has_image) rows (row r shows item r % len(has_image)): the
+    position of the row's image among the images present, -1 for a text-only row.
+    E.g. has_image [True, False, True], 2 sides -> [0, -1, 1, 0, -1, 1]."""
+    pos, k = [], 0
+    for h in has_image:
+        pos.append(k if h else -1)
+        k += bool(h)
+    return torch.tensor(pos * n_sides, dtype=torch.long)
+
+
+def select_rows(batch: dict, rows, vision_always: bool = False) -> dict:
+    """The batch restricted to `rows` (a slice or index tensor of rows) for a forward on part of it: per-row
+    tensors cut, image_index recomputed from row_image (pixel_values kept whole, image_index points into them).
+    When none of these rows has an image: pixel_values / image_sizes / image_index None, or with vision_always
+    (FSDP, see collate) the images kept and image_index empty."""
+    per_row = ("input_ids", "attention_mask", "labels", "token_weights", "row_image")
+    out = {k: (v[rows] if k in per_row and v is not None else v) for k, v in batch.items()}
+    ri = out.get("row_image")
+    if ri is not None:
+        has = ri >= 0
+        if bool(has.any()) or (vision_always and out.get("pixel_values") is not None):
+            out["image_index"] = ri[has]
+        else:
+            out["image_index"] = out["pixel_values"] = out["image_sizes"] = None
+    return out
 
 
 def scatter_response_values(labels: torch.Tensor, values: list[torch.Tensor]) -> torch.Tensor:

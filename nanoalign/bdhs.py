@@ -552,8 +552,9 @@ def main(argv=None) -> int:
                 try:
                     imgs.append(None if e.image is None else load_image(e, args.image_root))
                     ok.append(e)
-                except ValueError:
-                    counts["unreadable_image"] = counts.get("unreadable_image", 0) + 1
+                except ValueError as err:  # ImageError: missing_image / unreadable_image / image_too_large
+                    reason = getattr(err, "reason", "unreadable_image")
+                    counts[reason] = counts.get(reason, 0) + 1
             results = bdhs_rejected(model, processor, imgs, [e.prompt for e in ok], [e.chosen for e in ok],
                                     settings, embedder=embedder, seeds=[example_seed(args.seed, e.id) for e in ok],
                                     stats=stats) if ok else []

@@ -4,28 +4,41 @@
 
   rlhfv       RLHF-V parquet (openbmb/RLHF-V-Dataset): `image` {bytes, path} struct, `text` a JSON string with
               question / chosen / rejected. prompt = "<image>\\n" + question. Needs pyarrow.
-  povid       POVID JSON list: {id, image, conversations: [{from: human, value: "<image>\\n..."}, {from: gpt, value}],
-              rejected_conversations: [...]}. Images under image_root. chosen / rejected = the first gpt turn of each.
+  povid       POVID JSON list: {id, image, conversations: [{from: human, value: "<image>\\n..."}, {from: gpt, value},
+              ...], rejected_conversations: [...]}. Images under image_root. The pair is taken at the first assistant
+              turn where the two conversations differ: that turn's answers are chosen / rejected, the turns before it
+              are the prompt (`history` + `prompt`). Differing later turns too: `differs_in_several_turns`.
   vlfeedback  VLFeedback JSONL: {id, prompt, img_path, completions: [{model, response, annotations: {Helpfulness,
               Visual Faithfulness, Ethical Considerations: {Rating, Rationale}}}]}. Every C(n, 2) pair of completions,
               ranked by the mean of the three ratings; ties skipped and counted (`rating_tie`, not an error in strict
               mode: they are part of the pairing rule); a completion with a missing or non-numeric rating is left out
               of every pair and counted (`nonnumeric_rating`).
-  llava       LLaVA-Instruct JSON list for SFT: prompt = first human turn, chosen = first gpt turn, rejected None.
-              Multi-turn rows: only the first exchange is the example; the later (human, gpt) turns are kept in
-              extra["later_turns"] (nothing is skipped or counted for them). Rows without `image` are text-only.
+  llava       LLaVA-Instruct JSON list for SFT: prompt = first human turn, chosen = first gpt turn, rejected None,
+              later (human, gpt) exchanges in `later_turns`: every assistant turn is trained, with the earlier turns
+              as context, in one sequence (as LLaVA does). Rows without `image` are text-only.
   prefs       generic preference JSONL (what the project's data tools write): {image, prompt, chosen, rejected,
-              [chosen_segments], [rejected_segments], [id], ...}; segments are [[start, end), ...] character spans of
-              the response; every other key is kept in extra.
+              [history], [chosen_segments], [rejected_segments], [id], ...}; history is [[human, assistant], ...]
+              before prompt; segments are [[start, end), ...] character spans of the response; every other key is
+              kept in extra.
 
-`<image>` placeholder: the prompt of an example with an image holds `<image>` exactly once; a text-only prompt holds
-none. Only rlhfv and vlfeedback prepend "<image>\\n" when it is absent, because their published text never carries
-the placeholder (the image is a separate field); povid, llava and prefs must already have it (else `no_image_token`).
+Conversations (povid, llava) must alternate human, gpt, human, gpt, ... ("user" / "assistant" are accepted as
+role names), else `turns_not_alternating`.
+
+`<image>` placeholder: an example with an image holds `<image>` exactly once over all its human turns (a text-only
+one none); rlhfv, vlfeedback and prefs put "<image>\\n" in front of the first question when it is absent (their text
+often carries no placeholder: the image is a separate field), as LLaVA's data has it; povid and llava must already
+have it (else `no_image_token`). `<image>` inside an answer would become an image token without image features:
+the row is skipped (`image_token_in_response`). A list of several images is `multi_image` (a one-element list is
+that image).
 
 Image paths: relative paths are resolved against image_root (default: the data file's folder) and must stay inside
 it after resolving symlinks (else `path_escape`). With image_root=None an absolute path is accepted as is. At load
-time only existence and a cheap PIL header check (`Image.open(...).verify()`) are done; pixels are decoded later by
-`load_image`.
+time only existence, the pixel count (nanoalign.image.MAX_IMAGE_PIXELS, else `image_too_large`) and a cheap PIL
+header check (`Image.open(...).verify()`) are done; pixels are decoded later by `load_image`
+(nanoalign.image.open_image, the one opener of every entry point).
+
+Text files must be UTF-8: a JSONL line that is not is skipped (`not_utf8`, naming the line); a JSON list that is not
+stops with its file, line and byte.
 
 Bad rows are skipped and counted per reason (SKIP_REASONS); strict=True raises ValueError naming file, row and reason
 at the first bad row; a file with no usable example raises ValueError with the counts.
@@ -42,16 +55,25 @@ from typing import Any
 
 import torch
 
+from nanoalign.image import ImageError, image_size, open_image
+
 FORMATS = ("rlhfv", "povid", "vlfeedback", "llava", "prefs")
 IMAGE_TOKEN = "<image>"
 SKIP_REASONS = {
     "malformed_json": "malformed JSON line",
+    "not_utf8": "line is not UTF-8 text",
     "missing_field": "missing or mistyped field",
+    "multi_image": "several images in one row (one image per row is supported)",
     "missing_image": "missing image file",
     "unreadable_image": "unreadable image",
+    "image_too_large": "image has more pixels than nanoalign.image.MAX_IMAGE_PIXELS",
     "path_escape": "image path escapes image_root",
     "no_image_token": "no <image> in the prompt of an example with an image",
     "extra_image_token": "<image> more than once, or in a prompt without image",
+    "image_token_in_response": "<image> inside a chosen / rejected / assistant answer",
+    "turns_not_alternating": "conversation turns are not human, assistant, human, assistant, ...",
+    "prompts_differ": "chosen and rejected conversations ask different questions",
+    "differs_in_several_turns": "chosen and rejected conversations differ in more than one assistant turn",
     "empty_chosen": "empty chosen",
     "empty_rejected": "empty rejected",
     "chosen_equals_rejected": "chosen identical to rejected",
@@ -72,6 +94,11 @@ class Example:
     chosen_segments: list[tuple[int, int]] | None = None  # character spans [start, end) of chosen
     rejected_segments: list[tuple[int, int]] | None = None
     extra: dict = field(default_factory=dict)
+    # Multi-turn conversations. history: earlier (human, assistant) exchanges shown before `prompt` (context only);
+    # the first human turn then holds the <image> tag instead of `prompt`. later_turns (SFT only): further
+    # (human, assistant) exchanges after `chosen`, each assistant answer trained like `chosen`.
+    history: list[tuple[str, str]] = field(default_factory=list)
+    later_turns: list[tuple[str, str]] = field(default_factory=list)
 
 
 class SkipCounts(Counter):
@@ -120,16 +147,16 @@ class _Ctx:
 
     def image_path(self, raw: Any) -> str:
         """Resolve and check an image path from the data; raises _BadRow."""
+        if isinstance(raw, list) and len(raw) == 1:  # LLaVA-OneVision style ["a.jpg"]: one image
+            raw = raw[0]
+        if isinstance(raw, list) and len(raw) > 1:
+            raise _BadRow("multi_image", f"{len(raw)} images")
         if not isinstance(raw, str) or not raw.strip():
             raise _BadRow("missing_field", "image path is not a non-empty string")
-        if os.path.isabs(raw) and not self.explicit_root:
-            full = os.path.realpath(raw)
-        else:
-            full = os.path.realpath(os.path.join(self.root, raw))
-            if os.path.commonpath([full, self.root]) != self.root:
-                raise _BadRow("path_escape", f"{raw!r} is outside {self.root}")
-        if not os.path.isfile(full):
-            raise _BadRow("missing_image", full)
+        try:
+            full = resolve_image_path(raw, self.root, allow_absolute=not self.explicit_root)
+        except ImageError as e:
+            raise _BadRow(e.reason, str(e)) from None
         if self.verify:
             if full not in self.checked:
                 try:
@@ -142,9 +169,31 @@ class _Ctx:
         return full
 
 
+def resolve_image_path(raw: str, root: str, allow_absolute: bool = False) -> str:
+    """The one image-path check of every entry point (train's loaders, eval, ...): `raw` joined to `root` and
+    resolved (symlinks followed) must stay inside realpath(root); an absolute `raw` is taken as is only with
+    allow_absolute (train.py without --image-root). Returns the resolved path of an existing file; raises ImageError
+    with reason path_escape or missing_image."""
+    root = os.path.realpath(root)
+    if os.path.isabs(raw) and allow_absolute:
+        full = os.path.realpath(raw)
+    else:
+        full = os.path.realpath(os.path.join(root, raw))
+        if os.path.commonpath([full, root]) != root:
+            raise ImageError("path_escape", f"{raw!r} is outside {root}")
+    if not os.path.isfile(full):
+        raise ImageError("missing_image", full)
+    return full
+
+
 def _verify_image(src: Any) -> None:
+    """Header checks without decoding the pixels: the pixel limit (image_too_large), then PIL's verify()."""
     from PIL import Image
 
+    try:
+        image_size(src)
+    except ImageError as e:
+        raise _BadRow(e.reason, str(e)) from None
     try:
         with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
             im.verify()
@@ -153,23 +202,18 @@ def _verify_image(src: Any) -> None:
 
 
 def load_image(example: Example, image_root: str | None = None):
-    """Decode the example's image to an RGB PIL image (relative paths are joined to image_root)."""
-    from PIL import Image
-
+    """Decode the example's image to an RGB PIL image with nanoalign.image.open_image (relative paths are joined
+    to image_root). Raises ImageError (a ValueError; `.reason` missing_image / unreadable_image / image_too_large)
+    naming the example."""
     img = example.image
     if img is None:
         raise ValueError(f"example {example.id}: has no image")
-    if isinstance(img, Image.Image):
-        return img.convert("RGB")
+    if isinstance(img, str) and image_root is not None and not os.path.isabs(img):
+        img = os.path.join(image_root, img)
     try:
-        if isinstance(img, (bytes, bytearray)):
-            with Image.open(io.BytesIO(img)) as im:
-                return im.convert("RGB")
-        path = img if image_root is None or os.path.isabs(img) else os.path.join(image_root, img)
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"example {example.id}: cannot read image: {type(e).__name__}: {e}") from None
+        return open_image(img)
+    except ImageError as e:
+        raise ImageError(e.reason, f"example {example.id}: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------------- checks
@@ -181,23 +225,34 @@ def _text(row: dict, key: str) -> str:
     return v
 
 
-def _check_pair(prompt: str, has_image: bool, chosen: str, rejected: str | None, prepend: bool = False) -> str:
-    """Validate an example's text; returns the (possibly prefixed) prompt. Raises _BadRow."""
-    n = prompt.count(IMAGE_TOKEN)
-    if has_image and n == 0 and prepend:
-        prompt, n = IMAGE_TOKEN + "\n" + prompt, 1
+def _check_pair(prompt: str, has_image: bool, chosen: str, rejected: str | None, prepend: bool = False,
+                history: list | tuple = (), later: list | tuple = ()) -> tuple[str, list[tuple[str, str]]]:
+    """Validate an example's text; returns (prompt, history), the first human turn prefixed with "<image>\\n" when
+    `prepend` and the image has no tag. history / later: (human, assistant) exchanges before / after. Raises _BadRow."""
+    history = [tuple(t) for t in history]
+    humans = [h for h, _ in history] + [prompt] + [h for h, _ in later]
+    n = sum(h.count(IMAGE_TOKEN) for h in humans)
+    if has_image and n == 0 and prepend:  # as LLaVA's data has it: the tag in front of the first question
+        if history:
+            history[0] = (IMAGE_TOKEN + "\n" + history[0][0], history[0][1])
+        else:
+            prompt = IMAGE_TOKEN + "\n" + prompt
+        n = 1
     if has_image and n == 0:
         raise _BadRow("no_image_token")
     if n > 1 or (n == 1 and not has_image):
         raise _BadRow("extra_image_token", f"{n} x <image>, image {'present' if has_image else 'absent'}")
-    if not chosen.strip():
+    answers = [chosen] + ([rejected] if rejected is not None else []) + [a for _, a in history] + [a for _, a in later]
+    if any(IMAGE_TOKEN in a for a in answers):  # it would become an image token with no image features
+        raise _BadRow("image_token_in_response")
+    if not chosen.strip() or any(not a.strip() for _, a in later):
         raise _BadRow("empty_chosen")
     if rejected is not None:
         if not rejected.strip():
             raise _BadRow("empty_rejected")
         if chosen.strip() == rejected.strip():
             raise _BadRow("chosen_equals_rejected")
-    return prompt
+    return prompt, history
 
 
 def _segments(row: dict, key: str, text: str) -> list[tuple[int, int]] | None:
@@ -214,18 +269,64 @@ def _segments(row: dict, key: str, text: str) -> list[tuple[int, int]] | None:
     return spans
 
 
-def _turns(conv: Any, who: str) -> list[str]:
+HUMAN_ROLES, ASSISTANT_ROLES = ("human", "user"), ("gpt", "assistant")
+
+
+def _conversation(conv: Any, key: str = "conversations") -> list[tuple[str, str]]:
+    """LLaVA-style [{from: human, value}, {from: gpt, value}, ...] -> [(human, assistant), ...]. Raises _BadRow:
+    missing_field for a turn of the wrong shape or no assistant turn, turns_not_alternating when the roles are not
+    human, assistant, human, assistant, ... (an answer before its question would be trained on the wrong one)."""
     if not isinstance(conv, list):
-        raise _BadRow("missing_field", "conversations is not a list")
-    return [t["value"] for t in conv if isinstance(t, dict) and t.get("from") == who and isinstance(t.get("value"), str)]
+        raise _BadRow("missing_field", f"{key} is not a list")
+    roles, values = [], []
+    for k, t in enumerate(conv):
+        if not isinstance(t, dict) or not isinstance(t.get("value"), str) or not isinstance(t.get("from"), str):
+            raise _BadRow("missing_field", f"{key}[{k}] is not {{from: str, value: str}}")
+        roles.append("human" if t["from"] in HUMAN_ROLES else "gpt" if t["from"] in ASSISTANT_ROLES else t["from"])
+        values.append(t["value"])
+    if "gpt" not in roles or "human" not in roles:
+        raise _BadRow("missing_field", f"{key} lacks a human or gpt turn")
+    for k, r in enumerate(roles):
+        want = "human" if k % 2 == 0 else "gpt"
+        if r != want:
+            raise _BadRow("turns_not_alternating", f"{key}[{k}] is {conv[k]['from']!r}, expected {want}")
+    if len(roles) % 2:
+        raise _BadRow("turns_not_alternating", f"{key} ends with an unanswered human turn")
+    return list(zip(values[0::2], values[1::2]))
+
+
+def _split_pair(chosen: list[tuple[str, str]], rejected: list[tuple[str, str]]):
+    """Two conversations -> (history, prompt, chosen answer, rejected answer) at the first assistant turn where they
+    differ; everything before it is the prompt. Raises _BadRow: chosen_equals_rejected (no difference),
+    prompts_differ (a human turn up to there differs), differs_in_several_turns (a later turn present in both
+    differs too; a conversation that simply ends after the differing turn is fine)."""
+    n = min(len(chosen), len(rejected))
+    first = next((k for k in range(n) if chosen[k] != rejected[k]), None)
+    if first is None:
+        raise _BadRow("chosen_equals_rejected", "the conversations agree on every common turn")
+    if chosen[first][0] != rejected[first][0]:
+        raise _BadRow("prompts_differ", f"human turn {first}")
+    later = [k for k in range(first + 1, n) if chosen[k] != rejected[k]]
+    if later:
+        raise _BadRow("differs_in_several_turns", f"assistant turns {first} and {later[0]} differ")
+    return chosen[:first], chosen[first][0], chosen[first][1], rejected[first][1]
 
 
 # ---------------------------------------------------------------------------------------------------- readers
 
+def _not_utf8(path: str, raw: bytes, e: UnicodeDecodeError, line_offset: int = 0) -> str:
+    line = line_offset + raw.count(b"\n", 0, e.start) + 1
+    return (f"{path}: line {line} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+            "re-save the file as UTF-8")
+
+
 def _read_json_list(ctx: _Ctx) -> list[tuple[str, Any]]:
+    with open(ctx.path, "rb") as f:
+        raw = f.read()
     try:
-        with open(ctx.path) as f:
-            data = json.load(f)
+        data = json.loads(raw.decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise ValueError(_not_utf8(ctx.path, raw, e)) from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{ctx.path}: not valid JSON (line {e.lineno}: {e.msg})") from None
     if not isinstance(data, list):
@@ -235,8 +336,13 @@ def _read_json_list(ctx: _Ctx) -> list[tuple[str, Any]]:
 
 def _read_jsonl(ctx: _Ctx) -> list[tuple[str, Any]]:
     rows = []  # a malformed line becomes a _BadRow in its place, so strict mode stops at the first bad row in order
-    with open(ctx.path) as f:
-        for n, line in enumerate(f, 1):
+    with open(ctx.path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                rows.append((f"line {n}", _BadRow("not_utf8", f"byte 0x{raw[e.start]:02x} at column {e.start + 1}")))
+                continue
             if not line.strip():
                 continue
             try:
@@ -279,7 +385,7 @@ def _parse_rlhfv(ctx, label, row):
     if not isinstance(text, dict):
         raise _BadRow("missing_field", "text is not a JSON object")
     q, c, r = _text(text, "question"), _text(text, "chosen"), _text(text, "rejected")
-    prompt = _check_pair(q, True, c, r, prepend=True)
+    prompt, _ = _check_pair(q, True, c, r, prepend=True)
     extra = {k: row[k] for k in ("ds_name", "origin_dataset", "origin_split", "image_path") if k in row}
     return [Example(str(row.get("idx", label)), data, prompt, c, r, extra=extra)]
 
@@ -287,26 +393,27 @@ def _parse_rlhfv(ctx, label, row):
 def _parse_povid(ctx, label, row):
     if not isinstance(row, dict):
         raise _BadRow("missing_field", "row is not an object")
-    human, gpt = _turns(row.get("conversations"), "human"), _turns(row.get("conversations"), "gpt")
-    rej = _turns(row.get("rejected_conversations"), "gpt")
-    if not human or not gpt or not rej:
-        raise _BadRow("missing_field", "conversations / rejected_conversations lack a human or gpt turn")
+    chosen = _conversation(row.get("conversations"))
+    rejected = _conversation(row.get("rejected_conversations"), "rejected_conversations")
+    history, prompt, c, r = _split_pair(chosen, rejected)
     image = ctx.image_path(row.get("image"))
-    prompt = _check_pair(human[0], True, gpt[0], rej[0])
-    return [Example(str(row.get("id", label)), image, prompt, gpt[0], rej[0])]
+    prompt, history = _check_pair(prompt, True, c, r, history=history)
+    return [Example(str(row.get("id", label)), image, prompt, c, r, history=history)]
 
 
 def _parse_llava(ctx, label, row):
     if not isinstance(row, dict):
         raise _BadRow("missing_field", "row is not an object")
-    human, gpt = _turns(row.get("conversations"), "human"), _turns(row.get("conversations"), "gpt")
-    if not human or not gpt:
-        raise _BadRow("missing_field", "conversations lack a human or gpt turn")
+    conv = _conversation(row.get("conversations"))
     image = ctx.image_path(row["image"]) if row.get("image") is not None else None
-    prompt = _check_pair(human[0], image is not None, gpt[0], None)
-    later = list(zip(human[1:], gpt[1:]))
-    return [Example(str(row.get("id", label)), image, prompt, gpt[0], None,
-                    extra={"later_turns": later} if later else {})]
+    later_tags = [k for k, (h, _) in enumerate(conv) if k and IMAGE_TOKEN in h]
+    if image is not None and IMAGE_TOKEN not in conv[0][0] and len(later_tags) == 1:
+        k = later_tags[0]  # the tag in a later question: moved to the front of the first, as LLaVA's preprocessing does
+        h = conv[k][0].replace(IMAGE_TOKEN + "\n", "", 1) if IMAGE_TOKEN + "\n" in conv[k][0] else \
+            conv[k][0].replace(IMAGE_TOKEN, "", 1)
+        conv = [(IMAGE_TOKEN + "\n" + conv[0][0], conv[0][1])] + conv[1:k] + [(h.strip(), conv[k][1])] + conv[k + 1:]
+    prompt, _ = _check_pair(conv[0][0], image is not None, conv[0][1], None, later=conv[1:])
+    return [Example(str(row.get("id", label)), image, prompt, conv[0][1], None, later_turns=conv[1:])]
 
 
 def _rating(completion: dict) -> float | None:
@@ -349,7 +456,7 @@ def _parse_vlfeedback(ctx, label, row):
                 continue
             (kc, sc, cc), (kr, sr, cr) = (scored[i], scored[j]) if si > sj else (scored[j], scored[i])
             try:
-                p = _check_pair(prompt, True, cc["response"], cr["response"], prepend=True)
+                p, _ = _check_pair(prompt, True, cc["response"], cr["response"], prepend=True)
             except _BadRow as e:
                 ctx.skip(pair, e.reason, e.detail)
                 continue
@@ -359,18 +466,22 @@ def _parse_vlfeedback(ctx, label, row):
     return out
 
 
-PREFS_KEYS = ("id", "image", "prompt", "chosen", "rejected", "chosen_segments", "rejected_segments")
+PREFS_KEYS = ("id", "image", "prompt", "chosen", "rejected", "chosen_segments", "rejected_segments", "history")
 
 
 def _parse_prefs(ctx, label, row):
     if not isinstance(row, dict):
         raise _BadRow("missing_field", "row is not an object")
     prompt, chosen, rejected = _text(row, "prompt"), _text(row, "chosen"), _text(row, "rejected")
+    history = row.get("history") or []
+    if not isinstance(history, list) or not all(isinstance(t, (list, tuple)) and len(t) == 2 and
+                                                all(isinstance(x, str) for x in t) for t in history):
+        raise _BadRow("missing_field", "history is not a list of [human, assistant] string pairs")
     image = ctx.image_path(row["image"]) if row.get("image") is not None else None
-    prompt = _check_pair(prompt, image is not None, chosen, rejected)
+    prompt, history = _check_pair(prompt, image is not None, chosen, rejected, prepend=True, history=history)
     cs, rs = _segments(row, "chosen_segments", chosen), _segments(row, "rejected_segments", rejected)
     extra = {k: v for k, v in row.items() if k not in PREFS_KEYS}
-    return [Example(str(row.get("id", label)), image, prompt, chosen, rejected, cs, rs, extra)]
+    return [Example(str(row.get("id", label)), image, prompt, chosen, rejected, cs, rs, extra, history)]
 
 
 _FORMATS = {"rlhfv": (_read_parquet, _parse_rlhfv), "povid": (_read_json_list, _parse_povid),
@@ -480,5 +591,7 @@ def write_prefs(path: str, examples: list[Example]) -> None:
                 row["chosen_segments"] = [list(x) for x in e.chosen_segments]
             if e.rejected_segments is not None:
                 row["rejected_segments"] = [list(x) for x in e.rejected_segments]
+            if e.history:
+                row["history"] = [list(t) for t in e.history]
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     os.replace(tmp, path)

@@ -14,9 +14,14 @@ run_task and everything above it is model-free: `generate_fn(images: list[PIL.Im
 list[str]` and `judge_fn(image, prompt) -> str` are plain callables, so tests inject fakes. The model code
 (nanoalign.checkpoint, nanoalign.generate) is imported by model_generate_fn on its first call.
 
-Bad input never stops the run: malformed rows, duplicate ids, missing/unreadable images, images absent from the
-annotations, a bad annotation file, generation/judge errors are counted per kind in `bad_input` and printed. Only a
-checkpoint that cannot be loaded stops it ("error: ...", exit 2).
+Bad rows never stop the run: malformed rows, duplicate ids, image paths outside --image-root (`path_escape`, the
+same check as training: nanoalign.data.resolve_image_path), missing / unreadable / oversized images (opened by
+nanoalign.image.open_image, as training opens them), images absent from the annotations, generation / judge errors
+are counted per kind in `bad_input` and printed. What the task needs is checked before any generation: some usable
+example, CHAIR's --annotations file, MMHal's --judge ("error: ...", exit 2). After the run, a model for which nothing
+was evaluated, or more than --max-failed (default 0.1) of its rows failed (FAILED_KINDS), makes the exit status 2,
+with the counted reasons on stderr (the table and summaries are still written). A checkpoint that cannot be loaded
+stops the run (exit 2).
 """
 import argparse
 import json
@@ -28,6 +33,8 @@ from collections import Counter
 from pathlib import Path
 
 from nanoalign import metrics as M
+from nanoalign.data import resolve_image_path
+from nanoalign.image import ImageError, open_image
 from nanoalign.tokenizer import TEMPLATES
 
 TASKS = ("pope", "chair", "mmhal")
@@ -38,16 +45,38 @@ TABLE_COLUMNS = {  # task -> summary keys shown in the markdown table (ratios sh
     "chair": ["chair_s", "chair_i", "recall", "mean_length"],
     "mmhal": ["score", "hallucination_rate", "unparseable"],
 }
+# bad_input kinds that are rows of this run not evaluated (file-level notes and duplicates are not)
+FAILED_KINDS = ("malformed_row", "path_escape", "missing_image", "unreadable_image", "image_too_large",
+                "image_not_in_annotations", "generation_error", "judge_error")
+DEFAULT_MAX_FAILED = 0.1
 _PERCENT = {"accuracy", "precision", "recall", "f1", "yes_ratio", "chair_s", "chair_i", "hallucination_rate"}
 
 
 # ------------------------------------------------------------------------------------------------- reading inputs
+def image_path(image_root, name, bad):
+    """`name` under image_root through training's path check; None (counted path_escape) when it leaves the root.
+    A missing file is returned as is (counted missing_image when the run opens it)."""
+    try:
+        return resolve_image_path(str(name), image_root)
+    except ImageError as e:
+        if e.reason == "path_escape":
+            bad["path_escape"] += 1
+            return None
+        return str(Path(os.path.realpath(image_root), str(name)))
+
+
 def read_rows(path, bad):
     """JSON list or JSONL file -> list of dict rows; undecodable lines / non-dict rows counted as malformed_row."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--data file not found: {path}")
-    text = path.read_text()
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"--data {path}: line {line} is not UTF-8 text (byte 0x{raw[e.start]:02x}); "
+                         "re-save the file as UTF-8") from None
     if text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
@@ -77,8 +106,10 @@ def load_pope(paths, image_root, bad):
             if any(k not in r for k in ("question_id", "image", "text")) or label not in ("yes", "no"):
                 bad["malformed_row"] += 1
                 continue
-            out.append({"question_id": f"{Path(path).stem}:{r['question_id']}",
-                        "image": str(Path(image_root, r["image"])),
+            image = image_path(image_root, r["image"], bad)
+            if image is None:
+                continue
+            out.append({"question_id": f"{Path(path).stem}:{r['question_id']}", "image": image,
                         "prompt": str(r["text"]), "label": label, "split": M.pope_split_of(r, Path(path).name)})
     return out
 
@@ -124,7 +155,10 @@ def load_chair(paths, image_root, annotations, bad, synonyms=None):
                     bad["missing_image"] += 1
                     continue
             key = str(r.get("question_id", image_id if image_id is not None else image))
-            out.append({"question_id": key, "image": str(Path(image_root, image)), "image_id": image_id,
+            image = image_path(image_root, image, bad)
+            if image is None:
+                continue
+            out.append({"question_id": key, "image": image, "image_id": image_id,
                         "prompt": str(r.get("prompt") or r.get("text") or chair_prompt(key)), "gt_objects": gt})
     return out, categories
 
@@ -140,9 +174,13 @@ def load_mmhal(paths, image_root, bad):
                 cands.append(str(r["image_src"]).rstrip("/").split("/")[-1])
             if r.get("image_id") is not None:
                 cands.append(f"{r['image_id']}.jpg")
-            cands = [str(Path(image_root, c)) for c in cands if c]
-            if "question" not in r or "gt_answer" not in r or not cands:
+            if "question" not in r or "gt_answer" not in r or not any(cands):
                 bad["malformed_row"] += 1
+                continue
+            escapes = Counter()
+            cands = [p for p in (image_path(image_root, c, escapes) for c in cands if c) if p is not None]
+            if not cands:
+                bad.update(escapes)
                 continue
             image = next((c for c in cands if os.path.exists(c)), cands[0])
             qid = r.get("question_id", r.get("id", f"{Path(path).stem}:{i}"))
@@ -166,12 +204,6 @@ def dedupe(examples, bad):
 # ------------------------------------------------------------------------------------------------------ the runner
 class CheckpointError(RuntimeError):
     """A model or judge that cannot be loaded: stops the run (unlike per-example errors, which are counted)."""
-
-
-def _load_image(path):
-    from PIL import Image
-    with Image.open(path) as im:
-        return im.convert("RGB")
 
 
 def read_results(path, bad=None):
@@ -265,12 +297,10 @@ def run_task(task, examples, generate_fn, out_dir, *, batch_size=8, judge_fn=Non
             batch, images = [], []
             for ex in todo[b:b + batch_size]:
                 try:
-                    images.append(_load_image(ex["image"]))
+                    images.append(open_image(ex["image"]))
                     batch.append(ex)
-                except FileNotFoundError:
-                    bad["missing_image"] += 1
-                except Exception:
-                    bad["unreadable_image"] += 1
+                except ImageError as e:  # missing_image, unreadable_image, image_too_large
+                    bad[e.reason] += 1
             answers = []
             if batch:
                 try:
@@ -294,7 +324,7 @@ def run_task(task, examples, generate_fn, out_dir, *, batch_size=8, judge_fn=Non
     wanted = {ex["question_id"] for ex in examples}
     rows = list({str(r.get("question_id")): r for r in read_results(res_path, bad)
                  if str(r.get("question_id")) in wanted}.values())
-    summary = {"task": task, "model": name, **summarize(task, rows, synonyms),
+    summary = {"task": task, "model": name, **summarize(task, rows, synonyms), "n_evaluated": len(rows),
                "bad_input": {k: v for k, v in sorted(bad.items()) if v},
                # Reward-model accuracy on held-out preference pairs: filled by the RL issue as
                # {"accuracy": float, "n": int} (same summary file, same top level). None until then.
@@ -388,6 +418,8 @@ def main(argv=None):
     ap.add_argument("--judge", default=None, help="checkpoint folder of the judge VLM, for --task mmhal")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="default: pope 16, chair 256, mmhal 256")
     ap.add_argument("--judge-max-new-tokens", type=int, default=JUDGE_MAX_NEW_TOKENS)
+    ap.add_argument("--max-failed", type=float, default=DEFAULT_MAX_FAILED,
+                    help="exit 2 when more than this share of a model's rows failed (default 0.1; 1 = never)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
 
@@ -396,6 +428,12 @@ def main(argv=None):
         return 2
     if args.batch_size < 1 or (args.limit is not None and args.limit < 0):
         return fail("--batch-size must be >= 1 and --limit >= 0")
+    if not 0.0 <= args.max_failed <= 1.0:
+        return fail(f"--max-failed {args.max_failed}: a share between 0 and 1")
+    if not Path(args.image_root).is_dir():
+        return fail(f"--image-root {args.image_root}: not a folder")
+    if args.task == "chair" and not args.annotations:
+        return fail("--task chair needs --annotations (COCO instances or captions JSON) to score captions")
     if args.task == "mmhal" and not args.judge:
         return fail("--task mmhal needs --judge DIR (a nanoalign-loadable VLM that sees the image)")
     for d in args.model + ([args.judge] if args.judge else []):
@@ -416,7 +454,12 @@ def main(argv=None):
             examples = load_mmhal(args.data, args.image_root, bad)
     except (FileNotFoundError, ValueError) as e:
         return fail(str(e))
+    if args.task == "chair" and bad["bad_annotation_file"]:
+        return fail(f"--annotations {args.annotations}: unusable for CHAIR (see the warning above); nothing generated")
     examples = dedupe(examples, bad)[:args.limit]
+    if not examples:
+        return fail(f"no usable example in --data {' '.join(map(str, args.data))} for --task {args.task} "
+                    f"(bad input: {dict(bad) or 'none: the files hold no rows'}); nothing generated")
     if args.task == "chair" and synonyms is None and not set(categories) <= set(M.COCO_SYNONYMS):
         # not COCO (e.g. the toy world without --synonyms): its category names, singular and plural, are the table
         print(f"note: categories are not COCO's; matching the {len(categories)} category names only", file=sys.stderr)
@@ -439,10 +482,18 @@ def main(argv=None):
     Path(args.out).mkdir(parents=True, exist_ok=True)
     Path(args.out, "summary.json").write_text(json.dumps(top, indent=2))
     print(table)
+    rc = 0
     for name, s in results:
         if s["bad_input"]:
             print(f"{name}: bad input {s['bad_input']}", file=sys.stderr)
-    return 0
+        failed = {k: v for k, v in s["bad_input"].items() if k in FAILED_KINDS}
+        n_ok, n_failed = s["n_evaluated"], sum(failed.values())
+        if n_ok == 0 or n_failed > args.max_failed * (n_ok + n_failed):
+            print(f"error: {name}: {n_ok} example(s) evaluated, {n_failed} row(s) failed "
+                  f"({', '.join(f'{k}={v}' for k, v in failed.items()) or 'none counted'}) > --max-failed "
+                  f"{args.max_failed:g} of the rows", file=sys.stderr)
+            rc = 2
+    return rc
 
 
 if __name__ == "__main__":

@@ -98,14 +98,12 @@ def main(argv=None) -> int:
         return fail("--temperature must be >= 0 and --top-p in (0, 1]")
     if args.template == "raw" and IMAGE_TOKEN not in args.prompt:
         return fail(f"--prompt has no {IMAGE_TOKEN} (required with --template raw)")
-    from PIL import Image
+    from nanoalign.image import ImageError, open_image
     try:
-        with Image.open(args.image) as im:
-            im.load()
-            image = im.copy()
-    except Exception as e:  # missing file, not an image, truncated data
+        image = open_image(args.image)  # the one opener: as train, eval and bdhs decode images
+    except ImageError as e:  # missing file, not an image, truncated data, over the pixel limit
         first = (str(e).splitlines() or [""])[0]
-        return fail(f"--image {args.image}: cannot read image ({type(e).__name__}: {first})")
+        return fail(f"--image {args.image}: cannot read image ({e.reason}: {first})")
     from nanoalign.checkpoint import load_for_cli
     try:
         model, processor = load_for_cli(args.model)

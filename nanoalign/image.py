@@ -409,3 +409,115 @@ def _read_json(path: str) -> dict:
     if not isinstance(d, dict):
         raise ValueError(f"{path}: expected a JSON object")
     return d
+
+
+# ---------------------------------------------------------------------------------------------------- opening files
+# The one image opener of every entry point (train, eval, generate, bdhs, the reference cache, the toy).
+MAX_IMAGE_PIXELS = 50_000_000  # width * height above this is refused (`image_too_large`); e.g. 7071 x 7071
+EXIF_TRANSPOSE_ENV = "NANOALIGN_EXIF_TRANSPOSE"  # "1": rotate upright by the EXIF orientation tag
+
+
+class ImageError(ValueError):
+    """An image that cannot be used; `reason` is the counted skip key: missing_image, unreadable_image or
+    image_too_large."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+
+
+def exif_transpose_default() -> bool:
+    """The EXIF-orientation setting: off unless the environment sets NANOALIGN_EXIF_TRANSPOSE=1.
+
+    Off by default = the stored pixel order, as LLaVA's own training and eval code (`Image.open(f).convert('RGB')`)
+    and COCO's annotations (boxes and masks are in stored orientation) use it. transformers' `load_image` rotates
+    upright (`ImageOps.exif_transpose`); set the variable to 1 for that behaviour."""
+    v = os.environ.get(EXIF_TRANSPOSE_ENV, "0").strip().lower()
+    if v not in ("0", "1", "", "false", "true"):
+        raise ValueError(f"{EXIF_TRANSPOSE_ENV}={v!r}: expected 0 or 1")
+    return v in ("1", "true")
+
+
+def _open_raw(src):
+    """PIL image (lazy: header only) from a path, bytes or a PIL image; raises ImageError."""
+    import io
+    import warnings
+    if isinstance(src, Image.Image):
+        return src
+    try:
+        with warnings.catch_warnings():  # Pillow warns above its own limit; ours (MAX_IMAGE_PIXELS) is checked next
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            if isinstance(src, (bytes, bytearray)):
+                return Image.open(io.BytesIO(bytes(src)))
+            return Image.open(os.fspath(src))
+    except FileNotFoundError:
+        raise ImageError("missing_image", f"{src}: no such file") from None
+    except Image.DecompressionBombError as e:
+        raise ImageError("image_too_large", f"{src if isinstance(src, str) else 'image'}: {e}") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        where = "image bytes" if isinstance(src, (bytes, bytearray)) else str(src)
+        raise ImageError("unreadable_image", f"{where}: {type(e).__name__}: {e}") from None
+
+
+def _check_pixels(img: Image.Image, src, max_pixels: int | None) -> None:
+    limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    if img.width * img.height > limit:
+        where = "image" if isinstance(src, (bytes, bytearray, Image.Image)) else str(src)
+        raise ImageError("image_too_large", f"{where}: {img.width}x{img.height} = {img.width * img.height} pixels "
+                                            f"> the limit of {limit} (nanoalign.image.MAX_IMAGE_PIXELS)")
+
+
+def image_size(src, exif_transpose: bool | None = None, max_pixels: int | None = None) -> tuple[int, int]:
+    """(height, width) of the image `open_image` would return, read from the file header without decoding the
+    pixels. Raises ImageError (missing_image, unreadable_image, image_too_large)."""
+    img = _open_raw(src)
+    try:
+        _check_pixels(img, src, max_pixels)
+        h, w = img.height, img.width
+        if exif_transpose_default() if exif_transpose is None else exif_transpose:
+            try:
+                if img.getexif().get(0x0112) in (5, 6, 7, 8):  # orientations that swap width and height
+                    h, w = w, h
+            except Exception:  # a broken EXIF block: exif_transpose would leave the image as stored too
+                pass
+        return h, w
+    finally:
+        if img is not src:
+            img.close()
+
+
+def open_image(src, exif_transpose: bool | None = None, max_pixels: int | None = None) -> Image.Image:
+    """Decode an image file, bytes or PIL image to an RGB PIL image, as transformers sees it.
+
+    src: a path (str / PathLike), the file's bytes, or a PIL image. The pixel count is checked on the header before
+    decoding (max_pixels, default MAX_IMAGE_PIXELS), so an oversized image costs no decode.
+    exif_transpose: rotate upright by the EXIF tag (transformers' `load_image`); None = exif_transpose_default().
+    Conversion to RGB is transformers' `convert_to_rgb` (what its image processors do with `do_convert_rgb`): an
+    image with an alpha band or a transparency entry (RGBA, LA, PA, palette or L/RGB with `transparency`) is
+    composited onto white; every other mode (L, 1, P, I;16, I, F, CMYK, YCbCr, ...) goes through PIL's
+    `convert("RGB")`. Note transformers' `load_image` alone ends with `convert("RGB")`, which drops the alpha
+    channel instead of compositing (transparent pixels show their stored colour, often black); its processors
+    composite when given the PIL image as opened. We follow the processors.
+    Raises ImageError with reason missing_image, unreadable_image (also for a file truncated mid-pixels) or
+    image_too_large.
+    """
+    from PIL import ImageOps
+
+    raw = _open_raw(src)
+    try:
+        _check_pixels(raw, src, max_pixels)
+        raw.load()
+        img = raw
+        if exif_transpose_default() if exif_transpose is None else exif_transpose:
+            img = ImageOps.exif_transpose(raw)
+        out = _to_rgb(img)
+        return out.copy() if out is raw else out  # never hand back the caller's own object or an open file
+    except (OSError, SyntaxError, ValueError) as e:
+        if isinstance(e, ImageError):
+            raise
+        where = "image bytes" if isinstance(src, (bytes, bytearray)) else \
+            "PIL image" if isinstance(src, Image.Image) else str(src)
+        raise ImageError("unreadable_image", f"{where}: {type(e).__name__}: {e}") from None
+    finally:
+        if raw is not src:
+            raw.close()

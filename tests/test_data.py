@@ -42,36 +42,42 @@ PREF_ROWS = [
     _pref(chosen=""),                                                       # line 5: empty_chosen
     _pref(rejected="   "),                                                  # line 6: empty_rejected
     _pref(rejected="A red square. "),                                       # line 7: chosen_equals_rejected
-    _pref(prompt="What is this?"),                                          # line 8: no_image_token
+    _pref(id="notag", prompt="What is this?"),                              # line 8: tag put in front (kept)
     _pref(image="../outside.png"),                                          # line 9: path_escape
     '{"image": "good.png", "prompt": ',                                     # line 10: malformed_json
     _pref(chosen_segments=[[5, 2]]),                                        # line 11: bad_segments
     _pref(prompt="<image> and <image>"),                                    # line 12: extra_image_token
     {"image": "good.png", "prompt": "<image>\nq", "chosen": "x"},           # line 13: missing_field
     _pref(image=None),                                                      # line 14: extra_image_token
+    _pref(image=["good.png", "gray.png"]),                                  # line 15: multi_image
+    _pref(chosen="It says <image> here."),                                  # line 16: image_token_in_response
+    _pref(id="one", image=["good.png"]),                                    # line 17: a one-image list is kept
 ]
 
 
 def test_prefs_every_skip_reason(tmp_path, root):
     path = _jsonl(tmp_path / "prefs.jsonl", PREF_ROWS)
     exs, counts = D.load_examples(path, "prefs", image_root=str(root))
-    assert [e.id for e in exs] == ["ok1", "ok2"]
+    assert [e.id for e in exs] == ["ok1", "ok2", "notag", "one"]
+    assert exs[2].prompt == "<image>\nWhat is this?" and exs[3].image == exs[0].image
     e = exs[0]
     assert e.image == os.path.realpath(root / "good.png") and e.prompt == "<image>\nWhat is this?"
     assert e.chosen_segments == [(2, 5)] and e.rejected_segments == [(2, 6), (7, 13)]
     assert e.extra == {"source": "tool-x"}
     assert exs[1].image is None and exs[1].chosen_segments is None
     assert dict(counts) == {"missing_image": 1, "unreadable_image": 1, "empty_chosen": 1, "empty_rejected": 1,
-                            "chosen_equals_rejected": 1, "no_image_token": 1, "path_escape": 1, "malformed_json": 1,
-                            "bad_segments": 1, "extra_image_token": 2, "missing_field": 1}
+                            "chosen_equals_rejected": 1, "path_escape": 1, "malformed_json": 1,
+                            "bad_segments": 1, "extra_image_token": 2, "missing_field": 1, "multi_image": 1,
+                            "image_token_in_response": 1}
     assert counts.rows["malformed_json"] == ["line 10"] and counts.rows["path_escape"] == ["line 9"]
-    assert counts.total() == 12
+    assert counts.rows["multi_image"] == ["line 15"] and counts.rows["image_token_in_response"] == ["line 16"]
+    assert counts.total() == 13
     # write_prefs -> load_examples round trip
     D.write_prefs(str(tmp_path / "again.jsonl"), exs)
     again, counts2 = D.load_examples(str(tmp_path / "again.jsonl"), "prefs", image_root=str(root))
     assert again == exs and not counts2
     lines = str(counts).splitlines()
-    assert len(lines) == 11 and any("malformed JSON" in l and "line 10" in l for l in lines)
+    assert len(lines) == 12 and any("malformed JSON" in l and "line 10" in l for l in lines)
 
 
 def test_strict_and_nothing_usable(tmp_path, root):
@@ -117,6 +123,71 @@ def test_povid(tmp_path, root):
     assert dict(counts) == {"no_image_token": 1, "missing_image": 1, "missing_field": 1}  # no prepending for povid
 
 
+def _turns(*pairs):
+    return [t for h, a in pairs for t in ({"from": "human", "value": h}, {"from": "gpt", "value": a})]
+
+
+def test_povid_multi_turn(tmp_path, root):
+    q1, q2, q3 = "<image>\nWhat color?", "What shape?", "How big?"
+    rows = [
+        # agree on turn 1, differ on turn 2: prompt = turn 1 + q2, responses = the two turn-2 answers
+        {"id": "t2", "image": "good.png", "conversations": _turns((q1, "Red."), (q2, "Square.")),
+         "rejected_conversations": _turns((q1, "Red."), (q2, "Circle."))},
+        # the rejected conversation simply ends after the differing turn: fine
+        {"id": "end", "image": "good.png", "conversations": _turns((q1, "Red."), (q2, "Square."), (q3, "Small.")),
+         "rejected_conversations": _turns((q1, "Blue."))},
+        {"id": "two", "image": "good.png", "conversations": _turns((q1, "Red."), (q2, "Square.")),
+         "rejected_conversations": _turns((q1, "Blue."), (q2, "Circle."))},               # differs_in_several_turns
+        {"id": "same", "image": "good.png", "conversations": _turns((q1, "Red."), (q2, "Square.")),
+         "rejected_conversations": _turns((q1, "Red."), (q2, "Square."))},                # chosen_equals_rejected
+        {"id": "q", "image": "good.png", "conversations": _turns((q1, "Red."), (q2, "Square.")),
+         "rejected_conversations": _turns((q1, "Red."), (q3, "Big."))},                   # prompts_differ
+        {"id": "order", "image": "good.png",  # the answer comes before the question
+         "conversations": [{"from": "gpt", "value": "Red."}, {"from": "human", "value": q1}],
+         "rejected_conversations": _turns((q1, "Blue."))},                                 # turns_not_alternating
+    ]
+    path = tmp_path / "povid.json"
+    path.write_text(json.dumps(rows))
+    exs, counts = D.load_examples(str(path), "povid", image_root=str(root))
+    assert [(e.id, e.history, e.prompt, e.chosen, e.rejected) for e in exs] == [
+        ("t2", [(q1, "Red.")], q2, "Square.", "Circle."), ("end", [], q1, "Red.", "Blue.")]
+    assert dict(counts) == {"differs_in_several_turns": 1, "chosen_equals_rejected": 1, "prompts_differ": 1,
+                            "turns_not_alternating": 1}
+    # prefs carry the history too, and write_prefs keeps it
+    D.write_prefs(str(tmp_path / "h.jsonl"), exs)
+    again, _ = D.load_examples(str(tmp_path / "h.jsonl"), "prefs", image_root=str(root))
+    assert again == exs
+    # a prefs row whose history has the question without the tag: the tag goes in front of the first question
+    p = _jsonl(tmp_path / "h2.jsonl", [_pref(history=[["What color?", "Red."]], prompt="Shape?")])
+    (e,), _ = D.load_examples(p, "prefs", image_root=str(root))
+    assert e.history == [("<image>\nWhat color?", "Red.")] and e.prompt == "Shape?"
+
+
+def test_not_utf8(tmp_path, root):
+    good = json.dumps(_pref(id="ok")).encode()
+    bad = json.dumps(_pref(id="latin1", chosen="caf\u00e9")).encode().replace(b"\\u00e9", b"\xe9")
+    assert b"\xe9" in bad
+    (tmp_path / "p.jsonl").write_bytes(b"\xef\xbb\xbf" + good + b"\n" + bad + b"\n" + good + b"\n")  # BOM, latin-1
+    exs, counts = D.load_examples(str(tmp_path / "p.jsonl"), "prefs", image_root=str(root))
+    assert [e.id for e in exs] == ["ok", "ok"] and dict(counts) == {"not_utf8": 1} and counts.rows["not_utf8"] == ["line 2"]
+    with pytest.raises(ValueError, match=r"p\.jsonl: line 2: line is not UTF-8 text \[not_utf8\]"):
+        D.load_examples(str(tmp_path / "p.jsonl"), "prefs", image_root=str(root), strict=True)
+    conv = json.dumps([{"image": "good.png", "conversations": _turns(("<image>\nq", "caf\u00e9"))}], indent=1)
+    (tmp_path / "l.json").write_bytes(conv.encode().replace(b"\\u00e9", b"\xe9"))
+    line = conv[:conv.index("caf")].count("\n") + 1  # the line the bad byte is on, counted in the text itself
+    with pytest.raises(ValueError, match=rf"l\.json: line {line} is not UTF-8 text \(byte 0xe9"):
+        D.load_examples(str(tmp_path / "l.json"), "llava", image_root=str(root))
+
+
+def test_huge_image_counted_at_load(tmp_path, root, monkeypatch):
+    import nanoalign.image as I
+    Image.new("L", (300, 200)).save(root / "big.png")
+    monkeypatch.setattr(I, "MAX_IMAGE_PIXELS", 300 * 200 - 1)
+    exs, counts = D.load_examples(_jsonl(tmp_path / "p.jsonl", [_pref(id="ok"), _pref(image="big.png")]), "prefs",
+                                  image_root=str(root))
+    assert [e.id for e in exs] == ["ok"] and dict(counts) == {"image_too_large": 1}
+
+
 def test_llava_sft(tmp_path, root):
     conv = [{"from": "human", "value": "<image>\nWhat color?"}, {"from": "gpt", "value": "Red."},
             {"from": "human", "value": "Shape?"}, {"from": "gpt", "value": "Square."}]
@@ -129,8 +200,21 @@ def test_llava_sft(tmp_path, root):
     exs, counts = D.load_examples(str(path), "llava", image_root=str(root))
     assert [(e.id, e.prompt, e.chosen, e.rejected) for e in exs] == [
         ("m", "<image>\nWhat color?", "Red.", None), ("t", "Hi", "Hello", None)]
-    assert exs[0].extra["later_turns"] == [("Shape?", "Square.")] and exs[1].image is None
+    assert exs[0].later_turns == [("Shape?", "Square.")] and exs[1].image is None
     assert dict(counts) == {"empty_chosen": 1}
+    bad = [{"id": "swap", "conversations": [{"from": "gpt", "value": "A."}, {"from": "human", "value": "Q?"}]},
+           {"id": "twice", "conversations": _turns(("Q?", "A."))[:1] * 2 + _turns(("Q?", "A."))[1:]},
+           {"id": "open", "conversations": _turns(("Q?", "A.")) + [{"from": "human", "value": "And?"}]},
+           {"id": "ok", "conversations": [{"from": "user", "value": "Q?"}, {"from": "assistant", "value": "A."}]},
+           {"id": "later_tag", "conversations": _turns(("Q?", "A."), ("<image>\nAnd?", "B."))}]
+    path.write_text(json.dumps(bad))
+    exs, counts = D.load_examples(str(path), "llava", image_root=str(root))
+    assert [e.id for e in exs] == ["ok"]
+    assert dict(counts) == {"turns_not_alternating": 3, "extra_image_token": 1}
+    moved = [{"id": "late", "image": "good.png", "conversations": _turns(("What?", "A."), ("<image>\nAnd?", "B."))}]
+    path.write_text(json.dumps(moved))
+    (e,), _ = D.load_examples(str(path), "llava", image_root=str(root))
+    assert e.prompt == "<image>\nWhat?" and e.later_turns == [("And?", "B.")]
 
 
 def _completion(model, resp, h, v, e):
@@ -212,7 +296,7 @@ def test_load_image(tmp_path, root):
     im = D.load_image(e, str(root))
     assert im.mode == "RGB" and im.size == (5, 5) and im.getpixel((0, 0)) == (128, 128, 128)
     assert D.load_image(D.Example("p", Image.new("RGBA", (2, 2)), "<image>", "c")).mode == "RGB"
-    with pytest.raises(ValueError, match="example b: cannot read image"):
+    with pytest.raises(D.ImageError, match="example b: .*bad.png"):
         D.load_image(D.Example("b", str(root / "bad.png"), "<image>", "c"))
     with pytest.raises(ValueError, match="example n: has no image"):
         D.load_image(D.Example("n", None, "q", "c"))

@@ -220,8 +220,12 @@ def test_cli_single_model_pope_and_errors(tmp_path, monkeypatch, capsys):
     imgs, files, answers = pope_files(tmp_path)
     (tmp_path / "m").mkdir()
     monkeypatch.setattr(E, "model_generate_fn", lambda d, max_new, bs, template="vicuna_v1": FakeGen(answers))
-    rc = E.main(["--model", str(tmp_path / "m"), "--task", "pope", "--data", *map(str, files), "--image-root",
-                 str(imgs), "--out", str(tmp_path / "out"), "--limit", "4", "--no-progress"])
+    args = ["--model", str(tmp_path / "m"), "--task", "pope", "--data", *map(str, files), "--image-root",
+            str(imgs), "--out", str(tmp_path / "out"), "--limit", "4", "--no-progress"]
+    # 3 malformed rows of 7 attempted (4 evaluated) > the default share 0.1: the table is written, the exit is 2
+    assert E.main(args) == 2
+    assert "error: m: 4 example(s) evaluated, 3 row(s) failed (malformed_row=3)" in capsys.readouterr().err
+    rc = E.main(args + ["--max-failed", "0.5"])
     assert rc == 0
     s = json.loads((tmp_path / "out" / "summary.json").read_text())
     # first 4 valid random rows: dog yes/yes, cat no/no, car unparseable/yes, bus yes/no
@@ -270,3 +274,52 @@ def test_toy_world_files_through_the_cli(tmp_path, monkeypatch, capsys):
                                 paths["chair_coco"], "--out", str(out)] + extra) == 0
         s = json.loads((out / "summary.json").read_text())
         assert s["n_scored"] == 4 and s["chair_i"] == 0.0 and s["recall"] == 1.0 and s["mentions"] > 0
+
+
+def test_image_paths_outside_the_root_are_refused(tmp_path, monkeypatch, capsys):
+    """eval applies training's path check: '..', absolute paths and symlinks out of --image-root are counted
+    (path_escape), never opened."""
+    imgs = tmp_path / "imgs"
+    make_images(imgs, ["a.jpg"])
+    make_images(tmp_path / "secret", ["s.jpg"])
+    (imgs / "link.jpg").symlink_to(tmp_path / "secret" / "s.jpg")
+    q = lambda i, img: {"question_id": i, "image": img, "text": f"Is there a thing {i}?", "label": "yes"}
+    write_jsonl(tmp_path / "pope.jsonl", [q(1, "a.jpg"), q(2, "../secret/s.jpg"), q(3, str(tmp_path / "secret/s.jpg")),
+                                          q(4, "link.jpg")])
+    bad = E.Counter()
+    ex = E.load_pope([tmp_path / "pope.jsonl"], str(imgs), bad)
+    assert [e["question_id"] for e in ex] == ["pope:1"] and dict(bad) == {"path_escape": 3}
+    mm = {"question": "q", "gt_answer": "a", "image": "../secret/s.jpg"}
+    write_jsonl(tmp_path / "mmhal.jsonl", [mm])
+    bad = E.Counter()
+    assert E.load_mmhal([tmp_path / "mmhal.jsonl"], str(imgs), bad) == [] and dict(bad) == {"path_escape": 1}
+
+
+def test_nothing_evaluated_or_nothing_needed_exits_2(tmp_path, monkeypatch, capsys):
+    imgs = tmp_path / "imgs"
+    make_images(imgs, ["a.jpg"])
+    (tmp_path / "m").mkdir()
+    gen = FakeGen({})
+    monkeypatch.setattr(E, "model_generate_fn", lambda d, max_new, bs, template="vicuna_v1": gen)
+    common = ["--model", str(tmp_path / "m"), "--image-root", str(imgs), "--no-progress"]
+    # every image missing: nothing evaluated -> 2 with the counted reason (the run itself went through)
+    write_jsonl(tmp_path / "pope.jsonl", [{"question_id": i, "image": f"gone{i}.jpg", "text": "Is?", "label": "no"}
+                                          for i in range(3)])
+    assert E.main(common + ["--task", "pope", "--data", str(tmp_path / "pope.jsonl"), "--out", str(tmp_path / "o1")]) == 2
+    assert "error: m: 0 example(s) evaluated, 3 row(s) failed (missing_image=3)" in capsys.readouterr().err
+    # the wrong file (no POPE rows at all): refused before any generation
+    write_jsonl(tmp_path / "other.jsonl", [{"prompt": "x", "chosen": "y"}])
+    assert E.main(common + ["--task", "pope", "--data", str(tmp_path / "other.jsonl"), "--out", str(tmp_path / "o2")]) == 2
+    assert "no usable example" in capsys.readouterr().err and gen.calls == 0
+    # CHAIR without annotations: refused before generating any caption
+    write_jsonl(tmp_path / "chair.jsonl", [{"image": "a.jpg"}])
+    assert E.main(common + ["--task", "chair", "--data", str(tmp_path / "chair.jsonl"), "--out", str(tmp_path / "o3")]) == 2
+    assert "needs --annotations" in capsys.readouterr().err and gen.calls == 0
+    (tmp_path / "ann.json").write_text("{}")
+    assert E.main(common + ["--task", "chair", "--data", str(tmp_path / "chair.jsonl"), "--annotations",
+                            str(tmp_path / "ann.json"), "--out", str(tmp_path / "o4")]) == 2
+    assert "unusable for CHAIR" in capsys.readouterr().err and gen.calls == 0
+    # a file that is not UTF-8: one line naming the file and line
+    (tmp_path / "latin.jsonl").write_bytes(b'{"question_id": 1, "image": "a.jpg", "text": "caf\xe9?", "label": "no"}\n')
+    assert E.main(common + ["--task", "pope", "--data", str(tmp_path / "latin.jsonl"), "--out", str(tmp_path / "o5")]) == 2
+    assert "latin.jsonl: line 1 is not UTF-8" in capsys.readouterr().err
