@@ -267,10 +267,12 @@ def main(args):
         t0 = time.time()
         sums, n_tokens = {}, 0
         for micro in range(args.grad_accum):
-            # batch: P examples, rows [chosen | rejected] (sft: [chosen])
+            # batch: P examples, rows [chosen | rejected] (sft: [chosen]); vision_always: a text-only batch still runs
+            # the vision tower on a blank image (zero gradients), so 1 rank and N FSDP ranks update it alike
             idx = batch_indices(step, micro)
             items = [encoded[i] for i in idx]
-            b = collate(items, sides, processor, [open_image(examples[it.index], args.image_root) for it in items])
+            b = collate(items, sides, processor, [open_image(examples[it.index], args.image_root) for it in items],
+                        vision_always=True)
             # rollout: responses made during training, appended as more blocks of P rejected rows
             if algo.responses == "noisy_self":
                 b = rollout.noisy_self(model, items, b, processor, args.noise_step, device)

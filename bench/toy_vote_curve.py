@@ -46,12 +46,14 @@ def held_out(world, fresh=0):
     """The world's held-out scenes and images, or with fresh > 0 that many eval-split scenes beyond them (drawn and
     rendered here: no run has been evaluated, let alone tuned, on them) -> [(name, scene)], [PIL image]."""
     from PIL import Image
+
+    from nanoalign.image import open_image
     scenes = list(load_scenes(world / "scenes_eval.jsonl").items())
     if fresh:
         n = len(scenes)
         scenes = [(f"fresh_{n + i}", sc) for i, sc in enumerate(tw.make_scenes(n + fresh, 0, "eval")[n:])]
         return scenes, [Image.fromarray(tw.render(sc)) for _, sc in scenes]
-    return scenes, [Image.open(world / "images" / name).convert("RGB") for name, _ in scenes]
+    return scenes, [open_image(world / "images" / name) for name, _ in scenes]
 
 
 def curve(model_dir, world, samples, temperature, template, batch_size=64, fresh=0):

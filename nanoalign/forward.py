@@ -5,15 +5,20 @@ same way. The model returns hidden states, never (R, T, V) logits; nanoalign/ops
 """
 import torch
 
+from nanoalign.batch import select_rows
 from nanoalign.ops import token_logprobs
 
 
 def forward(model, b: dict, device, rows=slice(None)) -> torch.Tensor:
-    """Hidden states (R, T, H) of the batch rows `rows` (a slice), each image through the vision tower once."""
+    """Hidden states (R, T, H) of the batch rows `rows` (a slice or index tensor), each image through the vision
+    tower once. The tower runs even when none of these rows has an image (batch.collate's vision_always): under
+    FSDP every rank must gather its parameters and reduce its gradients, and a step whose rows are all text-only
+    then gives it zero gradients (AdamW still moves it by its momentum) on 1 rank as on N."""
+    if not (isinstance(rows, slice) and rows == slice(None)):
+        b = select_rows(b, rows, vision_always=True)
     to = lambda x: None if x is None else x.to(device)
-    return model(b["input_ids"][rows].to(device), to(b["pixel_values"]), to(b["image_sizes"]),
-                 b["attention_mask"][rows].to(device),
-                 image_index=None if b["image_index"] is None else to(b["image_index"][rows]))
+    return model(b["input_ids"].to(device), to(b["pixel_values"]), to(b["image_sizes"]),
+                 b["attention_mask"].to(device), image_index=to(b["image_index"]))
 
 
 @torch.no_grad()

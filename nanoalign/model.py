@@ -508,9 +508,10 @@ class LlavaModel(nn.Module):
         x = lm.embed_tokens(input_ids)  # (B,T,H)
         n_tok = int(is_img.sum())
         if image_features is None and pixel_values is not None:
-            image_features = self.vision_features(pixel_values, image_sizes)  # list of (n_i, H)
-            if image_index is not None:
-                image_features = [image_features[i] for i in image_index.tolist()]
+            all_features = self.vision_features(pixel_values, image_sizes)  # list of (n_i, H)
+            image_features = all_features if image_index is None else [all_features[i] for i in image_index.tolist()]
+            if not image_features:  # no row uses an image (batch.collate's vision_always): under FSDP every rank must
+                x = x + 0.0 * sum(f.sum() for f in all_features)  # run the tower and reduce its (zero) gradients
         if image_features is not None and len(image_features):
             feats = torch.cat(list(image_features))  # (n_feat, H)
             if n_tok != feats.shape[0]:

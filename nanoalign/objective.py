@@ -2,6 +2,7 @@
 fused kernels: nanoalign/ops.py). Plain functions; train.py's algorithm table says which one and with what.
 """
 import torch
+import torch.distributed as dist
 
 from nanoalign.forward import forward
 from nanoalign.ops import preference_loss, token_logprobs
@@ -19,11 +20,19 @@ def objective(loss_type: str, policy, b: dict, ref, P: int, device, beta: float 
 
 def nll(policy, b: dict, device) -> torch.Tensor:
     """Next-token NLL of the responses, averaged over all scored tokens of the batch (LLaVA's token mean, not a mean
-    of per-example means)."""
+    of per-example means). Under several ranks the mean is over every rank's tokens: each rank divides its sum by
+    the global count and multiplies by the world size, since gradients (and the logged loss) are averaged over
+    ranks, so 1 rank and N ranks give the same loss on the same global batch."""
     h = forward(policy, b, device)  # (R,T,H)
     labels = b["labels"].to(device)
     logp = token_logprobs(h, policy.lm_head_weight, labels)  # (R,T), never (R,T,V) logits
-    return -logp.sum() / (labels != -100).sum().clamp_min(1)
+    n = (labels != -100).sum().float()
+    world = 1
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        world = dist.get_world_size()
+        n = n.cpu() if dist.get_backend() == "gloo" else n
+        dist.all_reduce(n)
+    return -logp.sum() * world / n.to(logp.device).clamp_min(1)
 
 
 def preference(loss_type: str, policy, b: dict, ref: torch.Tensor, P: int, device, beta: float,

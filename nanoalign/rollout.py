@@ -7,7 +7,7 @@ with the chosen rows by the objective (nanoalign/objective.py) and scored by the
 """
 import torch
 
-from nanoalign.batch import collate
+from nanoalign.batch import collate, row_image
 from nanoalign.forward import forward
 from nanoalign.noise import noisy_pixel_values
 
@@ -37,7 +37,9 @@ def noisy_self(policy, items: list, b: dict, processor, noise_step: int, device)
         argmax = logits.argmax(-1).cpu()  # (n_scored,)
     for it, toks in zip(items, argmax.split(scored.sum(1).tolist())):
         it.noisy_ids, it.noisy_w = toks.tolist(), None
-    b3 = collate(items, ["chosen", "rejected", "noisy"], processor, [None] * P)  # text only, then the images:
+    b3 = collate(items, ["chosen", "rejected", "noisy"], processor, [None] * P)  # text only, then b's images:
+    has_image = (b["row_image"][:P] >= 0).tolist()  # (P,) which examples show an image
+    b3["row_image"] = row_image(has_image, 3)  # (3P,)
     b3.update(pixel_values=b["pixel_values"], image_sizes=b["image_sizes"],
-              image_index=None if b["image_index"] is None else torch.arange(P).repeat(3))
+              image_index=None if b["pixel_values"] is None else b3["row_image"][b3["row_image"] >= 0])
     return b3

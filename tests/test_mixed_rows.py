@@ -164,14 +164,10 @@ def test_identical_reasons(world):
     assert e.value.reason == "identical_after_truncation"
 
 
-@pytest.mark.xfail(strict=True, reason="needs model.py to run the vision tower on a blank image no row uses and "
-                   "train.py to pass collate(vision_always=distributed): a rank whose rows are all text-only skips "
-                   "the FSDP vision unit's all-gather (gloo: 'Received data size doesn't match expected size'). "
-                   "Verified passing with that patch (see the data-rows report)")
-@pytest.mark.parametrize("algo", ["dpo"])
+@pytest.mark.parametrize("algo", ["dpo", "sft"])
 def test_two_ranks_match_one_rank_on_mixed_rows(world, tmp_path, algo):
     """FSDP2 on 2 gloo ranks, 1 row per rank (so one rank may see only text while the other sees an image) ==
-    1 rank with 2 rows: same losses."""
+    1 rank with 2 rows: same losses (sft: the token mean over both ranks' tokens, not a mean of per-rank means)."""
     data, fmt = ("prefs.jsonl", "prefs") if algo == "dpo" else ("llava.json", "llava")
     one = run(world, tmp_path / "one", "--algo", algo, "--max-steps", 4, "--lr", 1e-3, data=data, fmt=fmt)
     common = ["--model", str(world / "ckpt"), "--data", str(world / data), "--data-format", fmt, "--image-root",

@@ -216,12 +216,12 @@ def test_toy_settings_are_train_py_defaults(monkeypatch):
     assert (a.beta, a.lr, a.sft_weight, a.max_steps) == (0.5, 1e-5, 0.0, al["steps"])
     real = train.parse_args(["--algo", "ddpo", "--model", "m", "--data", "d"])  # not the toy: train.py's own
     assert (real.beta, real.lr, real.max_steps, real.batch_size, real.sft_weight, real.warmup_steps) == (
-        train.DEFAULT_BETA["ddpo"], 1e-5, None, 4, 0.0, 0)
+        train.ALGOS["ddpo"].beta, 1e-5, None, 4, 0.0, 0)
     # the global batch is split over torchrun's ranks; a toy-only algorithm takes its own settings, not --algo's
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert train.parse_args(["--algo", "dpo"]).batch_size == run.ALIGN["default"]["batch"] // 2
-    assert train.parse_args(["--algo", "dpo"]).beta == run.ALIGN["dpo"]["beta"] != train.DEFAULT_BETA["dpo"]
-    assert train.parse_args(["--algo", "dpo"], toy_algo="bdhs").beta == train.DEFAULT_BETA["dpo"]
+    assert train.parse_args(["--algo", "dpo"]).beta == run.ALIGN["dpo"]["beta"] != train.ALGOS["dpo"].beta
+    assert train.parse_args(["--algo", "dpo"], toy_algo="bdhs").beta == train.ALGOS["dpo"].beta
     with pytest.raises(SystemExit):
         train.parse_args(["--algo", "ddpo", "--model", "x"])  # --model without --data
 

@@ -151,7 +151,7 @@ def pretrain_vision(path, world, steps=300, lr=2e-3, batch=64, seed=0):
     image token, the kind / color / size of the object in that grid cell (or none), with a linear head that is then
     thrown away. Real LLaVA starts from a pretrained CLIP tower; a from-scratch one collapses under the language
     loss and the decoder never learns to look (docs/toy_world.md). Returns the probe accuracy on the last batch."""
-    from PIL import Image
+    from nanoalign.image import open_image
     from nanoalign.checkpoint import save_pretrained
     model, processor = load_model(path)
     vc = model.config.vision_config
@@ -160,7 +160,7 @@ def pretrain_vision(path, world, steps=300, lr=2e-3, batch=64, seed=0):
         raise ValueError(f"pretrain_vision: needs one patch per grid cell (patch {CELL}), got patch {vc.patch_size}")
     kinds, colors, sizes = ["none", *KINDS], ["none", *COLORS], ["none", *SIZES]
     scenes = list(files.load_scenes(world["scenes_train"]).items())
-    pix = processor.image_processor.process([Image.open(os.path.join(world["images"], n)).convert("RGB")
+    pix = processor.image_processor.process([open_image(os.path.join(world["images"], n))
                                              for n, _ in scenes])["pixel_values"]  # (N,3,S,S)
     labels = torch.zeros(len(scenes), side * side, 3, dtype=torch.long)  # (N, cells, kind/color/size)
     for i, (_, sc) in enumerate(scenes):

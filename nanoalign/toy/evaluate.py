@@ -60,7 +60,7 @@ def yesno_auc(model, processor, world, template, n_scenes=100, batch_size=32):
     present vs absent kinds, "yesno_auc_companion": present vs absent partners/companions of present kinds}.
     0.5 is a model blind to the question (the toy base before its grounding stage); POPE's accuracies move only once
     this is high (docs/toy_world.md)."""
-    from PIL import Image
+    from nanoalign.image import open_image
     from nanoalign.tokenizer import build_prompt
     tok = processor.tokenizer
     yes, no = tok.encode("Yes", add_bos=False)[0], tok.encode("No", add_bos=False)[0]
@@ -77,7 +77,7 @@ def yesno_auc(model, processor, world, template, n_scenes=100, batch_size=32):
             part = items[i:i + batch_size]
             for n, _ in part:
                 if n not in images:
-                    images[n] = Image.open(os.path.join(world["images"], n)).convert("RGB")
+                    images[n] = open_image(os.path.join(world["images"], n))
             texts = [build_prompt(exist_question(k), template) for _, k in part]
             enc = processor(texts, [images[n] for n, _ in part], padding_side="left")
             h = model(enc["input_ids"], enc["pixel_values"], attention_mask=enc["attention_mask"])

@@ -81,7 +81,7 @@ def build_pairs(algo, base_dir, world, out_path, n_scenes, seed, samples=2, temp
     by oracle_score (VLFeedback-style; the first `samples` of them are the corrected ones), no spans.
     Under torch.distributed the caption sampling is split over the ranks, so every rank must call this for those
     algorithms (the rows are the same as one process's); rank 0 writes the file."""
-    from PIL import Image
+    from nanoalign.image import open_image
     scenes = list(load_scenes(world["scenes_train"]).items())
     freq, cooc = cooccurrence([sc for _, sc in scenes]) if yesno else (None, None)
     rng = np.random.default_rng([seed, 7])
@@ -110,7 +110,7 @@ def build_pairs(algo, base_dir, world, out_path, n_scenes, seed, samples=2, temp
         bar = tu.Progress(len(scenes), 0, "bdhs pairs", "ex")
         for i in range(0, len(scenes), batch_size):
             part = scenes[i:i + batch_size]
-            images = [Image.open(img_path(n)).convert("RGB") for n, _ in part]
+            images = [open_image(img_path(n)) for n, _ in part]
             refs = [caption(sc) for _, sc in part]
             res = fn(model, processor, images, [CAPTION_PROMPT] * len(part), refs, settings, generator=gen,
                      seeds=[seed * 100003 + i + k for k in range(len(part))])
@@ -135,7 +135,7 @@ def build_pairs(algo, base_dir, world, out_path, n_scenes, seed, samples=2, temp
             model, processor = load_model(base_dir)
             for i in mine:
                 part, block = scenes[i:i + batch_size], by_block.setdefault(i, [])
-                images = [Image.open(img_path(n)).convert("RGB") for n, _ in part]
+                images = [open_image(img_path(n)) for n, _ in part]
                 drawn = []  # per sample: the captions of this block's scenes
                 for s in range(n_caps):
                     caps = generate_text(model, processor, images, [CAPTION_PROMPT] * len(part), template,
