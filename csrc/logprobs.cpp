@@ -2,17 +2,20 @@
 // backward, without ever holding a (N, V) logits tensor. The contract is "Low-level log-prob primitive" in
 // helpers/CONTRACT.md; nanoalign/native.py builds this file on first use and nanoalign/ops.py dispatches to it.
 //
-// Build (done for you by nanoalign/native.py, cached under ~/.cache/nanoalign/torch_extensions/<hash>/):
-//   torch.utils.cpp_extension.load(name="nanoalign_native_<hash>", sources=["csrc/logprobs.cpp"],
+// Build (done for you by nanoalign/native.py, cached under ~/.cache/nanoalign/torch_extensions/<hash>/, compiled
+// from a copy of this file placed there so that every checkout with the same source shares the build):
+//   torch.utils.cpp_extension.load(name="nanoalign_native_<hash>", sources=["<that folder>/logprobs.cpp"],
 //       extra_cflags=["-O3", "-fopenmp", "-march=native"], extra_ldflags=["-fopenmp"], is_python_module=False)
-// then torch.ops.nanoalign.logprob_rows_fwd / logprob_rows_bwd.
+// then torch.ops.nanoalign.logprob_rows_fwd / logprob_rows_bwd (row_tile, v_block: the tile shape, chosen by
+// native.py from the L2 size; 0 = 256 x 256).
 //
 // Design. The (N, V) logits are cut into tiles of ROW_TILE rows x V_BLOCK vocabulary columns. OpenMP threads take
 // whole vocabulary blocks (schedule static: a thread's blocks, hence its partial sums, do not depend on timing; with
 // schedule dynamic two runs differed whenever another process shared the cores, and 5,000 training steps turned that
 // into a different model). For its block a thread runs, per row tile, one single-threaded
 // MKL GEMM (at::mm_out, MKL does not thread inside an OpenMP region) into a private ROW_TILE x V_BLOCK fp32 scratch
-// (256 KB: it stays in L2), and while that tile is hot it
+// (half the L2 a thread has: 256 x 256 = 256 KB of a 512 KB L2, so it stays in L2; row tiles are balanced, 300 rows
+// as 2 x 150, not 256 + 44), and while that tile is hot it
 //   fwd: takes the row maxima, the online sum of exp (own vectorised exp) and picks the target logit;
 //        per-thread (max, sum) pairs are merged at the end, so lse is exact whatever the split.
 //   bwd: overwrites the tile with grad_logits = g * (1[v == y] - exp(logit - lse)) and feeds it to two GEMMs:
