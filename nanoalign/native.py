@@ -101,7 +101,7 @@ def _build() -> None:
         tmp.write_bytes(_SOURCE.read_bytes())
         os.replace(tmp, source)  # atomic: a concurrent build never compiles half a file
     print(f"nanoalign.native: compiling {_SOURCE.name} for this CPU into {folder} (once per source, torch and CPU; "
-          "15-50 s)", file=sys.stderr, flush=True)
+          "15-50 s on an idle machine)", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     cpp_extension.load(  # takes the folder's lock: a second process waits for this build instead of redoing it
         name=name,
