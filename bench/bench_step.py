@@ -43,7 +43,9 @@ Prompts use nanoalign's `raw` template; TRL gets the same text with "<s>" in fro
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import io
 import json
 import os
 import platform
@@ -61,6 +63,23 @@ REPO = Path(__file__).resolve().parents[1]
 PROMPT = "<image>\ndescribe the image in detail ."
 WORDS = ["describe", "the", "image", "in", "detail", ".", "a", "cat", "dog", "red", "blue", "on", "is", "and"]
 VOCAB, IMAGE_PX, PATCH = 4096, 64, 8
+# --config: "tiny" is the original setting (vocabulary 4,096, 64 image tokens, ~100-token sequences, where the fused
+# loss and the reference cache hardly matter); "llava" keeps LLaVA-1.6's proportions scaled to a CPU: vocabulary
+# 32,064, 576 image tokens per sequence (192 px, patch 8), 40-80 response tokens, LLaMA hidden 512, 4 layers.
+CONFIGS = {
+    "tiny": dict(vocab=4096, image_px=64, pairs=8, resp=(24, 40), vision_hidden=128, vision_layers=3, hidden=256,
+                 intermediate=688, layers=4, heads=4, max_pos=1024),
+    "llava": dict(vocab=32064, image_px=192, pairs=4, resp=(40, 80), vision_hidden=128, vision_layers=2, hidden=512,
+                  intermediate=1376, layers=4, heads=8, max_pos=2048),
+}
+CFG = dict(CONFIGS["tiny"], name="tiny")
+
+
+def use_config(name: str) -> None:
+    global VOCAB, IMAGE_PX
+    CFG.clear()
+    CFG.update(CONFIGS[name], name=name)
+    VOCAB, IMAGE_PX = CFG["vocab"], CFG["image_px"]
 BETA, LR, SEED = 0.1, 1e-5, 0
 PROVIDERS = ["nanoalign", "nanoalign+ref", "trl", "trl-gc"]
 COLORS = ["tab:blue", "tab:cyan", "tab:orange", "tab:red"]
@@ -118,10 +137,11 @@ def build_world(d: Path) -> None:
     image_id = tk.token_to_id("<image>")
     assert image_id == VOCAB - 1 and tk.get_vocab_size() == VOCAB
 
-    vision = dict(model_type="clip_vision_model", hidden_size=128, intermediate_size=512, num_hidden_layers=3,
-                  num_attention_heads=4, image_size=IMAGE_PX, patch_size=PATCH)
-    text = dict(model_type="llama", hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                num_attention_heads=4, num_key_value_heads=4, vocab_size=VOCAB, max_position_embeddings=1024,
+    vision = dict(model_type="clip_vision_model", hidden_size=CFG["vision_hidden"], intermediate_size=512,
+                  num_hidden_layers=CFG["vision_layers"], num_attention_heads=4, image_size=IMAGE_PX, patch_size=PATCH)
+    text = dict(model_type="llama", hidden_size=CFG["hidden"], intermediate_size=CFG["intermediate"],
+                num_hidden_layers=CFG["layers"], num_attention_heads=CFG["heads"], num_key_value_heads=CFG["heads"],
+                vocab_size=VOCAB, max_position_embeddings=CFG["max_pos"],
                 bos_token_id=1, eos_token_id=2, pad_token_id=3)
     torch.manual_seed(SEED)
     cfg = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_id, pad_token_id=3)
@@ -143,11 +163,11 @@ def build_world(d: Path) -> None:
     rng = random.Random(SEED)
     vocab_words = [f"w{i}" for i in range(2000)] + WORDS[6:]
     with open(d / "prefs.jsonl", "w") as f:
-        for i in range(8):
+        for i in range(CFG["pairs"]):
             h, w = 48 + 8 * i, 96 - 4 * i
             arr = np.random.default_rng(i).integers(0, 256, (h, w, 3), dtype=np.uint8)
             Image.fromarray(arr).save(d / "img" / f"{i}.png")
-            chosen = [rng.choice(vocab_words) for _ in range(rng.randint(24, 40))]
+            chosen = [rng.choice(vocab_words) for _ in range(rng.randint(*CFG["resp"]))]
             rejected = list(chosen)
             a = rng.randint(2, len(chosen) - 8)
             rejected[a:a + rng.randint(2, 5)] = [rng.choice(vocab_words) for _ in range(rng.randint(2, 6))]
@@ -192,7 +212,7 @@ def check_inputs(d: Path) -> dict:
     identical scored positions, pixel values. Prints both token sequences of the first differing row."""
     from transformers import AutoProcessor
     from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
-    order = step1_order(8)
+    order = step1_order(CFG["pairs"])
     ours = nanoalign_batch(d, order)
     theirs = DataCollatorForVisionPreference(AutoProcessor.from_pretrained(str(d / "ckpt")))(trl_rows(d, order))
     same_ids = same_scored = True
@@ -306,9 +326,9 @@ def run_trl(d: Path, steps: int, grad_checkpointing: bool) -> dict:
 
     feats = Features({"image": Image(), "prompt": Value("string"), "chosen": Value("string"),
                       "rejected": Value("string")})
-    ds = Dataset.from_list(trl_rows(d, step1_order(8)), features=feats)
+    ds = Dataset.from_list(trl_rows(d, step1_order(CFG["pairs"])), features=feats)
     out = tempfile.mkdtemp()
-    cfg = DPOConfig(output_dir=out, per_device_train_batch_size=8, gradient_accumulation_steps=1, max_steps=steps,
+    cfg = DPOConfig(output_dir=out, per_device_train_batch_size=CFG["pairs"], gradient_accumulation_steps=1, max_steps=steps,
                     learning_rate=LR, weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch",
                     lr_scheduler_type="cosine", warmup_steps=0, beta=BETA, loss_type=["sigmoid"],
                     precompute_ref_log_probs=False, max_length=None, train_sampling_strategy="sequential",
@@ -332,6 +352,7 @@ def run_trl(d: Path, steps: int, grad_checkpointing: bool) -> dict:
 
 def worker(args) -> None:
     import torch
+    use_config(args.config)
     torch.set_num_threads(args.threads)
     d = Path(args.world)
     if args.worker.startswith("trl"):
@@ -350,7 +371,8 @@ def spawn(provider: str, world: Path, steps: int, threads: int) -> dict:
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error",
                OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    r = subprocess.run([sys.executable, __file__, "--worker", provider, "--world", str(world), "--steps", str(steps)],
+    r = subprocess.run([sys.executable, __file__, "--worker", provider, "--world", str(world), "--steps", str(steps),
+                        "--config", CFG["name"]],
                        capture_output=True, text=True, cwd=str(REPO), env=env, timeout=600)
     line = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
     if r.returncode != 0 or not line:
@@ -367,9 +389,14 @@ def main(argv=None) -> int:
     p.add_argument("--gc-reps", type=int, default=2,
                    help="repetitions of TRL with its default gradient checkpointing (trl-gc; slow, so fewer)")
     p.add_argument("--out", default=str(REPO / "bench" / "results"), help="folder for step.csv and step.png")
+    p.add_argument("--config", choices=sorted(CONFIGS), default="tiny",
+                   help="tiny (vocabulary 4,096, ~100 tokens) or llava (LLaVA-1.6 proportions scaled to CPU: vocabulary "
+                        "32,064, 576 image tokens, 40-80 response tokens, hidden 512, 4 layers, 4 pairs); "
+                        "llava writes step_llava.{csv,md,png}")
     p.add_argument("--worker", choices=PROVIDERS, help=argparse.SUPPRESS)
     p.add_argument("--world", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    use_config(args.config)
     if args.worker:
         worker(args)
         return 0
@@ -427,51 +454,64 @@ def main(argv=None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
-            "threads": args.threads, "cpu": platform.processor() or platform.machine(),
+    meta = {"config": CFG["name"], "torch": torch.__version__, "transformers": transformers.__version__,
+            "trl": trl.__version__, "threads": args.threads, "cpu": _cpu_name(),
             "git_sha": _git_sha(), "loadavg_1min_end": round(os.getloadavg()[0], 2), "reps_requested": args.reps, "steps_per_process": args.steps, **inputs}
-    with open(out / "step.csv", "w", newline="") as fh:
+    stem = "step" if CFG["name"] == "tiny" else f"step_{CFG['name']}"
+    with open(out / f"{stem}.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]) + list(meta))
         w.writeheader()
         for r in rows:
             w.writerow({**{k: round(v, 3) if isinstance(v, float) and ("_ms_" in k or "_mb" in k) else v
                            for k, v in r.items()}, **meta})
-    _plot(rows, out / "step.png")
+    _plot(rows, out / f"{stem}.png")
+    with contextlib.redirect_stdout(io.StringIO()) as buf:  # the table goes to the terminal and to .md
 
-    def ratio(a, b):
-        return a / b if b else float("nan")
-    print(f"\nDPO step, 8 pairs ({inputs['scored_tokens']} scored tokens, sequences up to {inputs['seq_len']}), "
-          f"{meta['threads']} threads, torch {meta['torch']}, transformers {meta['transformers']}, trl {meta['trl']}, "
-          f"{args.reps} fresh processes per provider, interleaved\n")
-    print("| provider | warm step ms p20 / p50 / p80 | cold step ms p50 | step RSS growth MB | process peak RSS MB "
-          "| time vs TRL | step mem vs TRL | peak vs TRL |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['provider']} (n={r['reps']}) | {r['warm_ms_p20']:.0f} / {r['warm_ms_p50']:.0f} / {r['warm_ms_p80']:.0f} | "
-              f"{r['cold_ms_p50']:.0f} | {r['step_mb_p50']:.1f} | {r['peak_rss_mb_p50']:.0f} | "
-              f"{ratio(r['warm_ms_p50'], theirs['warm_ms_p50']):.2f} | "
-              f"{ratio(r['step_mb_p50'], theirs['step_mb_p50']):.2f} | "
-              f"{ratio(r['peak_rss_mb_p50'], theirs['peak_rss_mb_p50']):.2f} |")
-    print(f"\nparity (step 1): nanoalign loss {ours['loss']:.8f} vs TRL {theirs['loss']:.8f}; "
-          f"logps chosen {ours['logps_chosen']:.6f} vs {theirs['logps_chosen']:.6f}, rejected "
-          f"{ours['logps_rejected']:.6f} vs {theirs['logps_rejected']:.6f}; grad norm {ours['grad_norm']:.6f} vs "
-          f"{theirs['grad_norm']:.6f}; nanoalign+ref loss {ref_in['loss']:.8f}")
-    print(f"parity checks: {ok}  ({parity})")
-    t_ratio, m_ratio = ratio(ours["warm_ms_p50"], theirs["warm_ms_p50"]), ratio(ours["step_mb_p50"],
-                                                                                  theirs["step_mb_p50"])
-    p_ratio = ratio(ours["peak_rss_mb_p50"], theirs["peak_rss_mb_p50"])
-    print(f"targets: step time <= 1/2 of TRL: {'MET' if t_ratio <= 0.5 else 'MISSED'} ({t_ratio:.2f}); "
-          f"step memory <= 1/2: {'MET' if m_ratio <= 0.5 else 'MISSED'} ({m_ratio:.2f}); "
-          f"process peak <= 1/2: {'MET' if p_ratio <= 0.5 else 'MISSED'} ({p_ratio:.2f}); "
-          f"with the reference forward in the step: time {ratio(ref_in['warm_ms_p50'], theirs['warm_ms_p50']):.2f}, "
-          f"step memory {ratio(ref_in['step_mb_p50'], theirs['step_mb_p50']):.2f}")
-    if "trl-gc" in by:
-        gc = by["trl-gc"]
-        print(f"vs TRL defaults (gradient checkpointing on): time {ratio(ours['warm_ms_p50'], gc['warm_ms_p50']):.2f}, "
-              f"step memory {ratio(ours['step_mb_p50'], gc['step_mb_p50']):.2f}, "
-              f"process peak {ratio(ours['peak_rss_mb_p50'], gc['peak_rss_mb_p50']):.2f}")
-    print(f"wrote {out / 'step.csv'} and {out / 'step.png'} in {time.time() - t_start:.0f} s")
+        def ratio(a, b):
+            return a / b if b else float("nan")
+        print(f"\nDPO step, config {CFG['name']}, {CFG['pairs']} pairs, vocabulary {VOCAB}, CPU {meta['cpu']}, load "
+              f"{meta['loadavg_1min_end']} at the end ({inputs['scored_tokens']} scored tokens, sequences up to {inputs['seq_len']}), "
+              f"{meta['threads']} threads, torch {meta['torch']}, transformers {meta['transformers']}, trl {meta['trl']}, "
+              f"{args.reps} fresh processes per provider, interleaved\n")
+        print("| provider | warm step ms p20 / p50 / p80 | cold step ms p50 | step RSS growth MB | process peak RSS MB "
+              "| time vs TRL | step mem vs TRL | peak vs TRL |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['provider']} (n={r['reps']}) | {r['warm_ms_p20']:.0f} / {r['warm_ms_p50']:.0f} / {r['warm_ms_p80']:.0f} | "
+                  f"{r['cold_ms_p50']:.0f} | {r['step_mb_p50']:.1f} | {r['peak_rss_mb_p50']:.0f} | "
+                  f"{ratio(r['warm_ms_p50'], theirs['warm_ms_p50']):.2f} | "
+                  f"{ratio(r['step_mb_p50'], theirs['step_mb_p50']):.2f} | "
+                  f"{ratio(r['peak_rss_mb_p50'], theirs['peak_rss_mb_p50']):.2f} |")
+        print(f"\nparity (step 1): nanoalign loss {ours['loss']:.8f} vs TRL {theirs['loss']:.8f}; "
+              f"logps chosen {ours['logps_chosen']:.6f} vs {theirs['logps_chosen']:.6f}, rejected "
+              f"{ours['logps_rejected']:.6f} vs {theirs['logps_rejected']:.6f}; grad norm {ours['grad_norm']:.6f} vs "
+              f"{theirs['grad_norm']:.6f}; nanoalign+ref loss {ref_in['loss']:.8f}")
+        print(f"parity checks: {ok}  ({parity})")
+        t_ratio, m_ratio = ratio(ours["warm_ms_p50"], theirs["warm_ms_p50"]), ratio(ours["step_mb_p50"],
+                                                                                      theirs["step_mb_p50"])
+        p_ratio = ratio(ours["peak_rss_mb_p50"], theirs["peak_rss_mb_p50"])
+        print(f"targets: step time <= 1/2 of TRL: {'MET' if t_ratio <= 0.5 else 'MISSED'} ({t_ratio:.2f}); "
+              f"step memory <= 1/2: {'MET' if m_ratio <= 0.5 else 'MISSED'} ({m_ratio:.2f}); "
+              f"process peak <= 1/2: {'MET' if p_ratio <= 0.5 else 'MISSED'} ({p_ratio:.2f}); "
+              f"with the reference forward in the step: time {ratio(ref_in['warm_ms_p50'], theirs['warm_ms_p50']):.2f}, "
+              f"step memory {ratio(ref_in['step_mb_p50'], theirs['step_mb_p50']):.2f}")
+        if "trl-gc" in by:
+            gc = by["trl-gc"]
+            print(f"vs TRL defaults (gradient checkpointing on): time {ratio(ours['warm_ms_p50'], gc['warm_ms_p50']):.2f}, "
+                  f"step memory {ratio(ours['step_mb_p50'], gc['step_mb_p50']):.2f}, "
+                  f"process peak {ratio(ours['peak_rss_mb_p50'], gc['peak_rss_mb_p50']):.2f}")
+    print(f"wrote {out / stem}.csv / .md / .png in {time.time() - t_start:.0f} s")
+    text = f"# `python bench/bench_step.py {' '.join(sys.argv[1:])}`\n" + buf.getvalue()
+    (out / f"{stem}.md").write_text(text)
+    sys.stdout.write(text)
     return 0 if all(ok.values()) else 1
+
+
+def _cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def _git_sha() -> str:
@@ -496,7 +536,8 @@ def _plot(rows, path: Path) -> None:
     ax[1].set_ylabel("RSS growth during step 1, MB")
     for a in ax:
         a.tick_params(axis="x", labelsize=8)
-    fig.suptitle("one DPO step, 8 pairs, tiny LLaVA, CPU: nanoalign vs TRL DPOTrainer")
+    fig.suptitle(f"one DPO step, {CFG['pairs']} pairs, config {CFG['name']} (vocabulary {VOCAB}), {_cpu_name()}: "
+                 "nanoalign vs TRL DPOTrainer")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

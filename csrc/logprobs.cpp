@@ -2,17 +2,20 @@
 // backward, without ever holding a (N, V) logits tensor. The contract is "Low-level log-prob primitive" in
 // helpers/CONTRACT.md; nanoalign/native.py builds this file on first use and nanoalign/ops.py dispatches to it.
 //
-// Build (done for you by nanoalign/native.py, cached under ~/.cache/nanoalign/torch_extensions/<hash>/):
-//   torch.utils.cpp_extension.load(name="nanoalign_native_<hash>", sources=["csrc/logprobs.cpp"],
+// Build (done for you by nanoalign/native.py, cached under ~/.cache/nanoalign/torch_extensions/<hash>/, compiled
+// from a copy of this file placed there so that every checkout with the same source shares the build):
+//   torch.utils.cpp_extension.load(name="nanoalign_native_<hash>", sources=["<that folder>/logprobs.cpp"],
 //       extra_cflags=["-O3", "-fopenmp", "-march=native"], extra_ldflags=["-fopenmp"], is_python_module=False)
-// then torch.ops.nanoalign.logprob_rows_fwd / logprob_rows_bwd.
+// then torch.ops.nanoalign.logprob_rows_fwd / logprob_rows_bwd (row_tile, v_block: the tile shape, chosen by
+// native.py from the L2 size; 0 = 256 x 256).
 //
 // Design. The (N, V) logits are cut into tiles of ROW_TILE rows x V_BLOCK vocabulary columns. OpenMP threads take
 // whole vocabulary blocks (schedule static: a thread's blocks, hence its partial sums, do not depend on timing; with
 // schedule dynamic two runs differed whenever another process shared the cores, and 5,000 training steps turned that
 // into a different model). For its block a thread runs, per row tile, one single-threaded
 // MKL GEMM (at::mm_out, MKL does not thread inside an OpenMP region) into a private ROW_TILE x V_BLOCK fp32 scratch
-// (256 KB: it stays in L2), and while that tile is hot it
+// (half the L2 a thread has: 256 x 256 = 256 KB of a 512 KB L2, so it stays in L2; row tiles are balanced, 300 rows
+// as 2 x 150, not 256 + 44), and while that tile is hot it
 //   fwd: takes the row maxima, the online sum of exp (own vectorised exp) and picks the target logit;
 //        per-thread (max, sum) pairs are merged at the end, so lse is exact whatever the split.
 //   bwd: overwrites the tile with grad_logits = g * (1[v == y] - exp(logit - lse)) and feeds it to two GEMMs:
@@ -42,14 +45,20 @@
 
 namespace {
 
-#ifndef NANOALIGN_ROW_TILE
-#define NANOALIGN_ROW_TILE 256
-#endif
-#ifndef NANOALIGN_V_BLOCK
-#define NANOALIGN_V_BLOCK 256
-#endif
-constexpr int64_t ROW_TILE = NANOALIGN_ROW_TILE;
-constexpr int64_t V_BLOCK = NANOALIGN_V_BLOCK;
+// Tile shape (rows x vocabulary columns of one thread's logits tile). The caller (nanoalign/native.py) derives it
+// from the machine's L2 size and passes it; 0 means the default 256 x 256 (256 KB of fp32, half a 512 KB L2).
+struct Tiles {
+  int64_t rows, vocab;
+};
+Tiles tiles_for(int64_t N, int64_t row_tile, int64_t v_block) {
+  TORCH_CHECK_VALUE(row_tile >= 0 && v_block >= 0, "nanoalign native op: row_tile and v_block must be >= 0, got ",
+                    row_tile, " and ", v_block);
+  Tiles t{row_tile > 0 ? row_tile : 256, v_block > 0 ? v_block : 256};
+  // Balanced row tiles: 300 rows as 150 + 150 instead of 256 + 44 (a 44-row GEMM runs far below the GEMM rate).
+  const int64_t n_tiles = std::max<int64_t>(1, (N + t.rows - 1) / t.rows);
+  t.rows = std::max<int64_t>(1, std::min(t.rows, ((N + n_tiles - 1) / n_tiles + 7) / 8 * 8));
+  return t;
+}
 // Per-thread fp32 grad_h partials (threads x rows x H) are capped at this size; more rows are done in chunks.
 // NANOALIGN_NATIVE_PARTIAL_BYTES overrides it (the tests use it to exercise the chunked path at small shapes).
 int64_t partial_bytes() {
@@ -117,7 +126,8 @@ const float* w_block_f32(const at::Tensor& w, bool w_f32, int64_t v0, int64_t bv
 }
 
 // S (rt, bv) with row stride V_BLOCK = h_tile (rt, H) @ w_block (bv, H)^T, one thread.
-void logits_tile(const float* h_tile, const float* w_blk, int64_t rt, int64_t bv, int64_t H, float* S) {
+void logits_tile(const float* h_tile, const float* w_blk, int64_t rt, int64_t bv, int64_t H, float* S,
+                 int64_t V_BLOCK) {
   auto opts = at::TensorOptions().dtype(at::kFloat);
   at::Tensor out = at::from_blob(S, {rt, bv}, {V_BLOCK, 1}, opts);
   at::Tensor a = at::from_blob(const_cast<float*>(h_tile), {rt, H}, opts);
@@ -125,9 +135,12 @@ void logits_tile(const float* h_tile, const float* w_blk, int64_t rt, int64_t bv
   at::mm_out(out, a, b.t());
 }
 
-std::tuple<at::Tensor, at::Tensor> logprob_rows_fwd(const at::Tensor& h, const at::Tensor& w, const at::Tensor& y) {
+std::tuple<at::Tensor, at::Tensor> logprob_rows_fwd(const at::Tensor& h, const at::Tensor& w, const at::Tensor& y,
+                                                    int64_t row_tile, int64_t v_block) {
   check_rows(h, w, y, "logprob_rows_fwd");
   const int64_t N = h.size(0), H = h.size(1), V = w.size(0);
+  const Tiles tl = tiles_for(N, row_tile, v_block);
+  const int64_t ROW_TILE = tl.rows, V_BLOCK = tl.vocab;
   auto f32 = at::TensorOptions().dtype(at::kFloat);
   at::Tensor logp = at::empty({N}, f32), lse = at::empty({N}, f32);
   if (N == 0) return {logp, lse};
@@ -159,7 +172,7 @@ std::tuple<at::Tensor, at::Tensor> logprob_rows_fwd(const at::Tensor& h, const a
       const float* wb = w_block_f32(wc, w_f32, v0, bv, wb_buf);
       for (int64_t r0 = 0; r0 < N; r0 += ROW_TILE) {
         const int64_t rt = std::min(ROW_TILE, N - r0);
-        logits_tile(hp + r0 * H, wb, rt, bv, H, S);
+        logits_tile(hp + r0 * H, wb, rt, bv, H, S, V_BLOCK);
         for (int64_t i = 0; i < rt; ++i) {
           const float* row = S + i * V_BLOCK;
           const int64_t n = r0 + i;
@@ -199,9 +212,12 @@ std::tuple<at::Tensor, at::Tensor> logprob_rows_fwd(const at::Tensor& h, const a
 }
 
 std::tuple<at::Tensor, at::Tensor> logprob_rows_bwd(const at::Tensor& h, const at::Tensor& w, const at::Tensor& y,
-                                                    const at::Tensor& lse, const at::Tensor& g, bool need_grad_w) {
+                                                    const at::Tensor& lse, const at::Tensor& g, bool need_grad_w,
+                                                    int64_t row_tile, int64_t v_block) {
   check_rows(h, w, y, "logprob_rows_bwd");
   const int64_t N = h.size(0), H = h.size(1), V = w.size(0);
+  const Tiles tl = tiles_for(N, row_tile, v_block);
+  const int64_t ROW_TILE = tl.rows, V_BLOCK = tl.vocab;
   TORCH_CHECK_VALUE(lse.device().is_cpu() && lse.dim() == 1 && lse.size(0) == N,
                     "logprob_rows_bwd: lse must be a CPU tensor of shape (", N, ",), got ", lse.sizes());
   TORCH_CHECK_VALUE(g.device().is_cpu() && g.dim() == 1 && g.size(0) == N,
@@ -264,7 +280,7 @@ std::tuple<at::Tensor, at::Tensor> logprob_rows_bwd(const at::Tensor& h, const a
         at::Tensor wb_t = at::from_blob(const_cast<float*>(wb), {bv, H}, opts);
         for (int64_t r0 = c0; r0 < c0 + cn; r0 += ROW_TILE) {
           const int64_t rt = std::min(ROW_TILE, c0 + cn - r0);
-          logits_tile(hp + r0 * H, wb, rt, bv, H, S);
+          logits_tile(hp + r0 * H, wb, rt, bv, H, S, V_BLOCK);
           // S <- grad_logits = g * (1[v == y] - exp(logit - lse))   (rt, bv)
           for (int64_t i = 0; i < rt; ++i) {
             float* row = S + i * V_BLOCK;
@@ -301,9 +317,9 @@ std::tuple<at::Tensor, at::Tensor> logprob_rows_bwd(const at::Tensor& h, const a
 }  // namespace
 
 TORCH_LIBRARY(nanoalign, m) {
-  m.def("logprob_rows_fwd(Tensor h, Tensor w, Tensor y) -> (Tensor, Tensor)");
-  m.def("logprob_rows_bwd(Tensor h, Tensor w, Tensor y, Tensor lse, Tensor g, bool need_grad_w=True)"
-        " -> (Tensor, Tensor)");
+  m.def("logprob_rows_fwd(Tensor h, Tensor w, Tensor y, int row_tile=0, int v_block=0) -> (Tensor, Tensor)");
+  m.def("logprob_rows_bwd(Tensor h, Tensor w, Tensor y, Tensor lse, Tensor g, bool need_grad_w=True,"
+        " int row_tile=0, int v_block=0) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(nanoalign, CPU, m) {

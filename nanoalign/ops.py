@@ -7,11 +7,16 @@ Public entry points (the caller never chooses a backend):
 Both gather the scored rows (labels != -100) first and hand them to the row primitive of CONTRACT.md:
     logprob_rows_fwd(h (N,H), w (V,H), y (N,)) -> (logp (N,) fp32, lse (N,) fp32)
     logprob_rows_bwd(h, w, y, lse, g (N,) = dL/dlogp) -> (grad_h (N,H) h.dtype, grad_w (V,H) w.dtype)
-dispatched by device: CUDA -> Triton (nanoalign.kernels.logprobs), CPU -> native C++ (nanoalign.native) when it
-builds, else the pure-torch chunked path below with a one-line warning. NANOALIGN_LOGPROBS_BACKEND=torch|native|triton
-forces a backend (tests and benchmarks).
+dispatched by device: CUDA -> Triton (nanoalign.kernels.logprobs); CPU -> the faster of native C++ (nanoalign.native)
+and the pure-torch chunked path below, measured once per machine, build and thread count and cached beside the
+native build (see _cpu_choice; the torch path with a one-line warning when the native op does not build).
+NANOALIGN_LOGPROBS_BACKEND=torch|native|triton forces a backend; NANOALIGN_LOGPROBS_AUTOTUNE=0 skips the measurement.
 """
+import json
 import os
+import statistics
+import sys
+import time
 import types
 import warnings
 
@@ -120,13 +125,113 @@ def _backend(device):
         return _TORCH
     native, reason = _native_module()
     if native is not None:
-        return native
+        return native if forced == "native" or _cpu_choice(native) == "native" else _TORCH
     if forced == "native":
         raise RuntimeError(f"NANOALIGN_LOGPROBS_BACKEND=native but {reason}")
     if not _warned_fallback:
         warnings.warn(f"nanoalign.ops: {reason}; using the slower pure-torch chunked log-prob path", stacklevel=3)
         _warned_fallback = True
     return _TORCH
+
+
+# The CPU default is whichever row primitive is faster on this machine: the native op won 1.6-2.4x on one 2-core
+# machine and lost 10-20% on another. Measured once per (build, thread count) -- native vs torch chunked,
+# forward + backward, interleaved rounds, median -- and cached as JSON beside the native build (its folder is keyed
+# by source, torch, flags and CPU, so a new CPU or source measures again). NANOALIGN_LOGPROBS_AUTOTUNE=0 skips
+# the measurement (native); NANOALIGN_LOGPROBS_BACKEND still forces a backend.
+_CHOICE_SHAPE = (256, 1024, 8192)  # rows, hidden, vocabulary: 2 vocabulary blocks of the torch path, 17 GFLOP a round
+_CHOICE_ROUNDS = 5
+_CHOICE_BUDGET_S = 8.0  # stop early (after >= 3 rounds) on a loaded machine
+_cpu_choices: dict = {}  # thread count -> "native" | "torch", for this process
+
+
+def _choice_path(native):
+    return native.build_dir() / f"backend-{torch.get_num_threads()}threads.json"
+
+
+def _cpu_choice(native):
+    """'native' or 'torch': the faster CPU row primitive here, from the cache beside the build or measured once."""
+    threads = torch.get_num_threads()
+    if threads in _cpu_choices:
+        return _cpu_choices[threads]
+    if os.environ.get("NANOALIGN_LOGPROBS_AUTOTUNE", "1").strip() == "0":
+        _cpu_choices[threads] = "native"
+        return "native"
+    path = _choice_path(native)
+    try:
+        saved = json.loads(path.read_text())
+        if saved.get("backend") in ("native", "torch"):
+            _cpu_choices[threads] = saved["backend"]
+            return saved["backend"]
+    except (OSError, ValueError, AttributeError):
+        pass  # not measured yet here (or an unreadable file): measure
+    try:
+        times = _measure_cpu_backends(_choice_fns(native))
+    except Exception as e:  # noqa: BLE001 - a failed measurement must not stop training: keep the native default
+        warnings.warn(f"nanoalign.ops: could not compare the log-prob backends ({type(e).__name__}: {e}); "
+                      "using native", stacklevel=4)
+        _cpu_choices[threads] = "native"
+        return "native"
+    choice = "native" if times["native"] <= times["torch"] else "torch"
+    fast, slow = sorted((times["native"], times["torch"]))
+    ratio = slow / max(fast, 1e-12)
+    record = {"backend": choice, "native_s": times["native"], "torch_s": times["torch"], "threads": threads,
+              "rounds": times["rounds"], "shape_rows_hidden_vocab": list(_CHOICE_SHAPE),
+              "measured": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+              "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
+        os.replace(tmp, path)
+        where = f"cached at {path}"
+    except OSError as e:
+        where = f"not cached: {e}"
+    other = "torch chunked" if choice == "native" else "native"
+    print(f"logprobs backend: {choice if choice == 'native' else 'torch chunked'} ({ratio:.2f}x faster than {other} "
+          f"here, {threads} threads, measured once, {where}; NANOALIGN_LOGPROBS_BACKEND=torch|native forces one)",
+          file=sys.stderr, flush=True)
+    _cpu_choices[threads] = choice
+    return choice
+
+
+def _choice_fns(native):
+    """forward + backward of each CPU row primitive at _CHOICE_SHAPE on fixed random rows."""
+    n, hdim, v = _CHOICE_SHAPE
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(n, hdim, generator=gen)
+    w = torch.randn(v, hdim, generator=gen) / hdim**0.5
+    y = torch.randint(0, v, (n,), generator=gen)
+    g = torch.randn(n, generator=gen)
+
+    def run(mod):
+        def fwd_bwd():
+            _, lse = mod.logprob_rows_fwd(h, w, y)
+            mod.logprob_rows_bwd(h, w, y, lse, g)
+        return fwd_bwd
+    return {"native": run(native), "torch": run(_TORCH)}
+
+
+def _measure_cpu_backends(fns, rounds=None, budget_s=None, clock=time.perf_counter):
+    """Median seconds of each callable over interleaved rounds (order alternating), after one untimed warm-up each.
+    Stops after `budget_s` once 3 rounds are done. Returns {name: median_s, ..., "rounds": k}."""
+    rounds = _CHOICE_ROUNDS if rounds is None else rounds
+    budget_s = _CHOICE_BUDGET_S if budget_s is None else budget_s
+    names = list(fns)
+    for name in names:
+        fns[name]()
+    times = {name: [] for name in names}
+    start = clock()
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            t0 = clock()
+            fns[name]()
+            times[name].append(clock() - t0)
+        if r >= 2 and clock() - start > budget_s:
+            break
+    out = {name: statistics.median(ts) for name, ts in times.items()}
+    out["rounds"] = len(times[names[0]])
+    return out
 
 
 _TORCH = types.SimpleNamespace(logprob_rows_fwd=logprob_rows_fwd_torch, logprob_rows_bwd=logprob_rows_bwd_torch)

@@ -5,6 +5,7 @@ expected error is fp32 arithmetic plus the rounding of the returned gradients to
 """
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -185,3 +186,68 @@ def test_bitwise_reproducible_under_cpu_contention():
         for p in hogs:
             p.kill()
             p.wait()
+
+
+def test_build_folder_is_shared_by_checkouts_and_compiling_is_announced(tmp_path, monkeypatch, capsys):
+    # Two checkouts with the same source must share one build folder (they used to rewrite each other's build.ninja
+    # and rebuild on every first use); a build says once that it compiles and where; a finished build is loaded
+    # straight from its folder without the compiler.
+    import importlib.util
+    import torch.utils.cpp_extension as cpp
+
+    other = tmp_path / "other_checkout"
+    (other / "nanoalign").mkdir(parents=True)
+    (other / "csrc").mkdir()
+    (other / "csrc" / "logprobs.cpp").write_bytes(native._SOURCE.read_bytes())
+    (other / "nanoalign" / "native.py").write_bytes(open(native.__file__, "rb").read())
+    spec = importlib.util.spec_from_file_location("other_native", other / "nanoalign" / "native.py")
+    other_native = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(other_native)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    assert other_native._SOURCE != native._SOURCE and other_native.build_dir() == native.build_dir()
+    assert str(native.build_dir()).startswith(str(tmp_path / "ext"))
+
+    calls = []
+
+    def fake_load(name, sources, build_directory, **kw):
+        calls.append(("compile", sources))
+        (Path(build_directory) / f"{name}.so").write_bytes(b"")
+    monkeypatch.setattr(cpp, "load", fake_load)
+    monkeypatch.setattr(torch.ops, "load_library", lambda path: calls.append(("load", path)))
+    monkeypatch.setattr(other_native, "_STATE", {})
+    other_native._build()
+    folder = native.build_dir()
+    assert calls == [("compile", [str(folder / "logprobs.cpp")])]  # compiled from the copy, not the checkout
+    assert (folder / "logprobs.cpp").read_bytes() == native._SOURCE.read_bytes() and (folder / "built").is_file()
+    err = capsys.readouterr().err
+    assert err.count("compiling") == 1 and str(folder) in err
+    monkeypatch.setattr(native, "_STATE", {})
+    native._build()  # the other checkout: already built
+    assert calls[1:] == [("load", str(folder / f"nanoalign_native_{folder.name}.so"))]
+    assert "compiling" not in capsys.readouterr().err
+
+
+def test_tiles_follow_the_l2_cache(monkeypatch):
+    monkeypatch.setattr(native, "_STATE", {})
+    monkeypatch.setattr(native, "_l2_per_cpu", lambda: 1024 * 1024)
+    assert native.tiles() == (512, 256)  # 512 x 256 fp32 = 512 KB, half of 1 MB
+    monkeypatch.setattr(native, "_STATE", {})
+    monkeypatch.setattr(native, "_l2_per_cpu", lambda: 256 * 1024)  # a hyperthread's half of 512 KB
+    assert native.tiles() == (128, 256)
+    monkeypatch.setattr(native, "_STATE", {})
+    monkeypatch.setenv("NANOALIGN_NATIVE_TILES", "64,128")
+    assert native.tiles() == (64, 128)
+    monkeypatch.setattr(native, "_STATE", {})
+    monkeypatch.setenv("NANOALIGN_NATIVE_TILES", "64")
+    with pytest.raises(ValueError, match="NANOALIGN_NATIVE_TILES"):
+        native.tiles()
+
+
+@pytest.mark.parametrize("tiles", [(16, 32), (512, 256), (100, 7)])
+def test_any_tile_shape_gives_the_same_numbers(tiles):
+    h, w, y, g = _inputs(300, 40, 700, torch.float32, seed=6)
+    r_logp, r_lse, r_gh, r_gw = _ref(h, w, y, g)
+    logp, lse = torch.ops.nanoalign.logprob_rows_fwd(h, w, y, *tiles)
+    gh, gw = torch.ops.nanoalign.logprob_rows_bwd(h, w, y, lse, g, True, *tiles)
+    assert _rel(logp, r_logp) < 2e-6 and _rel(lse, r_lse) < 2e-6
+    assert _rel(gh, r_gh) < 1e-5 and _rel(gw, r_gw) < 1e-5
