@@ -644,12 +644,14 @@ def sec_train_step(ctx):
 
 # ------------------------------------------------------------------------------------------------ 6 BDHS generation
 def bdhs_sampler():
-    """The compacted BDHS sampler (generate_compact, sample_image_mask). It is moving from nanoalign/sample.py to
-    nanoalign/engine.py: after that merge, the fallback line below is the one line to delete."""
-    try:
-        from nanoalign.engine import generate_compact, sample_image_mask
-    except ImportError:
-        from nanoalign.sample import generate_compact, sample_image_mask
+    """The compacted BDHS sampler of nanoalign/engine.py as (generate_compact(model, input_ids, attention_mask,
+    pixel_values, image_sizes, image_keep, max_new_tokens) -> Rollout, sample_image_mask)."""
+    from nanoalign.engine import generate, sample_image_mask
+
+    def generate_compact(model, input_ids, attention_mask, pixel_values, image_sizes, image_keep, max_new_tokens=32):
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values,
+                 "image_sizes": image_sizes}
+        return generate(model, batch, max_new_tokens, image_keep=image_keep, compact=True)
     return generate_compact, sample_image_mask
 
 

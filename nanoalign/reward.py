@@ -281,8 +281,7 @@ def user_reward(fn):
 
 def oracle_reward(scenes_path: str | None = None, oracle_fn=None):
     """The toy world's judge as score(examples, images, responses): oracle_fn(response, scene, question) -> a float
-    or a dict with "score" (default: nanoalign.toy.oracle.oracle_score, imported at the first call, or
-    nanoalign.toyworld's while the toy package does not exist yet). question = the prompt without "<image>".
+    or a dict with "score" (default: nanoalign.toy.oracle.oracle_score, imported at the first call). question = the prompt without "<image>".
     Scenes: Example.extra["scene"], else the scenes_*.jsonl row whose "image" is the example image's file name."""
     by_image = _read_scenes(scenes_path) if scenes_path else {}
 
@@ -305,12 +304,7 @@ def oracle_reward(scenes_path: str | None = None, oracle_fn=None):
 
 
 def _default_oracle():
-    try:
-        from nanoalign.toy.oracle import oracle_score
-    except ModuleNotFoundError as e:
-        if e.name not in ("nanoalign.toy", "nanoalign.toy.oracle"):
-            raise
-        from nanoalign.toyworld import oracle_score
+    from nanoalign.toy.oracle import oracle_score
     return oracle_score
 
 

@@ -235,7 +235,7 @@ def test_oracle_reward_with_a_stand_in(tmp_path, monkeypatch):
 
 def test_oracle_reward_default_is_the_toy_judge():
     """With no stand-in the adapter calls the toy world's oracle_score: a scene's own caption scores 1."""
-    from nanoalign import toyworld as tw
+    from nanoalign.toy import world as tw
     scene = tw.make_scenes(1, 0, "train")[0]
     ex = Example("t0", None, "<image>\n" + tw.CAPTION_PROMPT, "", extra={"scene": scene})
     assert rw.load_reward("oracle")([ex], [None], [tw.caption(scene)]).item() == pytest.approx(1.0)
