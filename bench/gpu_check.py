@@ -263,7 +263,7 @@ def pref_loss_plain(hidden, weight, labels, token_weights, ref_logps, beta, acc_
     pol = L.sequence_scores(logp, mask, token_weights.to(acc_dtype), False)
     ref = L.sequence_scores(ref_logps.to(acc_dtype), mask, token_weights.to(acc_dtype), False)
     rho = (pol[:P] - ref[:P]) - (pol[P:] - ref[P:])
-    return L.pair_losses("ddpo", rho, beta).mean()
+    return L.pair_losses("dpo", rho, beta).mean()
 
 
 def check_pref_loss(ctx, dtype, P, T, H, V, seed=0):
@@ -279,7 +279,7 @@ def check_pref_loss(ctx, dtype, P, T, H, V, seed=0):
         loss.backward()
         return loss.detach(), hd.grad, wt.grad
     ctx.poison()
-    out = grads(lambda hd, wt: ops.preference_loss(hd, wt, labels, tw, ref, "ddpo", 0.5)[0], hidden, weight)
+    out = grads(lambda hd, wt: ops.preference_loss(hd, wt, labels, tw, ref, "dpo", 0.5)[0], hidden, weight)
     ctx.sync()
     truth = grads(lambda hd, wt: pref_loss_plain(hd, wt, labels, tw, ref, 0.5, torch.float64),
                   hidden.double(), weight.double())
@@ -392,7 +392,7 @@ def sec_fused_loss(ctx):
 
         def fused():
             hd.grad = wt.grad = None
-            ops.preference_loss(hd, wt, labels, tw, ref, "ddpo", 0.5)[0].backward()
+            ops.preference_loss(hd, wt, labels, tw, ref, "dpo", 0.5)[0].backward()
 
         def naive():
             hd.grad = wt.grad = None
@@ -599,7 +599,7 @@ def sec_train_step(ctx):
                         h = model(dev(ids[r]), dev(pv[p:p + 1]), dev(sizes[p:p + 1]),
                                   image_index=dev(torch.tensor([0, 0])))
                         loss, _ = ops.preference_loss(h, model.lm_head_weight, dev(labels[r]), dev(tw[r]),
-                                                      dev(ref[r]), "ddpo", 0.5)
+                                                      dev(ref[r]), "dpo", 0.5)
                         (loss / pairs).backward()
                         last["loss"] = loss.detach()
                     opt.step()
