@@ -170,6 +170,8 @@ def load_pretrained(path, dtype=torch.float32, device="cpu"):
         named = [k if origin[k] == k else f"{origin[k]} (read as {k})" for k in unexpected]
         raise ValueError(f"{path}: checkpoint has {len(unexpected)} unexpected keys: {_listing(named)}")
     for k, t in sd.items():
+        if not t.is_floating_point():
+            raise ValueError(f"{path}: weight {origin[k]} has dtype {t.dtype}; a model weight must be floating point")
         if tuple(t.shape) != tuple(expected[k].shape):
             raise ValueError(f"{path}: shape mismatch for {k}: expected {tuple(expected[k].shape)}, "
                              f"found {tuple(t.shape)}")

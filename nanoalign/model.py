@@ -25,7 +25,64 @@ SUPPORTED_MODEL_TYPES = ("llava", "llava_next")
 
 
 # ---------------------------------------------------------------------------------------------------- config
-def _pick(cls, d: dict) -> dict:
+# config keys that must be integers >= 1 (sizes and counts); every other field is checked against its annotation
+_POSITIVE_INTS = {"hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
+                  "patch_size", "num_channels", "vocab_size", "num_key_value_heads", "head_dim",
+                  "max_position_embeddings", "image_seq_length"}
+_POSITIVE_FLOATS = {"layer_norm_eps", "rms_norm_eps", "rope_theta"}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_value(prefix: str, name: str, v, annotation: str) -> None:
+    """ValueError `key: expected ..., got ...` when a config.json value has the wrong type or range."""
+    key = prefix + name
+    if v is None and "None" in annotation:
+        return
+    if name in _POSITIVE_INTS:
+        ok, want = _is_int(v) and v >= 1, "an integer >= 1"
+    elif name in _POSITIVE_FLOATS:
+        ok = (_is_int(v) or isinstance(v, float)) and v == v and 0 < v < float("inf")
+        want = "a finite number > 0"
+    elif annotation.startswith("int | list"):  # vision_feature_layer, eos_token_id
+        ok = _is_int(v) or (isinstance(v, list) and bool(v) and all(_is_int(x) for x in v))
+        want = "an integer or a list of integers"
+    elif annotation.startswith("int"):
+        ok, want = _is_int(v), "an integer"
+    elif annotation.startswith("float"):
+        ok, want = (_is_int(v) or isinstance(v, float)) and v == v, "a number"
+    elif annotation.startswith("bool"):
+        ok, want = isinstance(v, bool), "true or false"
+    elif annotation.startswith("str"):
+        ok, want = isinstance(v, str), "a string"
+    elif annotation.startswith("list"):  # image_grid_pinpoints
+        ok = isinstance(v, list) and all(isinstance(x, list) and len(x) == 2 and all(_is_int(y) and y > 0 for y in x)
+                                         for x in v)
+        want = "a list of [height, width] integer pairs"
+    else:
+        return
+    if not ok:
+        raise ValueError(f"key {key}: expected {want}, got {v!r} ({type(v).__name__})")
+
+
+def _section(d, key: str) -> dict:
+    v = d.get(key)
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise ValueError(f"key {key}: expected an object, got {v!r} ({type(v).__name__})")
+    return v
+
+
+def _pick(cls, d: dict, prefix: str = "") -> dict:
+    """The dict's values for the fields of dataclass `cls`, each type- and range-checked (ValueError naming the key)."""
+    if not isinstance(d, dict):
+        raise ValueError(f"expected a JSON object{f' for {prefix[:-1]}' if prefix else ''}, got {type(d).__name__}")
+    for f in fields(cls):
+        if f.name in d and d[f.name] is not None and f.name not in ("vision_config", "text_config"):
+            _check_value(prefix, f.name, d[f.name], str(f.type))
     names = {f.name for f in fields(cls)}
     return {k: v for k, v in d.items() if k in names and v is not None}
 
@@ -44,7 +101,11 @@ class VisionConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "VisionConfig":
-        return cls(**_pick(cls, d))
+        c = cls(**_pick(cls, d, "vision_config."))
+        if c.hidden_size % c.num_attention_heads:
+            raise ValueError(f"key vision_config.hidden_size: {c.hidden_size} is not a multiple of "
+                             f"num_attention_heads {c.num_attention_heads}")
+        return c
 
     def to_dict(self) -> dict:
         return {"model_type": "clip_vision_model", **asdict(self)}
@@ -77,7 +138,7 @@ class TextConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TextConfig":
-        kw = _pick(cls, d)
+        kw = _pick(cls, d, "text_config.")
         if kw.get("model_type", "llama") not in ("llama", "mistral"):
             raise ValueError(f"text_config.model_type {kw['model_type']!r} is not supported (llama or mistral)")
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
@@ -113,14 +174,18 @@ class LlavaConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "LlavaConfig":
+        if not isinstance(d, dict):
+            raise ValueError(f"expected a JSON object, got {type(d).__name__}")
         mt = d.get("model_type")
         if mt not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"unsupported model_type {mt!r} in config (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
         kw = _pick(cls, d)
         if "image_token_id" in d and "image_token_index" not in d:
             kw["image_token_index"] = d["image_token_id"]
-        kw["vision_config"] = VisionConfig.from_dict(d.get("vision_config") or {})
-        kw["text_config"] = TextConfig.from_dict(d.get("text_config") or {})
+        if "image_token_id" in d:
+            _check_value("", "image_token_id", d["image_token_id"], "int")
+        kw["vision_config"] = VisionConfig.from_dict(_section(d, "vision_config"))
+        kw["text_config"] = TextConfig.from_dict(_section(d, "text_config"))
         if kw.get("pad_token_id") is None:
             kw["pad_token_id"] = kw["text_config"].pad_token_id
         kw["tie_word_embeddings"] = bool(d.get("tie_word_embeddings")) or kw["text_config"].tie_word_embeddings
