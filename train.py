@@ -339,6 +339,7 @@ def main(args):
     final = tu.save_checkpoint(out, "final", model, model_config, processor, lora_layers, optimizer, scheduler,
                                max_steps, args)
     tu.print0(f"saved {final}")
+    runs.release(out)
     return final
 
 

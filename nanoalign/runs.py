@@ -2,7 +2,7 @@
 
     check_args(parser, args)      arguments that make no sense -> parser.error (exit 2) with the reason
     prepare_out(args, world)      -> "new" | "resume" | "finished"; lock, refusals, the resume settings check
-    lock(folder)                  an exclusive lock on folder/.lock for the life of the process (also the toy cache)
+    lock(folder), release(folder) an exclusive lock on folder/.lock for the life of the run (also the toy cache)
     interrupted_line(out, argv)   Ctrl-C: where the last checkpoint is and the --resume command
 
 A folder "holds a run" when it has metrics.jsonl, a step-* folder or final/. Without --resume or --overwrite such a
@@ -81,6 +81,13 @@ def lock(folder: Path) -> None:
     _LOCKS[key] = fd
 
 
+def release(folder: Path) -> None:
+    """Give up folder/.lock (the run is over); no-op when this process does not hold it."""
+    fd = _LOCKS.pop(str(Path(folder).resolve()), None)
+    if fd is not None:
+        os.close(fd)
+
+
 def holds_run(out: Path) -> bool:
     return (out / "metrics.jsonl").exists() or (out / "final").exists() or any(out.glob(tu.STEP_PREFIX + "*"))
 
@@ -151,6 +158,7 @@ def prepare_out(args, world: int) -> str:
     if diffs:
         tu.print0(f"warning: --resume --allow-changed: {'; '.join(diffs)}")
     if ckpt.name == "final":
+        release(out)
         return "finished"
     return "resume"
 
