@@ -8,3 +8,13 @@ sys.path.insert(0, os.path.dirname(HERE))  # tests/: the shared tiny-checkpoint 
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repository: train.py
 
 from test_train import world  # noqa: E402,F401  (module fixture: tiny checkpoint, images, pairs)
+
+
+def pytest_collection_modifyitems(config, items):
+    """@pytest.mark.slow tests run only when asked for (`-m slow`)."""
+    import pytest
+    if "slow" in (config.getoption("markexpr") or ""):
+        return
+    for item in items:
+        if item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.skip(reason="slow soak variant: run with -m slow"))
