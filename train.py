@@ -30,7 +30,7 @@ from nanoalign import rollout
 from nanoalign import runs
 from nanoalign import trainutil as tu
 from nanoalign.batch import collate, encode_all, open_image
-from nanoalign.checkpoint import load_pretrained
+from nanoalign.checkpoint import check_finite, load_pretrained
 from nanoalign.data import FORMATS, load_examples
 from nanoalign.lora import DEFAULT_TARGETS, apply_lora, load_lora_adapter, lora_modules
 from nanoalign.objective import objective
@@ -152,6 +152,7 @@ def main(args):
     if processor is None:
         raise ValueError(f"{args.model}: no tokenizer.json, cannot tokenize the data")
     model_config = model.config
+    check_finite(model, args.model)  # a NaN checkpoint: named here, not as a NaN loss at step 1
 
     # ------------------------------------------------------------------------------------------------------- data
     examples, skipped = load_examples(args.data, args.data_format, args.image_root, strict=args.strict)
