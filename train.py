@@ -358,7 +358,7 @@ if __name__ == "__main__":
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback
-        print(runs.interrupted_line(_args.out, sys.argv), file=sys.stderr)
+        print("\n" + runs.interrupted_line(_args.out, sys.argv), file=sys.stderr)  # after the progress bar
         sys.exit(130)
     if dist.is_initialized():
         dist.barrier()

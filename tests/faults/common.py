@@ -30,4 +30,5 @@ def steps(out):
 
 def error_lines(stderr):
     """stderr without progress-bar lines."""
-    return [ln for ln in stderr.strip().splitlines() if ln.strip() and "step/s" not in ln and "it/s" not in ln]
+    return [ln for ln in stderr.replace("\r", "\n").strip().splitlines()
+            if ln.strip() and "step/s" not in ln and "it/s" not in ln]

@@ -65,8 +65,8 @@ def test_two_rank_killed_and_resumed_lora_frozen(world, tmp_path, extra):
 
 
 def test_launcher_killed_alone(world, tmp_path):
-    """SIGKILL of the torchrun launcher alone -> its workers exit too (no orphan keeps writing into --out), and
-    --out can be resumed at once."""
+    """SIGKILL of the torchrun launcher alone -> its workers exit too (no orphan keeps writing into --out) and
+    the folder's lock is free for the next run."""
     proc = _torchrun(world, tmp_path, "--max-steps", 200)
     _wait_for(tmp_path / "step-000001" / "train_state.json", proc)
     workers = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
@@ -78,3 +78,6 @@ def test_launcher_killed_alone(world, tmp_path):
     while any(os.path.exists(f"/proc/{w}") and open(f"/proc/{w}/stat").read().split()[2] != "Z" for w in workers):
         assert time.time() - t < 30, "workers outlived their launcher"
         time.sleep(0.1)
+    from nanoalign import runs
+    runs.lock(tmp_path)  # no orphan holds the folder: a new run may take it
+    runs.release(tmp_path)

@@ -19,8 +19,8 @@ def test_folder_holding_a_run_is_refused(world, tmp_path):
 
 
 def test_resume_with_changed_settings_names_each(world, tmp_path):
-    """--resume with a changed --batch-size, --seed, --data or world size -> stops with one line naming each
-    changed setting; --allow-changed continues deliberately."""
+    """--resume with changed settings (here --seed and --lr; every setting but output/logging ones, and the world
+    size, is compared) -> stops with one line naming each changed setting; --allow-changed continues deliberately."""
     base = ["--algo", "dpo", "--max-steps", 3, "--save-every", 1]
     main(world, tmp_path, *base)
     import shutil
