@@ -135,14 +135,14 @@ def prepare_out(args, world: int) -> str:
         lock(out)
         for p in remove_partial_saves(out):
             tu.print0(f"removed {p} (a save interrupted earlier)")
-    if not out.exists() or not holds_run(out):
-        return "new"
-    if getattr(args, "overwrite", False):
-        if tu.rank() == 0:
+    if getattr(args, "overwrite", False):  # decided on the flag alone, so every rank reaches the barrier
+        if tu.rank() == 0 and out.exists():
             for p in [out / "final", *out.glob(tu.STEP_PREFIX + "*")]:
                 shutil.rmtree(p, ignore_errors=True)
             (out / "metrics.jsonl").unlink(missing_ok=True)
         _barrier()
+        return "new"
+    if not out.exists() or not holds_run(out):
         return "new"
     if not args.resume:
         raise ValueError(f"--out {out} holds a run (metrics.jsonl / step-* / final); add --resume to continue it "
