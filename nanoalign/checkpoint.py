@@ -170,6 +170,8 @@ def load_pretrained(path, dtype=torch.float32, device="cpu"):
         named = [k if origin[k] == k else f"{origin[k]} (read as {k})" for k in unexpected]
         raise ValueError(f"{path}: checkpoint has {len(unexpected)} unexpected keys: {_listing(named)}")
     for k, t in sd.items():
+        if not t.is_floating_point():
+            raise ValueError(f"{path}: weight {origin[k]} has dtype {t.dtype}; a model weight must be floating point")
         if tuple(t.shape) != tuple(expected[k].shape):
             raise ValueError(f"{path}: shape mismatch for {k}: expected {tuple(expected[k].shape)}, "
                              f"found {tuple(t.shape)}")
@@ -179,16 +181,26 @@ def load_pretrained(path, dtype=torch.float32, device="cpu"):
     return model, _load_processor(path, config, model)
 
 
+def check_finite(model, path) -> None:
+    """ValueError naming the checkpoint and its first tensors holding NaN or inf: such weights give non-finite
+    logits (an empty answer from generation, a NaN loss at training's first step)."""
+    bad = [n for n, t in model.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        more = f" ... ({len(bad)} in all)" if len(bad) > 3 else ""
+        raise ValueError(f"{path}: non-finite weights (NaN or inf) in {', '.join(bad[:3])}{more}")
+
+
 def load_for_cli(path):
     """load_pretrained for the command lines (generate, bdhs, eval): (model, processor), or a ValueError
-    with one line naming the folder -- a missing or broken checkpoint, or one without tokenizer.json (every CLI
-    tokenizes prompts)."""
+    with one line naming the folder -- a missing or broken checkpoint, one without tokenizer.json (every CLI
+    tokenizes prompts), or one with non-finite weights."""
     try:
         model, processor = load_pretrained(path)
     except (FileNotFoundError, ValueError, KeyError, OSError) as e:
         raise ValueError(f"{path}: {(str(e).splitlines() or [''])[0]}") from None
     if processor is None:
         raise ValueError(f"{path}: no tokenizer.json in the checkpoint folder (needed to tokenize prompts)")
+    check_finite(model, path)  # non-finite logits are an error, not an empty answer
     return model, processor
 
 

@@ -4,8 +4,9 @@
         --out DIR [--limit N] [--batch-size B] [--annotations COCO_JSON] [--synonyms JSON] [--judge DIR] \
         [--max-new-tokens N] [--judge-max-new-tokens N] [--no-progress]
 
-Per model, per-example results are appended to OUT/<model-name>/results.jsonl (flushed per batch); a rerun skips the
-question_ids already there (POPE ids are "<file stem>:<question_id>", the split files reuse ids), so an interrupted
+Per model, per-example results are appended to OUT/<name>/results-<key>.jsonl (flushed per batch; name: --name, else
+the folder's name; key: the checkpoint's content fingerprint, the judge's and the generation settings, so a different
+model under the same name never reuses another's answers); a rerun skips the question_ids already there (POPE ids are "<file stem>:<question_id>", the split files reuse ids), so an interrupted
 run continues where it stopped. OUT/<model-name>/summary.json, and OUT/summary.json with one model, hold the metrics
 at their top level; with several models OUT/summary.json is {task, models: {name: summary}, table}. The markdown
 table (one line per model) is printed. Metric formulas: nanoalign/metrics.py.
@@ -272,9 +273,10 @@ def _result_row(task, ex, answer, judge_fn, image, bad):
 
 
 def run_task(task, examples, generate_fn, out_dir, *, batch_size=8, judge_fn=None, synonyms=None, bad=None,
-             progress=True, name=None):
-    """Generate, score and append results for the examples not yet in out_dir/results.jsonl; write and return
-    out_dir/summary.json's dict. generate_fn(images, prompts) -> list[str]; judge_fn(image, prompt) -> str (mmhal)."""
+             progress=True, name=None, key=None):
+    """Generate, score and append results for the examples not yet in out_dir/results-<key>.jsonl (key: what the
+    answers depend on, results_key(); None: results.jsonl); write and return out_dir/summary.json's dict.
+    generate_fn(images, prompts) -> list[str]; judge_fn(image, prompt) -> str (mmhal)."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     if task == "mmhal" and judge_fn is None:
@@ -282,7 +284,7 @@ def run_task(task, examples, generate_fn, out_dir, *, batch_size=8, judge_fn=Non
     bad = Counter() if bad is None else Counter(bad)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    res_path = out_dir / "results.jsonl"
+    res_path = out_dir / (f"results-{key}.jsonl" if key else "results.jsonl")
     done = {str(r.get("question_id")) for r in read_results(res_path)}
     todo = [ex for ex in examples if ex["question_id"] not in done]
     if synonyms is not None:
@@ -393,6 +395,21 @@ def model_judge_fn(judge_dir, max_new_tokens=JUDGE_MAX_NEW_TOKENS):
     return lambda image, prompt: gen([image], [prompt])[0]
 
 
+def results_key(model_dir, judge_dir=None, *settings) -> str | None:
+    """Stored results are reused only for the same model content: a hash of the checkpoint's content fingerprint
+    (refcache.checkpoint_fingerprint), the judge's, and the generation settings. None for a folder without
+    safetensors (nothing to fingerprint; loading it fails with its own message)."""
+    import hashlib
+    from nanoalign.refcache import checkpoint_fingerprint
+    parts = []
+    for d in (model_dir, judge_dir):
+        try:
+            parts.append(checkpoint_fingerprint(d) if d else "")
+        except FileNotFoundError:
+            return None
+    return hashlib.sha256(json.dumps([parts, [str(x) for x in settings]]).encode()).hexdigest()[:16]
+
+
 def model_names(dirs):
     names, seen = [], Counter()
     for d in dirs:
@@ -409,6 +426,8 @@ def main(argv=None):
     ap.add_argument("--data", nargs="+", required=True, help="question file(s): POPE JSONL, CHAIR rows, MMHal JSON")
     ap.add_argument("--image-root", required=True)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--name", nargs="+", default=None,
+                    help="a name per --model for its results folder and table row (default: the folder names)")
     ap.add_argument("--limit", type=int, default=None, help="first N valid examples only")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--template", default="vicuna_v1", choices=TEMPLATES,
@@ -439,6 +458,14 @@ def main(argv=None):
     for d in args.model + ([args.judge] if args.judge else []):
         if not Path(d).is_dir():
             return fail(f"model folder not found: {d}")
+    names = args.name or model_names(args.model)
+    if len(names) != len(args.model):
+        return fail(f"--name gives {len(names)} name(s) for {len(args.model)} --model folder(s): one each")
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        return fail(f"--name {', '.join(dupes)}: given to more than one model; each model needs its own name")
+    if any(not n or "/" in n or n in (".", "..") for n in names):
+        return fail(f"--name {' '.join(names)}: names are folder names (no '/', not empty)")
     synonyms = None
     try:
         if args.synonyms:
@@ -469,11 +496,13 @@ def main(argv=None):
     max_new = args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS[args.task]
     judge_fn = model_judge_fn(args.judge, args.judge_max_new_tokens) if args.judge else None
     results = []
-    for model_dir, name in zip(args.model, model_names(args.model)):
+    for model_dir, name in zip(args.model, names):
         gen = model_generate_fn(model_dir, max_new, args.batch_size, args.template)
+        key = results_key(model_dir, args.judge, args.task, args.template, max_new, args.judge_max_new_tokens)
         try:
             s = run_task(args.task, examples, gen, Path(args.out, name), batch_size=args.batch_size,
-                         judge_fn=judge_fn, synonyms=synonyms, bad=bad, progress=not args.no_progress, name=name)
+                         judge_fn=judge_fn, synonyms=synonyms, bad=bad, progress=not args.no_progress, name=name,
+                         key=key)
         except CheckpointError as e:
             return fail(str(e))
         results.append((name, s))

@@ -50,6 +50,10 @@ def read_image_processor_dict(path: str) -> tuple[dict | None, str | None]:
     return None, None
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _cfg_get(cfg, *path, default=None):
     """Read cfg.a.b (dataclass/object) or cfg["a"]["b"] (dict); `default` when any step is missing or None."""
     cur = cfg
@@ -181,6 +185,8 @@ class ImageProcessor:
             if crop.get("height") != crop.get("width"):
                 raise ValueError(f"{source}: crop_size {crop} is not square")
             crop = crop["height"]
+        if not _is_int(crop) or crop < 1:
+            raise ValueError(f"{source}: crop_size {crop!r}: expected an integer >= 1 (or a square height/width)")
         size = get("size", {"shortest_edge": side}, "the vision tower's image_size")
         if isinstance(size, (int, float)):
             size = {"shortest_edge": size}

@@ -19,13 +19,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanoalign.config_check import check_value as _check_value
+from nanoalign.config_check import section as _section
 from nanoalign.image import select_best_resolution, unpadded_bounds
 
 SUPPORTED_MODEL_TYPES = ("llava", "llava_next")
 
 
 # ---------------------------------------------------------------------------------------------------- config
-def _pick(cls, d: dict) -> dict:
+def _pick(cls, d: dict, prefix: str = "") -> dict:
+    """The dict's values for the fields of dataclass `cls`, each type- and range-checked (ValueError naming the key)."""
+    if not isinstance(d, dict):
+        raise ValueError(f"expected a JSON object{f' for {prefix[:-1]}' if prefix else ''}, got {type(d).__name__}")
+    for f in fields(cls):
+        if f.name in d and d[f.name] is not None and f.name not in ("vision_config", "text_config"):
+            _check_value(prefix, f.name, d[f.name], str(f.type))
     names = {f.name for f in fields(cls)}
     return {k: v for k, v in d.items() if k in names and v is not None}
 
@@ -44,7 +52,11 @@ class VisionConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "VisionConfig":
-        return cls(**_pick(cls, d))
+        c = cls(**_pick(cls, d, "vision_config."))
+        if c.hidden_size % c.num_attention_heads:
+            raise ValueError(f"key vision_config.hidden_size: {c.hidden_size} is not a multiple of "
+                             f"num_attention_heads {c.num_attention_heads}")
+        return c
 
     def to_dict(self) -> dict:
         return {"model_type": "clip_vision_model", **asdict(self)}
@@ -77,7 +89,7 @@ class TextConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TextConfig":
-        kw = _pick(cls, d)
+        kw = _pick(cls, d, "text_config.")
         if kw.get("model_type", "llama") not in ("llama", "mistral"):
             raise ValueError(f"text_config.model_type {kw['model_type']!r} is not supported (llama or mistral)")
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
@@ -113,14 +125,18 @@ class LlavaConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "LlavaConfig":
+        if not isinstance(d, dict):
+            raise ValueError(f"expected a JSON object, got {type(d).__name__}")
         mt = d.get("model_type")
         if mt not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"unsupported model_type {mt!r} in config (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
         kw = _pick(cls, d)
         if "image_token_id" in d and "image_token_index" not in d:
             kw["image_token_index"] = d["image_token_id"]
-        kw["vision_config"] = VisionConfig.from_dict(d.get("vision_config") or {})
-        kw["text_config"] = TextConfig.from_dict(d.get("text_config") or {})
+        if "image_token_id" in d:
+            _check_value("", "image_token_id", d["image_token_id"], "int")
+        kw["vision_config"] = VisionConfig.from_dict(_section(d, "vision_config"))
+        kw["text_config"] = TextConfig.from_dict(_section(d, "text_config"))
         if kw.get("pad_token_id") is None:
             kw["pad_token_id"] = kw["text_config"].pad_token_id
         kw["tie_word_embeddings"] = bool(d.get("tie_word_embeddings")) or kw["text_config"].tie_word_embeddings

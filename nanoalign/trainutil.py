@@ -5,12 +5,16 @@ Checkpoint folder (one per save, `OUT/step-000123`, and `OUT/final`):
     config.json, model.safetensors, tokenizer.json, preprocessor_config.json   -- llava-hf layout, loads in transformers
                                                                                   (LoRA runs: adapters merged in)
     adapter/adapter_config.json, adapter/adapter_model.safetensors             -- LoRA runs only, PEFT layout
-    train_state.pt   optimizer (full, unsharded), scheduler, step, RNG states of every rank, args
+    train_state.json         step, scheduler, optimizer param groups and non-tensor state, args, world size
+    train_state.safetensors  optimizer tensors (full, unsharded: `optimizer.<i>.<name>`), RNG states (`rng.<rank>.<k>`)
+Nothing is unpickled: a `train_state.pt` (the old pickle format, or a planted one) is refused with one line.
 The folder is written under a temporary name and renamed at the end, so a crash mid-save leaves the previous
 checkpoint whole; only the newest `keep` step folders are kept.
 """
 from __future__ import annotations
 
+import datetime
+import errno
 import json
 import math
 import os
@@ -24,6 +28,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from safetensors.torch import load_file, save_file
+
 from nanoalign.checkpoint import save_state_dict
 from nanoalign.lora import merge_lora_state_dict, save_lora_adapter
 
@@ -31,6 +37,32 @@ STEP_PREFIX = "step-"
 
 
 # ------------------------------------------------------------------------------------------------ distributed
+
+def init_distributed(cuda: bool) -> None:
+    """Join torchrun's process group (idempotent). Timeout: NANOALIGN_PG_TIMEOUT_MIN minutes (default 240), not the
+    30-minute default, since a long single-rank phase (the toy's SFT base training on rank 0 while the others wait
+    in a broadcast) takes longer than that on a busy CPU machine."""
+    if "RANK" not in os.environ or dist.is_initialized():
+        return
+    die_with_launcher()
+    minutes = float(os.environ.get("NANOALIGN_PG_TIMEOUT_MIN", "240"))
+    dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=minutes))
+
+
+def die_with_launcher() -> None:
+    """A worker started by torchrun gets SIGKILL when its launcher dies (Linux prctl PR_SET_PDEATHSIG), so no
+    orphaned rank keeps training into an --out that a new run takes over."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the launcher died before prctl took effect
+        os._exit(1)
+
 
 def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
@@ -74,6 +106,56 @@ def clip_grad_norm(model, max_norm: float) -> float:
     if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
         norm = norm.full_tensor()
     return float(norm)
+
+
+# ------------------------------------------------------------------------------------------------ what trains
+
+def unused_parameters(model) -> list[str]:
+    """Names of parameters the model's forward can never use, so they never get a gradient: the vision layers past
+    the deepest one `vision_feature_layer` reads (LLaVA reads layer -2: the last CLIP layer is unused) and the
+    vision tower's post_layernorm. train.py freezes them: no optimizer state, nothing to save or load for them."""
+    vm = model.vision_tower.vision_model
+    n = len(vm.encoder.layers) + 1
+    layers = model.config.vision_feature_layer
+    deepest = max(i + n if i < 0 else i for i in ([layers] if isinstance(layers, int) else layers))
+    names = [f"vision_tower.vision_model.post_layernorm.{k}" for k, _ in vm.post_layernorm.named_parameters()]
+    for i in range(deepest, n - 1):
+        names += [f"vision_tower.vision_model.encoder.layers.{i}.{k}" for k, _ in vm.encoder.layers[i].named_parameters()]
+    return names
+
+
+def init_optimizer_state(optimizer) -> None:
+    """Give every parameter of an AdamW its (zero) state now, as AdamW would at its first gradient, so a parameter
+    only sometimes used (no gradient before a save) is saved and loaded like the others: the sharded load refuses a
+    checkpoint with a parameter's state missing. Bit-identical updates: AdamW skips parameters without a gradient and
+    starts from exactly this state."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            st = optimizer.state[p]
+            if not st:
+                st["step"] = torch.tensor(0.0, dtype=torch.float32)
+                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if group.get("amsgrad"):
+                    st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def nonfinite_parameters(model) -> list[str]:
+    """(collective) `rank R: name` for every parameter (this rank's FSDP shard) holding a NaN or inf, every rank's."""
+    mine = []
+    for n, p in model.named_parameters():
+        t = p.to_local() if hasattr(p, "to_local") else p
+        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+            mine.append(f"rank {rank()}: {n}")
+    if not dist.is_initialized():
+        return mine
+    flag = torch.tensor([float(len(mine))])
+    dist.all_reduce(flag)
+    if float(flag) == 0:
+        return []
+    out = [None] * world_size()
+    dist.all_gather_object(out, mine)
+    return [x for part in out for x in part]
 
 
 # ------------------------------------------------------------------------------------------------ state dicts
@@ -128,51 +210,130 @@ def set_rng_state(states: list) -> None:
 
 # ------------------------------------------------------------------------------------------------ checkpoints
 
+TRAIN_STATE = "train_state.json"  # + train_state.safetensors beside it
+
+
 def save_checkpoint(out_dir: Path, name: str, model, model_config, processor, lora_layers: dict, optimizer=None,
                     scheduler=None, step: int = 0, args=None, keep: int | None = None) -> Path:
-    """Write OUT/name atomically (collective: every rank must call it; rank 0 writes)."""
+    """Write OUT/name atomically (collective: every rank must call it; rank 0 writes).
+
+    Refuses (SystemExit, every rank) to save non-finite weights, and a full disk ends in one line naming the path and
+    the space needed; the partial folder is removed and the previous checkpoint is left as it was."""
     sd = full_state_dict(model)
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise SystemExit(f"error: not saving {out_dir / name}: non-finite weights in {_short(bad)}")
     opt = optimizer_state(model, optimizer) if optimizer is not None else None
     rngs = rng_states()
     path = out_dir / name
+    err = None
     if rank() == 0:
         tmp = out_dir / f".{name}.tmp-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        scaling = next(iter(lora_layers.values())).scaling if lora_layers else 1.0
-        # itself atomic; tmp becomes the checkpoint only at the rename below
-        save_state_dict(model_config, merge_lora_state_dict(sd, scaling), processor, tmp)
-        if lora_layers:
-            save_lora_adapter(model, str(tmp / "adapter"), state_dict=sd)
-        if optimizer is not None:
-            torch.save({"step": step, "optimizer": opt, "scheduler": scheduler.state_dict() if scheduler else None,
-                        "rng": rngs, "args": vars(args) if args is not None else None}, tmp / "train_state.pt")
-        if path.exists():
-            old = out_dir / f".{name}.old-{os.getpid()}"
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-        if keep is not None and name.startswith(STEP_PREFIX):
+        try:
+            _write_checkpoint(tmp, path, sd, model, model_config, processor, lora_layers, opt, scheduler, step,
+                              rngs, args)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            need = sum(v.numel() * v.element_size() for v in sd.values())
+            if opt is not None:
+                need += sum(t.numel() * t.element_size() for st in opt["state"].values() for t in st.values()
+                            if torch.is_tensor(t))
+            free = shutil.disk_usage(out_dir).free
+            err = (f"error: no space left on the device of {out_dir} while saving {path}: the checkpoint needs about "
+                   f"{need / 2**20:.0f} MiB, {free / 2**20:.0f} MiB are free (previous checkpoint: "
+                   f"{latest_checkpoint(out_dir) or 'none'})")
+        if err is None and keep is not None and name.startswith(STEP_PREFIX):
             steps = sorted(p for p in out_dir.glob(STEP_PREFIX + "*") if p.is_dir())
             for old in steps[:-keep] if keep > 0 else steps:
                 shutil.rmtree(old, ignore_errors=True)
-    if dist.is_initialized():
-        dist.barrier()
+    if dist.is_initialized():  # every rank learns whether rank 0's save failed (not a barrier that hangs)
+        box = [err]
+        dist.broadcast_object_list(box, src=0)
+        err = box[0]
+    if err:
+        raise SystemExit(err)
     return path
 
 
+def _short(names, n=3) -> str:
+    return ", ".join(names[:n]) + (f" ... ({len(names)} in all)" if len(names) > n else "")
+
+
+def _write_checkpoint(tmp, path, sd, model, model_config, processor, lora_layers, opt, scheduler, step, rngs, args):
+    out_dir = path.parent
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    scaling = next(iter(lora_layers.values())).scaling if lora_layers else 1.0
+    # itself atomic; tmp becomes the checkpoint only at the rename below
+    save_state_dict(model_config, merge_lora_state_dict(sd, scaling), processor, tmp)
+    if lora_layers:
+        save_lora_adapter(model, str(tmp / "adapter"), state_dict=sd)
+    if opt is not None:
+        write_train_state(tmp, step, opt, scheduler.state_dict() if scheduler else None, rngs,
+                          vars(args) if args is not None else None)
+    if path.exists():
+        old = out_dir / f".{path.name}.old-{os.getpid()}"
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, path)
+
+
+def write_train_state(folder: Path, step: int, opt: dict, scheduler: dict | None, rngs: list, args: dict | None):
+    """train_state.json (plain types) + train_state.safetensors (tensors) in `folder`; no pickle."""
+    tensors, entries = {}, []
+    for i, (key, st) in enumerate(opt["state"].items()):
+        entry = {"key": key, "tensors": [], "values": {}}
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"optimizer.{i}.{k}"] = v.detach().cpu().contiguous()
+                entry["tensors"].append(k)
+            else:
+                entry["values"][k] = v
+        entries.append(entry)
+    for r, st in enumerate(rngs):
+        for k, v in st.items():
+            tensors[f"rng.{r}.{k}"] = v.cpu().contiguous()
+    meta = {"format": "nanoalign-train-state-1", "step": step, "world": len(rngs),
+            "rng": [sorted(st) for st in rngs], "scheduler": scheduler,
+            "optimizer": {"state": entries, "param_groups": opt["param_groups"]}, "args": args}
+    save_file(tensors, str(folder / "train_state.safetensors"))
+    (folder / TRAIN_STATE).write_text(json.dumps(meta, default=str))
+
+
 def latest_checkpoint(out_dir: Path) -> Path | None:
-    steps = sorted(p for p in out_dir.glob(STEP_PREFIX + "*") if (p / "train_state.pt").is_file())
+    """The newest OUT/step-* folder holding a training state (or a train_state.pt, which load_train_state refuses)."""
+    steps = sorted(p for p in Path(out_dir).glob(STEP_PREFIX + "*")
+                   if (p / TRAIN_STATE).is_file() or (p / "train_state.pt").is_file())
     return steps[-1] if steps else None
 
 
 def load_train_state(ckpt: Path) -> dict:
+    """-> {"step", "optimizer" (a state dict for load_optimizer_state), "scheduler", "rng", "args", "world"}.
+    ValueError with one line for a pickle, a missing or damaged file."""
+    f, tf = ckpt / TRAIN_STATE, ckpt / "train_state.safetensors"
+    if not f.is_file():
+        if (ckpt / "train_state.pt").is_file():
+            raise ValueError(f"{ckpt / 'train_state.pt'}: a pickle, never read (it could run code); nanoalign's "
+                             f"training state is {TRAIN_STATE} + train_state.safetensors")
+        raise ValueError(f"{f}: not found")
     try:
-        return torch.load(ckpt / "train_state.pt", map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise ValueError(f"{ckpt / 'train_state.pt'}: cannot read the training state ({e})") from None
+        meta = json.loads(f.read_text())
+        tensors = load_file(str(tf))
+        state = {}
+        for i, e in enumerate(meta["optimizer"]["state"]):
+            st = dict(e["values"])
+            st.update({k: tensors[f"optimizer.{i}.{k}"] for k in e["tensors"]})
+            state[e["key"]] = st
+        rng = [{k: tensors[f"rng.{r}.{k}"] for k in keys} for r, keys in enumerate(meta["rng"])]
+        return {"step": int(meta["step"]), "optimizer": {"state": state, "param_groups": meta["optimizer"]["param_groups"]},
+                "scheduler": meta["scheduler"], "rng": rng, "args": meta.get("args"), "world": meta.get("world")}
+    except Exception as e:  # JSON, safetensors or a missing key: the file is damaged
+        msg = (str(e).splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{ckpt}: cannot read the training state ({type(e).__name__}: {msg})") from None
 
 
 # ------------------------------------------------------------------------------------------------ logging
@@ -239,7 +400,9 @@ class Progress:
 
 class MetricsLog:
     """OUT/metrics.jsonl: a header line (config, git SHA, argv), then one JSON object per step (rank 0 only).
-    On resume, lines of steps beyond the resumed step are dropped so the file stays one line per step."""
+    On resume, lines of steps beyond the resumed step are dropped so the file stays one line per step; the file is
+    rewritten atomically (temp file + rename), and a torn line (a kill mid-write) is dropped with a warning naming
+    the file and line."""
 
     def __init__(self, path: Path, header: dict, resume_step: int | None):
         self.path = path
@@ -247,13 +410,19 @@ class MetricsLog:
             return
         lines = []
         if resume_step is not None and path.exists():
-            for line in path.read_text().splitlines():
-                rec = json.loads(line)
+            for no, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    print0(f"warning: {path}:{no}: torn or unreadable line dropped ({line[:40]!r})")
+                    continue
                 if "step" not in rec or rec["step"] <= resume_step:
                     lines.append(line)
         else:
             lines.append(json.dumps({"header": header}))
-        path.write_text("".join(line + "\n" for line in lines))
+        tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+        tmp.write_text("".join(line + "\n" for line in lines))
+        os.replace(tmp, path)
 
     def write(self, rec: dict) -> None:
         if rank() == 0:

@@ -184,7 +184,7 @@ def test_resume_is_exact(world, tmp_path):
     run(world, tmp_path / "b", *args)
     for p in ["final"]:  # simulate a crash right after the step-2 checkpoint: later state gone
         shutil.rmtree(tmp_path / "b" / p)
-    assert (tmp_path / "b" / "step-000002" / "train_state.pt").is_file()
+    assert (tmp_path / "b" / "step-000002" / "train_state.json").is_file()
     resumed = run(world, tmp_path / "b", *args, "--resume")
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     assert [r["loss"] for r in resumed] == [r["loss"] for r in full]  # bit-exact on CPU
@@ -210,7 +210,7 @@ def test_nan_loss_stops_before_the_step_and_keeps_checkpoint(world, tmp_path, mo
 def test_bad_input(world, tmp_path):
     with pytest.raises(ValueError, match="no example left to train on.*prompt_too_long"):
         run(world, tmp_path, "--algo", "dpo", "--max-steps", 1, "--max-len", 10)
-    with pytest.raises(SystemExit, match="needs pairs"):
+    with pytest.raises(ValueError, match="needs pairs"):
         run(world, tmp_path, "--algo", "dpo", "--max-steps", 1, data="llava.json", fmt="llava")
 
 

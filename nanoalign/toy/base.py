@@ -259,7 +259,8 @@ def prepare_base(train_main, parse_args, cache, settings, toy_seed):
     # from a fresh warm-up) from there; with ground_steps 0 the first stage is the base
     stages = ([("sft_mix", world["sft"], settings["sft_steps"]), ("base", world["sft_ground"], settings["ground_steps"])]
               if settings["ground_steps"] else [("base", world["sft"], settings["sft_steps"])])
-    flags = ["--freeze-vision"] if settings["freeze_vision"] else []
+    # --resume: a stage killed earlier continues (or starts over when it saved nothing) instead of being refused
+    flags = ["--resume"] + (["--freeze-vision"] if settings["freeze_vision"] else [])
     start = cache / "init"
     for i, (name, data, steps) in enumerate(stages):
         out = cache / name

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from nanoalign import runs
 from nanoalign import trainutil as tu
 from nanoalign.toy import base as toy_base
 from nanoalign.toy.base import Threads, cache_dir, fingerprint, in_parallel, on_rank, prepare_base, to_argv
@@ -66,11 +67,12 @@ def default_run(args, train_main, parse_args, algos, settings=None):
     algo = args.algo
     if algo not in algos and algo not in TOY_ONLY_ALGOS:
         raise ValueError(f"toy run: unknown --algo {algo!r} (known: {', '.join([*algos, *TOY_ONLY_ALGOS])})")
-    if "RANK" in os.environ and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    tu.init_distributed(torch.cuda.is_available())  # a long timeout: rank 0 trains the base alone
     settings = {**toy_base.SETTINGS, **(settings or {})}
     toy_seed = args.toy_seed or 0
     cache = cache_dir({**settings, "toy_seed": toy_seed}, args.toy_cache)
+    if tu.rank() == 0:
+        runs.lock(cache)  # one toy pipeline per cache at a time
     out = Path(args.out)
     t_start = time.time()
     times = {}

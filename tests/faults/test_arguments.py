@@ -1,0 +1,35 @@
+"""Seam: train.py's command line."""
+import pytest
+
+import train
+from common import argv, cli, error_lines
+
+
+@pytest.mark.parametrize("flag,value,reason", [
+    ("--max-steps", "0", "must be >= 1"), ("--max-steps", "-1", "must be >= 1"), ("--epochs", "0", "> 0"),
+    ("--lora-rank", "-1", ">= 0"), ("--lr", "-1", "> 0"), ("--lr", "nan", "finite"), ("--keep", "0", ">= 1"),
+    ("--save-every", "-1", ">= 0"), ("--gamma", "nan", "finite"), ("--beta", "0", "> 0"), ("--clip", "inf", "finite"),
+    ("--lora-dropout", "1", "[0, 1)"), ("--min-lr-ratio", "2", "[0, 1]"), ("--warmup-steps", "-2", ">= 0"),
+    ("--projector-lr", "0", "> 0"), ("--max-len", "0", ">= 1"), ("--noise-step", "1000", "[0, 999]"),
+])
+def test_argument_that_makes_no_sense(world, tmp_path, capsys, flag, value, reason):
+    """An argument that makes no sense (--max-steps 0 / -1, --epochs 0, --lora-rank -1, --lr -1 / nan, --keep 0,
+    --save-every -1, --gamma nan, ...) -> refused by the parser with the reason, exit 2."""
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(argv(world, tmp_path, flag, value))
+    assert e.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"{flag} {value}" in last.replace("nan", value).replace("inf", value) and reason in last, last
+
+
+def test_missing_tokenizer_and_wrong_data_kind(world, tmp_path):
+    """A checkpoint without tokenizer.json, or llava (single-response) data given to --algo dpo -> one line, exit 2."""
+    import shutil
+    ck = tmp_path / "ck"
+    shutil.copytree(world / "ckpt", ck)
+    (ck / "tokenizer.json").unlink()
+    r = cli(world, tmp_path / "o", "--algo", "dpo", "--max-steps", 1, "--model", ck)
+    assert r.returncode == 2 and len(error_lines(r.stderr)) == 1 and "no tokenizer.json" in r.stderr, r.stderr
+    r = cli(world, tmp_path / "o2", "--algo", "dpo", "--max-steps", 1, "--data", world / "llava.json",
+            "--data-format", "llava")
+    assert r.returncode == 2 and len(error_lines(r.stderr)) == 1 and "needs pairs" in r.stderr, r.stderr
