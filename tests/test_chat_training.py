@@ -162,6 +162,21 @@ def test_answer_frame_from_transformers_rendering(ckpts, name):
     assert processor.answer_frame("vicuna_v1") == (" ", "")
 
 
+@pytest.mark.parametrize("name", list(FLAVOURS))
+def test_bdhs_continues_an_answer_as_the_template_writes_it(ckpts, name):
+    """BDHS feeds a prefix of the reference answer after the prompt: its ids are those of the answer in
+    transformers' rendering of [user, assistant] (whitespace tokens on, so a space too many shows)."""
+    from nanoalign.bdhs import _response_ids
+    d = ckpts[name + "/ws"]
+    _, processor = load_pretrained(d)
+    tok = processor.tokenizer
+    prompt = processor.build_prompt(Q1, with_image=False)
+    got = _response_ids(tok, prompt, tok.encode(prompt), A1, processor.answer_frame()[0])
+    n = len(hf_ids(d, [("user", Q1)], True))
+    assert got + [FLAVOURS[name][2]] == strip_ws(hf_ids(d, [("user", Q1), ("assistant", answered(name, A1))],
+                                                        False))[n:]
+
+
 def test_end_of_turn_not_an_end_id_is_noted(tmp_path):
     """chatml checkpoint whose generation config stops at </s> only: training warns that the policy learns to end
     with <|im_end|>, where generation will not stop; with <|im_end|> among the end ids, no note."""
