@@ -10,9 +10,10 @@ one safetensors file per reference checkpoint:
 
 The example key hashes exactly what the reference model sees: the chosen and rejected token ids (so the prompt
 template, the tokenizer, truncation and the number of image tokens are all in it), the image bytes, the image
-processing settings and the resolved template's text. A changed example, checkpoint or setting is a new key, hence a recompute; stale keys are
-simply never read. The checkpoint fingerprint hashes config.json, every safetensors header and samples of every
-safetensors file's content (hashing 14 GB of a 7B checkpoint in full takes longer than scoring a small data set).
+processing settings and the resolved template's text (the chat template's source, not the name "auto"). A changed
+example, checkpoint, template or setting is a new key, hence a recompute; stale keys are simply never read. The
+checkpoint fingerprint hashes config.json, every safetensors header and samples of every safetensors file's content
+(hashing 14 GB of a 7B checkpoint in full takes longer than scoring a small data set).
 
 The step's reference stage is `reference_logps`: cached rows for the data's pairs, a frozen reference model for the
 responses made during training (they change every step). `build_cache` fills the cache before training.

@@ -136,6 +136,7 @@ def _jinja_env():
     return _JINJA_ENV
 
 
+@functools.lru_cache(maxsize=16)
 def template_reads_content_parts(template: str) -> bool:
     """Whether a chat template reads typed content parts (message['content'] as [{"type": "image"}, {"type": "text",
     "text": ...}], what transformers' processors pass and every llava-hf template expects) rather than a string
@@ -324,7 +325,7 @@ class Processor:
         if isinstance(self.eos_id, list):
             self.eos_id = self.eos_id[0] if self.eos_id else None
         self.end_ids = end_ids(generation_config, config, tokenizer)
-        self._frame = None  # answer_frame() of the chat template, found on first use
+        self._frame = (None, None)  # (chat template, its answer_frame()), found on first use
 
     def __call__(self, prompts, images=None, padding_side: str = "left", add_bos: bool = True) -> dict:
         if isinstance(prompts, str):
@@ -410,7 +411,7 @@ class Processor:
         which ends an answer with a space only). ValueError when the conversation does not extend the prompt."""
         if self.resolve_template(template) != "checkpoint":
             return " ", ""
-        if self._frame is None:
+        if self._frame[0] != self.chat_template:
             mark = "nanoalign-answer-mark"
             prompt = self.render(self.messages(["hello"], [], False), True)
             full = self.render(self.messages(["hello"], [mark], False), False)
@@ -418,8 +419,8 @@ class Processor:
                 raise ValueError(f"{self.chat_template_source}: the chat template's rendering of [user, assistant] "
                                  f"does not extend its generation prompt ({prompt[-40:]!r} vs {full[-60:]!r})")
             before, after = full[len(prompt):].split(mark, 1)
-            self._frame = (before, after.rstrip())
-        return self._frame
+            self._frame = (self.chat_template, (before, after.rstrip()))
+        return self._frame[1]
 
     def render_conversation(self, humans: list[str], answers: list[str], with_image: bool = True
                             ) -> list[tuple[str, bool]]:
