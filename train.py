@@ -35,7 +35,7 @@ from nanoalign.data import FORMATS, load_examples
 from nanoalign.lora import DEFAULT_TARGETS, apply_lora, load_lora_adapter, lora_modules
 from nanoalign.objective import objective
 from nanoalign.refcache import build_cache, reference_logps
-from nanoalign.tokenizer import TEMPLATES
+from nanoalign.tokenizer import TEMPLATE_CHOICES
 
 
 # ------------------------------------------------------------------------------------------------ the algorithms
@@ -70,7 +70,8 @@ def parse_args(argv=None, toy_algo=None):
     g.add_argument("--data", help="data file")
     g.add_argument("--data-format", choices=FORMATS, default="prefs", help="format of --data (default prefs)")
     g.add_argument("--image-root", help="folder the data's image paths are relative to (default: the data's folder)")
-    g.add_argument("--template", default="vicuna_v1", choices=TEMPLATES, help="prompt template (vicuna_v1: LLaVA-1.5's)")
+    g.add_argument("--template", default="auto", choices=TEMPLATE_CHOICES,
+                   help="prompt template: auto = the checkpoint's chat template if it has one, else vicuna_v1")
     g.add_argument("--out", default=None, help="output folder (default runs/<algo>)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: --epochs over the data)")

@@ -1,9 +1,19 @@
 """Examples -> token sequences -> padded batches for training.
 
-One training sequence is  [BOS] template(prompt with <image> expanded to n image tokens) + response + [EOS].
-Labels are shifted so that `labels[t]` is the token predicted from position t (the hidden state at t scores
-input_ids[t+1]); every position whose target is not a response token is -100 (image, prompt, padding). Per-token
-weights follow the labels (DDPO: gamma on corrected tokens, 1 elsewhere, 0 where the label is -100).
+One training sequence is  prompt + response. The prompt and response come from --template
+(Processor.resolve_template):
+  - the checkpoint's chat template ("auto" when it has one): the whole conversation rendered as transformers'
+    apply_chat_template renders it (Processor.render_conversation) and tokenized as one text; the prompt is
+    everything before the trained answer (= apply_chat_template(..., add_generation_prompt=True)), each answer ends
+    with what the template puts after an assistant message (chatml <|im_end|>, Llama-3 <|eot_id|>, mistral </s>;
+    the tokenizer's EOS when the template puts nothing there), so the policy learns to stop where generation stops;
+  - a named template (vicuna_v1, ...; "auto" without a chat template): [BOS] template(prompt) + response + [EOS],
+    later turns rendered as LLaVA's SeparatorStyle.TWO does: "... ASSISTANT: a1</s>USER: q2 ASSISTANT: a2</s>"
+    (see later_turn_text).
+`<image>` in the prompt is expanded to the image's n tokens. Labels are shifted so that `labels[t]` is the token
+predicted from position t (the hidden state at t scores input_ids[t+1]); every position whose target is not an
+answer token is -100 (image, prompt, later questions, padding). Per-token weights follow the labels (DDPO: gamma on
+corrected tokens, 1 elsewhere, 0 where the label is -100).
 
 Truncation never touches the image or the prompt: a response is cut to fit `max_len` (losing its EOS), and an
 example whose image tokens plus prompt do not fit is rejected with the counted reason `prompt_too_long` -- never
@@ -14,9 +24,8 @@ layout `nanoalign.ops.preference_loss` expects. Rows with and without an image m
 present are processed once each and `image_index` maps every `<image>` occurrence (row-major) to its image.
 
 Multi-turn: an example's `history` (earlier exchanges) is part of the prompt (never labelled); an SFT example's
-`later_turns` follow its first answer in the same sequence, each answer (+ EOS) labelled and each question not, as
-LLaVA trains conversations. Later turns are rendered as LLaVA's SeparatorStyle.TWO does for the vicuna templates:
-"... ASSISTANT: a1</s>USER: q2 ASSISTANT: a2</s>" (see later_turn_text).
+`later_turns` follow its first answer in the same sequence, each answer (+ end of turn) labelled and each question
+not, as LLaVA trains conversations.
 """
 from __future__ import annotations
 
@@ -121,16 +130,23 @@ def later_turn_text(question: str, template: str) -> str:
 
 def encode_prompt(processor, prompt: str, image_size: tuple[int, int] | None, template: str,
                   history=()) -> list[int]:
-    """BOS + template(first question) [+ answer EOS + later question ...], the <image> id expanded by
-    Processor.expand_image_tokens. history: earlier (human, assistant) exchanges before `prompt`."""
+    """Prompt ids of a named template (vicuna_v1, ...): BOS + processor.build_prompt(first question) [+ answer EOS
+    + later question ...], the <image> id expanded. history: earlier (human, assistant) exchanges before `prompt`.
+    (The checkpoint's chat template: see _encode_chat.)"""
     tok = processor.tokenizer
     humans = [h for h, _ in history] + [prompt]
     # the first question gets the template's "<image>\n" unless a later one already carries the tag
     first_image = image_size is not None and not any(IMAGE_TOKEN in h for h in humans[1:])
-    ids = tok.encode(build_prompt(humans[0], template, with_image=first_image))
+    ids = tok.encode(processor.build_prompt(humans[0], template, with_image=first_image))
     for (_, answer), question in zip(history, humans[1:]):
         ids += _encode_response(tok, answer)[0] + tok.encode(later_turn_text(question, template), add_bos=False)
-    n_tags = ids.count(tok.image_token_id)
+    return _expand_image(processor, ids, image_size)
+
+
+def _expand_image(processor, ids: list[int], image_size: tuple[int, int] | None) -> list[int]:
+    """Prompt ids with the one `<image>` id expanded to the image's tokens; Unusable(no_image_token /
+    extra_image_token) when the prompt does not hold exactly one tag for an image (none without)."""
+    n_tags = ids.count(processor.tokenizer.image_token_id)
     if image_size is None:
         if n_tags:
             raise Unusable("extra_image_token", f"{IMAGE_TOKEN} in a prompt without image")
@@ -140,28 +156,87 @@ def encode_prompt(processor, prompt: str, image_size: tuple[int, int] | None, te
     return processor.expand_image_tokens(ids, [image_size])
 
 
+def _encode_chat(processor, humans: list[str], answers: list[str], trained_from: int, with_image: bool):
+    """A conversation through the checkpoint's chat template (Processor.render_conversation), as transformers'
+    apply_chat_template renders and tokenizes it: prompt = everything before answer `trained_from` (its ids are
+    apply_chat_template(those turns, add_generation_prompt=True)); response = the rest, from that answer on, each
+    answer with the template's end of turn (chatml <|im_end|>, Llama-3 <|eot_id|>, mistral </s>; the tokenizer's
+    EOS when the template ends a turn with nothing, as LLaVA trains), later user turns as context.
+    Returns (prompt ids (image not expanded), response ids, labelled per response token (answer tokens True),
+    character offsets of the response tokens relative to the trained answer's text)."""
+    tok = processor.tokenizer
+    try:
+        pieces = processor.render_conversation(humans, answers, with_image)
+    except ValueError as e:
+        raise Unusable("chat_template_error", str(e)) from None
+    k = 2 * trained_from + 1  # pieces alternate context, answer, context, answer, ...
+    prompt_text = "".join(t for t, _ in pieces[:k])
+    rest = "".join(t for t, _ in pieces[k:])
+    prompt_ids = tok.encode(prompt_text)
+    # tokenized as one text, as apply_chat_template does; the prompt's own ids must be its prefix (they are what
+    # generation sees), else the response is tokenized on its own
+    ids, offs = tok.encode_offsets(prompt_text + rest)
+    n = len(prompt_ids)
+    if ids[:n] == prompt_ids and all(a >= len(prompt_text) for a, _ in offs[n:]):
+        ids, offs = ids[n:], [(a - len(prompt_text), b - len(prompt_text)) for a, b in offs[n:]]
+    else:
+        ids, offs = tok.encode_offsets(rest, add_bos=False)
+    spans, pos = [], 0  # [start, end) of each answer piece in `rest`
+    for t, is_answer in pieces[k:]:
+        if is_answer:
+            spans.append((pos, pos + len(t)))
+        pos += len(t)
+    which = [next((j for j, (s, e) in enumerate(spans) if s <= a < e), -1) for a, _ in offs]  # answer of a token
+    if not processor.answer_frame("checkpoint")[1] and tok.eos_id is not None:  # EOS after each answer's last token
+        out = []
+        for i, (t, o, w) in enumerate(zip(ids, offs, which)):
+            out.append((t, o, w))
+            if w >= 0 and (i + 1 == len(ids) or which[i + 1] != w):
+                out.append((tok.eos_id, (o[1], o[1]), w))
+        ids, offs, which = [x[0] for x in out], [x[1] for x in out], [x[2] for x in out]
+    start = pieces[k][0].find(answers[trained_from])  # the answer's text inside its piece (DDPO spans)
+    start = start if start >= 0 else len(pieces[k][0]) - len(pieces[k][0].lstrip())
+    return prompt_ids, ids, [w >= 0 for w in which], [(a - start, b - start) for a, b in offs]
+
+
 def encode_example(index: int, ex: Example, processor, image_root: str | None, template: str, max_len: int,
                    gamma: float | None = None) -> Encoded:
     """Tokenize one example; raises Unusable(reason) when it cannot be trained on. The image is not decoded here:
-    its size comes from the file header."""
+    its size comes from the file header. template: a --template choice (Processor.resolve_template): the
+    checkpoint's chat template renders the whole conversation (_encode_chat), a named one as LLaVA does."""
     size = _image_size(ex, image_root)
-    prompt_ids = encode_prompt(processor, ex.prompt, size, template, ex.history)
+    tok = processor.tokenizer
+    labelled = rejected_ids = rejected_off = None
+    if processor.resolve_template(template) == "checkpoint":
+        h_humans, h_answers = [h for h, _ in ex.history], [a for _, a in ex.history]
+        if ex.rejected is None:  # SFT: every answer from `chosen` on is trained, later questions are context
+            humans = h_humans + [ex.prompt] + [q for q, _ in ex.later_turns]
+            answers = h_answers + [ex.chosen] + [a for _, a in ex.later_turns]
+            prompt_ids, chosen_ids, labelled, chosen_off = _encode_chat(processor, humans, answers, len(h_answers),
+                                                                        size is not None)
+            labelled = None if all(labelled) else labelled
+        else:
+            humans = h_humans + [ex.prompt]
+            prompt_ids, chosen_ids, _, chosen_off = _encode_chat(processor, humans, h_answers + [ex.chosen],
+                                                                 len(h_answers), size is not None)
+            _, rejected_ids, _, rejected_off = _encode_chat(processor, humans, h_answers + [ex.rejected],
+                                                            len(h_answers), size is not None)
+        prompt_ids = _expand_image(processor, prompt_ids, size)
+    else:
+        prompt_ids = encode_prompt(processor, ex.prompt, size, template, ex.history)
+        chosen_ids, chosen_off = _encode_response(tok, ex.chosen)
+        if ex.later_turns:  # SFT conversation: [answer 1][question 2][answer 2]..., the questions not labelled
+            labelled = [True] * len(chosen_ids)
+            for question, answer in ex.later_turns:
+                q = tok.encode(later_turn_text(question, template), add_bos=False)
+                a = _encode_response(tok, answer)[0]
+                chosen_ids += q + a
+                labelled += [False] * len(q) + [True] * len(a)
+        if ex.rejected is not None:
+            rejected_ids, rejected_off = _encode_response(tok, ex.rejected)
     room = max_len - len(prompt_ids)
     if room < 1:
         raise Unusable("prompt_too_long", f"{ex.id}: image + prompt are {len(prompt_ids)} tokens > --max-len {max_len}")
-    tok = processor.tokenizer
-    chosen_ids, chosen_off = _encode_response(tok, ex.chosen)
-    labelled = None
-    if ex.later_turns:  # SFT conversation: [answer 1][question 2][answer 2]..., the questions not labelled
-        labelled = [True] * len(chosen_ids)
-        for question, answer in ex.later_turns:
-            q = tok.encode(later_turn_text(question, template), add_bos=False)
-            a = _encode_response(tok, answer)[0]
-            chosen_ids += q + a
-            labelled += [False] * len(q) + [True] * len(a)
-    rejected_ids = rejected_off = None
-    if ex.rejected is not None:
-        rejected_ids, rejected_off = _encode_response(tok, ex.rejected)
     for side, ids in (("chosen", chosen_ids), ("rejected", rejected_ids or [])):
         if tok.image_token_id in ids:  # the tokenizer made an image token of an answer's text
             raise Unusable("image_token_in_response", f"{ex.id}: the {side} answer holds the image token")
@@ -183,7 +258,19 @@ def encode_example(index: int, ex: Example, processor, image_root: str | None, t
 
 
 def encode_all(examples, processor, image_root, template, max_len, gamma=None, strict=False, log=print):
-    """Encode every example; unusable ones are counted per reason (or raise with --strict)."""
+    """Encode every example; unusable ones are counted per reason (or raise with --strict). Logs the template
+    used, and a note when the checkpoint's chat template ends a turn with a token generation does not stop at."""
+    if processor.resolve_template(template) == "checkpoint":
+        end = processor.answer_frame("checkpoint")[1]
+        log(f"prompt template: the checkpoint's chat template ({processor.chat_template_source}); an answer ends "
+            f"with {end or processor.tokenizer.tok.id_to_token(processor.tokenizer.eos_id)!r}")
+        end_ids = processor.tokenizer.encode(end, add_bos=False) if end else []
+        if end_ids and end_ids[-1] not in processor.end_ids:
+            log(f"note: the chat template ends an answer with {end!r} (id {end_ids[-1]}), which is not an end id "
+                f"of the checkpoint ({processor.end_ids}, from generation_config.json / config.json / the "
+                f"tokenizer's EOS): generation will not stop there")
+    else:
+        log(f"prompt template: {processor.resolve_template(template)}")
     kept, reasons = [], Counter()
     for i, ex in enumerate(examples):
         try:

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 import torch
 
 from nanoalign.engine import RHO_TH, decode, extend, inference, prefill, sample_image_mask
-from nanoalign.tokenizer import TEMPLATES
+from nanoalign.tokenizer import TEMPLATE_CHOICES
 
 SIM_THRESHOLD = 0.97
 MAX_ITERS = 5
@@ -167,7 +167,7 @@ class BDHSSettings:
     max_sentence_tokens: int = 48
     max_free_tokens: int = 256  # guidance-free last iteration
     flip_prob: float = 0.5
-    template: str = "vicuna_v1"
+    template: str = "auto"  # a --template choice (nanoalign.tokenizer.TEMPLATE_CHOICES)
     embedder: str = DEFAULT_EMBEDDER
 
 
@@ -257,15 +257,16 @@ def cosine_similarity(embedder, a: list[str], b: list[str]) -> list[float]:
 
 
 # ---------------------------------------------------------------------------------------------------- generation
-def _response_ids(tok, prompt_text: str, prompt_ids: list[int], response: str) -> list[int]:
-    """Token ids of the assistant text `response` as it follows the prompt (joint encoding, so a SentencePiece
-    tokenizer splits it as it would in the full conversation)."""
+def _response_ids(tok, prompt_text: str, prompt_ids: list[int], response: str, sep: str = " ") -> list[int]:
+    """Token ids of the assistant text `response` as it follows the prompt, `sep` between them (what the template
+    puts there: Processor.answer_frame; joint encoding, so a SentencePiece tokenizer splits it as it would in the
+    full conversation)."""
     if not response:
         return []
-    full = tok.encode(prompt_text + " " + response)
+    full = tok.encode(prompt_text + sep + response)
     if full[:len(prompt_ids)] == prompt_ids:
         return full[len(prompt_ids):]
-    return tok.encode(" " + response, add_bos=False)
+    return tok.encode(sep + response, add_bos=False)
 
 
 def _continuation(tok, ctx_ids: list[int], new_ids: list[int]) -> str:
@@ -328,15 +329,16 @@ def _one_iteration(model, processor, preps, refs, seeds, guided, settings, sampl
             notes[b].append("all_image_tokens_masked")  # fine: the model answers from the text alone
     cache, _, h0, _ = prefill(model, ids, am, image_keep=keeps, image_features=feats or None, compact=True)
     lens = cache.lens  # h0 (B,H): each row's last hidden state
-    end_ids = [processor.eos_id]
+    end_ids = processor.end_ids  # every end-of-turn id of the checkpoint, as generate / eval stop
     if not guided:
         cache = cache.fork(torch.arange(len(preps)), capacity=int(lens.max()) + max_new)
         out, _ = decode(model, cache, h0, max_new, settings.temperature, settings.top_p, end_ids, sample_gen,
                         drop_finished=True)
-        texts = [tok.decode([t for t in o if t != processor.eos_id]).strip() for o in out]
+        texts = [tok.decode([t for t in o if t not in end_ids]).strip() for o in out]
         return texts, [int(k.sum()) for k in keeps], notes
     # branches: one per (example, sentence)
     rows, ctx_ids, plans = [], [], []
+    sep = processor.answer_frame(settings.template)[0]  # between the prompt and the answer
     for b, (p, ref, seed) in enumerate(zip(preps, refs, seeds)):
         spans = sentence_spans(ref)
         if len(spans) <= 1 and not re.search(r"[.!?]$", ref.strip()):
@@ -344,7 +346,7 @@ def _one_iteration(model, processor, preps, refs, seeds, guided, settings, sampl
         plan = []
         for (a, e, prefix) in plan_branches(ref, seed, settings.flip_prob):
             rows.append(b)
-            ctx_ids.append(_response_ids(tok, p.prompt_text, tok.encode(p.prompt_text), ref[:a] + prefix))
+            ctx_ids.append(_response_ids(tok, p.prompt_text, tok.encode(p.prompt_text), ref[:a] + prefix, sep))
             plan.append((a, e, prefix, len(rows) - 1))
         plans.append(plan)
     rows_t = torch.tensor(rows, dtype=torch.long, device=dev)
@@ -366,7 +368,7 @@ def _one_iteration(model, processor, preps, refs, seeds, guided, settings, sampl
     for b, (ref, plan) in enumerate(zip(refs, plans)):
         pieces, last = [], 0
         for (a, e, prefix, r) in plan:
-            new = [t for t in out[r] if t != processor.eos_id]
+            new = [t for t in out[r] if t not in end_ids]
             sent = prefix + _continuation(tok, ctx_ids[r], new)
             if not prefix:
                 sent = sent.lstrip()
@@ -397,8 +399,6 @@ def _bdhs_rejected(model, processor, images, prompts, references, settings, gene
     seeds: per-example base seeds (mask_seed = seed + iteration); drawn from `generator` when None.
     embedder: anything with .encode(list[str]) -> (n, E) array (default: load_embedder(settings.embedder)).
     stats: optional dict; stats["nonsimilar"][t] += examples whose response is non-similar by iteration t + 1."""
-    from nanoalign.tokenizer import build_prompt
-
     settings = settings or BDHSSettings()
     if not (len(images) == len(prompts) == len(references)):
         raise ValueError(f"bdhs_rejected: {len(images)} images, {len(prompts)} prompts, {len(references)} references")
@@ -415,10 +415,11 @@ def _bdhs_rejected(model, processor, images, prompts, references, settings, gene
             todo.append(i)
     if embedder is None and todo:
         embedder = load_embedder(settings.embedder)
+    processor.resolve_template(settings.template)  # an unknown template is an error, not a skipped example
     preps = {}
     for i in list(todo):
         try:
-            text = build_prompt(prompts[i], settings.template, with_image=images[i] is not None)
+            text = processor.build_prompt(prompts[i], settings.template, with_image=images[i] is not None)
             g = torch.Generator().manual_seed(seeds[i])
             preps[i] = _prepare(model, processor, images[i], text, settings.noise_steps, g)
         except ValueError as e:
@@ -525,7 +526,8 @@ def main(argv=None) -> int:
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--max-sentence-tokens", type=int, default=48)
     p.add_argument("--max-free-tokens", type=int, default=256)
-    p.add_argument("--template", default="vicuna_v1", choices=TEMPLATES)
+    p.add_argument("--template", default="auto", choices=TEMPLATE_CHOICES,
+                   help="auto: the checkpoint's chat template if it has one, else vicuna_v1")
     args = p.parse_args(argv)
 
     def fail(msg):
@@ -552,6 +554,7 @@ def main(argv=None) -> int:
         print(str(skipped), file=sys.stderr)
     try:
         model, processor = load_for_cli(args.model)
+        processor.resolve_template(args.template)
     except ValueError as e:
         return fail(f"--model {e}")
     try:

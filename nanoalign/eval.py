@@ -36,7 +36,7 @@ from pathlib import Path
 from nanoalign import metrics as M
 from nanoalign.data import resolve_image_path
 from nanoalign.image import ImageError, open_image
-from nanoalign.tokenizer import TEMPLATES
+from nanoalign.tokenizer import TEMPLATE_CHOICES
 
 TASKS = ("pope", "chair", "mmhal")
 DEFAULT_MAX_NEW_TOKENS = {"pope": 16, "chair": 256, "mmhal": 256}
@@ -367,10 +367,10 @@ def markdown_table(summaries, task):
 
 
 # ---------------------------------------------------------------------------------------------------------- CLI
-def model_generate_fn(model_dir, max_new_tokens, batch_size, template="vicuna_v1"):
-    """Load a checkpoint (nanoalign.checkpoint) -> generate_fn(images, prompts) using nanoalign.generate (greedy).
-    generate_text's vicuna_v1 template (the default; the toy world's models use vicuna_nosys) puts "<image>\n" in
-    front of the question, as LLaVA's model_vqa does.
+def model_generate_fn(model_dir, max_new_tokens, batch_size, template="auto"):
+    """Load a checkpoint (nanoalign.checkpoint) -> generate_fn(images, prompts) using nanoalign.generate (greedy,
+    stopping at every end id of the checkpoint, processor.end_ids). template "auto": the checkpoint's chat template
+    when it has one, else vicuna_v1, which puts "<image>\n" in front of the question as LLaVA's model_vqa does.
     The checkpoint is loaded on the first call, so a finished (resumed) run loads nothing."""
     loaded = []
 
@@ -382,6 +382,10 @@ def model_generate_fn(model_dir, max_new_tokens, batch_size, template="vicuna_v1
                 model, processor = load_for_cli(model_dir)
             except ValueError as e:
                 raise CheckpointError(f"cannot load {e}") from None
+            try:
+                processor.resolve_template(template)
+            except ValueError as e:
+                raise CheckpointError(str(e)) from None
             loaded.append((generate_text, model, processor))
         generate_text, model, processor = loaded[0]
         return generate_text(model, processor, images, prompts, template, max_new_tokens=max_new_tokens,
@@ -430,8 +434,9 @@ def main(argv=None):
                     help="a name per --model for its results folder and table row (default: the folder names)")
     ap.add_argument("--limit", type=int, default=None, help="first N valid examples only")
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--template", default="vicuna_v1", choices=TEMPLATES,
-                    help="prompt template of the model (the toy world's models: vicuna_nosys)")
+    ap.add_argument("--template", default="auto", choices=TEMPLATE_CHOICES,
+                    help="prompt template: auto = the checkpoint's chat template if it has one, else vicuna_v1 "
+                         "(the toy world's models: vicuna_nosys)")
     ap.add_argument("--annotations", default=None, help="COCO instances (or captions) JSON, for --task chair")
     ap.add_argument("--synonyms", default=None, help="JSON {category: [phrases]} replacing the COCO table (chair)")
     ap.add_argument("--judge", default=None, help="checkpoint folder of the judge VLM, for --task mmhal")

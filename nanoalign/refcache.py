@@ -9,10 +9,11 @@ one safetensors file per reference checkpoint:
         "<example key>.r" -> float32 (n_rejected_tokens,)  the same for the rejected response
 
 The example key hashes exactly what the reference model sees: the chosen and rejected token ids (so the prompt
-template, the tokenizer, truncation and the number of image tokens are all in it), the image bytes, and the image
-processing settings. A changed example, checkpoint or setting is a new key, hence a recompute; stale keys are
-simply never read. The checkpoint fingerprint hashes config.json, every safetensors header and samples of every
-safetensors file's content (hashing 14 GB of a 7B checkpoint in full takes longer than scoring a small data set).
+template, the tokenizer, truncation and the number of image tokens are all in it), the image bytes, the image
+processing settings and the resolved template's text (the chat template's source, not the name "auto"). A changed
+example, checkpoint, template or setting is a new key, hence a recompute; stale keys are simply never read. The
+checkpoint fingerprint hashes config.json, every safetensors header and samples of every safetensors file's content
+(hashing 14 GB of a 7B checkpoint in full takes longer than scoring a small data set).
 
 The step's reference stage is `reference_logps`: cached rows for the data's pairs, a frozen reference model for the
 responses made during training (they change every step). `build_cache` fills the cache before training.
@@ -69,6 +70,15 @@ def example_key(chosen_ids, rejected_ids, image_bytes: bytes | None, settings: d
     return h.hexdigest()[:32]
 
 
+def example_keys(examples: list, encoded: list, processor, image_root, template: str) -> dict:
+    """it.index -> example_key of every encoded pair. The settings hashed with the ids: the image processor's and
+    the resolved template's text (Processor.template_text: the chat template's Jinja source, not the name "auto"),
+    so a changed chat template never reuses stale reference log-probs even where the ids happen to agree."""
+    settings = {"image_processor": processor.image_processor.to_dict(), "template": processor.template_text(template)}
+    return {it.index: example_key(it.prompt_ids + it.chosen_ids, it.prompt_ids + it.rejected_ids,
+                                  image_bytes(examples[it.index], image_root), settings) for it in encoded}
+
+
 class RefLogpCache:
     """A dict from example key to (chosen, rejected) per-token reference log-probs, stored in one safetensors file."""
 
@@ -110,11 +120,7 @@ def build_cache(model, examples: list, encoded: list, processor, model_dir, cach
     Returns (cache, keys): keys maps it.index -> example key, for `reference_logps`. Leaves `model` in eval mode.
     """
     cache = RefLogpCache(cache_dir, checkpoint_fingerprint(model_dir))
-    settings = {"image_processor": processor.image_processor.to_dict(), "template": template}
-    keys = {}
-    for it in encoded:
-        keys[it.index] = example_key(it.prompt_ids + it.chosen_ids, it.prompt_ids + it.rejected_ids,
-                                     image_bytes(examples[it.index], image_root), settings)
+    keys = example_keys(examples, encoded, processor, image_root, template)
     todo = [it for it in encoded if keys[it.index] not in cache]
     mine = todo[rank()::world_size()]
     print0(f"reference log-probs: {len(encoded) - len(todo)} cached, {len(todo)} to compute ({cache.path})")

@@ -12,6 +12,7 @@ is rendered by render_chat_template the way transformers' apply_chat_template re
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from datetime import datetime
@@ -135,6 +136,7 @@ def _jinja_env():
     return _JINJA_ENV
 
 
+@functools.lru_cache(maxsize=16)
 def template_reads_content_parts(template: str) -> bool:
     """Whether a chat template reads typed content parts (message['content'] as [{"type": "image"}, {"type": "text",
     "text": ...}], what transformers' processors pass and every llava-hf template expects) rather than a string
@@ -146,15 +148,32 @@ def template_reads_content_parts(template: str) -> bool:
                for n in tree.find_all((nodes.Getattr, nodes.Const)))
 
 
-def chat_messages(question: str, with_image: bool, content_parts: bool) -> list[dict]:
-    """One user turn as transformers' processors take it: content parts [{"type": "image"}, {"type": "text",
-    "text": question}] (content_parts), or a string "<image>\n" + question (LLaVA's order). A question that already
-    holds `<image>` keeps it in its text and gets no image part."""
-    image = with_image and IMAGE_TOKEN not in question
-    if content_parts:
-        parts = ([{"type": "image"}] if image else []) + [{"type": "text", "text": question}]
-        return [{"role": "user", "content": parts}]
-    return [{"role": "user", "content": (IMAGE_TOKEN + "\n" if image else "") + question}]
+def conversation_messages(humans: list[str], answers: list[str], with_image: bool, content_parts: bool) -> list[dict]:
+    """The conversation user humans[0], assistant answers[0], user humans[1], ... as transformers' processors take
+    it: content parts ([{"type": "image"}, {"type": "text", "text": ...}], content_parts) or strings.
+    The image: a human turn whose text starts with "<image>\\n" (LLaVA's data) gets an image part in its place (with
+    content_parts); a tag elsewhere stays in its text; with_image and no tag in any turn: the first turn gets the
+    image part, or "<image>\\n" in front of its string (LLaVA's order)."""
+    tagged = any(IMAGE_TOKEN in h for h in humans)
+    msgs = []
+    for k, h in enumerate(humans):
+        image = with_image and not tagged and k == 0
+        if content_parts and with_image and h.startswith(IMAGE_TOKEN + "\n"):
+            image, h = True, h[len(IMAGE_TOKEN) + 1:]
+        if content_parts:
+            msgs.append({"role": "user", "content": ([{"type": "image"}] if image else []) +
+                         [{"type": "text", "text": h}]})
+        else:
+            msgs.append({"role": "user", "content": (IMAGE_TOKEN + "\n" if image else "") + h})
+        if k < len(answers):
+            a = answers[k]
+            msgs.append({"role": "assistant", "content": [{"type": "text", "text": a}] if content_parts else a})
+    return msgs
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled(template: str):
+    return _jinja_env().from_string(template)
 
 
 def render_chat_template(template: str, messages: list[dict], add_generation_prompt: bool = True,
@@ -164,8 +183,8 @@ def render_chat_template(template: str, messages: list[dict], add_generation_pro
     A template error -> ValueError naming `source`."""
     import jinja2
     try:
-        return _jinja_env().from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                          **special_tokens)
+        return _compiled(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                          **special_tokens)
     except jinja2.exceptions.TemplateError as e:
         raise ValueError(f"{source}: chat template failed: {e}") from None
 
@@ -244,10 +263,14 @@ class Tokenizer:
         """Ids of `text`, BOS in front when add_bos and the tokenizer puts one there (adds_bos) -- unless the text
         already starts with the BOS string (a chat template that writes it), the rule of transformers'
         processor.apply_chat_template(tokenize=True). Nothing else of the file's post-processor is applied."""
+        return self.encode_offsets(text, add_bos)[0]
+
+    def encode_offsets(self, text: str, add_bos: bool = True) -> tuple[list[int], list[tuple[int, int]]]:
+        """(ids, character span [start, end) of each id in `text`) as encode(); a BOS added here spans (0, 0)."""
         if not self.adds_bos or (self.bos_token is not None and text.startswith(self.bos_token)):
             add_bos = False
-        ids = self.tok.encode(text, add_special_tokens=False).ids
-        return ([self.bos_id] if add_bos else []) + ids
+        enc = self.tok.encode(text, add_special_tokens=False)
+        return ([self.bos_id] if add_bos else []) + list(enc.ids), ([(0, 0)] if add_bos else []) + list(enc.offsets)
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         if isinstance(ids, torch.Tensor):
@@ -302,6 +325,7 @@ class Processor:
         if isinstance(self.eos_id, list):
             self.eos_id = self.eos_id[0] if self.eos_id else None
         self.end_ids = end_ids(generation_config, config, tokenizer)
+        self._frame = (None, None)  # (chat template, its answer_frame()), found on first use
 
     def __call__(self, prompts, images=None, padding_side: str = "left", add_bos: bool = True) -> dict:
         if isinstance(prompts, str):
@@ -337,11 +361,10 @@ class Processor:
             out.update(self.image_processor.process(flat_images))
         return out
 
-    def build_prompt(self, question: str, template: str = "auto", with_image: bool = True) -> str:
-        """One user question -> the prompt text. template "auto": the checkpoint's own chat template when it has
-        one (rendered as transformers' apply_chat_template(add_generation_prompt=True) renders it, the question as
-        the text part after one image part), else vicuna_v1; "checkpoint": its own, ValueError when it has none;
-        a named template (vicuna_v1, llava_v1, vicuna_nosys, raw): module-level build_prompt."""
+    def resolve_template(self, template: str = "auto") -> str:
+        """--template -> "checkpoint" (the checkpoint's own chat template) or a named template: "auto" is
+        "checkpoint" when the checkpoint has a chat template, else vicuna_v1. ValueError for an unknown name or
+        "checkpoint" without a chat template."""
         if template not in TEMPLATE_CHOICES:
             raise ValueError(f"unknown template {template!r} (choose from {', '.join(TEMPLATE_CHOICES)})")
         if template == "checkpoint" and self.chat_template is None:
@@ -349,12 +372,91 @@ class Processor:
                              f"(chat_template.jinja, chat_template.json, processor_config.json or "
                              f"tokenizer_config.json); choose a named one: {', '.join(TEMPLATES)}")
         if template == "auto":
-            template = "checkpoint" if self.chat_template is not None else DEFAULT_TEMPLATE
+            return "checkpoint" if self.chat_template is not None else DEFAULT_TEMPLATE
+        return template
+
+    def template_text(self, template: str = "auto") -> str:
+        """What the resolved template is, as text (for cache keys and logs): the checkpoint's Jinja source, or a
+        named template's prompt with "{question}" in place of the question."""
+        t = self.resolve_template(template)
+        return self.chat_template if t == "checkpoint" else f"{t}: " + build_prompt("{question}", t)
+
+    def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        """The checkpoint's chat template rendered on `messages` (render_chat_template with this tokenizer's
+        special-token strings)."""
+        return render_chat_template(self.chat_template, messages, add_generation_prompt, self.chat_template_source,
+                                    **self.tokenizer.special_tokens)
+
+    def messages(self, humans: list[str], answers: list[str] = (), with_image: bool = True) -> list[dict]:
+        """conversation_messages in the form the checkpoint's template reads (content parts or strings)."""
+        return conversation_messages(humans, list(answers), with_image,
+                                     template_reads_content_parts(self.chat_template))
+
+    def build_prompt(self, question: str, template: str = "auto", with_image: bool = True) -> str:
+        """One user question -> the prompt text. template "auto": the checkpoint's own chat template when it has
+        one (rendered as transformers' apply_chat_template(add_generation_prompt=True) renders it, the question as
+        the text part after one image part), else vicuna_v1; "checkpoint": its own, ValueError when it has none;
+        a named template (vicuna_v1, llava_v1, vicuna_nosys, raw): module-level build_prompt."""
+        template = self.resolve_template(template)
         if template != "checkpoint":
             return build_prompt(question, template, with_image)
-        parts = template_reads_content_parts(self.chat_template)
-        return render_chat_template(self.chat_template, chat_messages(question, with_image, parts), True,
-                                    self.chat_template_source, **self.tokenizer.special_tokens)
+        return self.render(self.messages([question], [], with_image), True)
+
+    def answer_frame(self, template: str = "auto") -> tuple[str, str]:
+        """(text between the generation prompt and an answer, text that ends an assistant turn) of the resolved
+        template. Named templates: (" ", "") -- LLaVA writes "ASSISTANT: answer" and training appends EOS. The
+        checkpoint's template: found by rendering [user, assistant MARK] and [user] + generation prompt, as
+        transformers renders them: what lies between the prompt and MARK, and what follows MARK up to trailing
+        whitespace (chatml "<|im_end|>", Llama-3 "<|eot_id|>", mistral "</s>"; "" for llava-hf's vicuna template,
+        which ends an answer with a space only). ValueError when the conversation does not extend the prompt."""
+        if self.resolve_template(template) != "checkpoint":
+            return " ", ""
+        if self._frame[0] != self.chat_template:
+            mark = "nanoalign-answer-mark"
+            prompt = self.render(self.messages(["hello"], [], False), True)
+            full = self.render(self.messages(["hello"], [mark], False), False)
+            if not full.startswith(prompt) or mark not in full[len(prompt):]:
+                raise ValueError(f"{self.chat_template_source}: the chat template's rendering of [user, assistant] "
+                                 f"does not extend its generation prompt ({prompt[-40:]!r} vs {full[-60:]!r})")
+            before, after = full[len(prompt):].split(mark, 1)
+            self._frame = (self.chat_template, (before, after.rstrip()))
+        return self._frame[1]
+
+    def render_conversation(self, humans: list[str], answers: list[str], with_image: bool = True
+                            ) -> list[tuple[str, bool]]:
+        """The conversation user humans[0], assistant answers[0], user humans[1], ... as the checkpoint's chat template
+        renders it (transformers' apply_chat_template), cut into pieces (text, is_answer) that alternate context,
+        answer, context, answer, ...:
+          - context k: up to and including the generation prompt before answer k (the first one: BOS, system text,
+            the first user turn; later ones: what the template puts after answer k-1's end of turn and the next
+            user turn);
+          - answer k: from the generation prompt to the end of the template's end-of-turn (answer_frame), trailing
+            whitespace left to the next context ("" end of turn: the answer's text only).
+        len(answers) is len(humans) (ends with an answer) or len(humans) - 1 (ends with a generation prompt).
+        "".join of the pieces before answer k is exactly the template rendered on the turns before it with
+        add_generation_prompt=True. ValueError when a turn renders differently once later turns follow it."""
+        if len(answers) not in (len(humans), len(humans) - 1):
+            raise ValueError(f"render_conversation: {len(humans)} user turns but {len(answers)} answers")
+        end = self.answer_frame("checkpoint")[1]
+        msgs = self.messages(humans, answers, with_image)
+        pieces, done = [], ""
+        for k in range(len(humans)):
+            prompt = self.render(msgs[:2 * k + 1], True)
+            if not prompt.startswith(done):
+                raise ValueError(f"{self.chat_template_source}: user turn {k + 1} renders differently once later "
+                                 f"turns follow it (prefix {done[-40:]!r} vs {prompt[max(0, len(done) - 40):][:60]!r})")
+            pieces.append((prompt[len(done):], False))
+            done = prompt
+            if k == len(answers):
+                break
+            full = self.render(msgs[:2 * k + 2], False)
+            answer = full[len(prompt):].rstrip()
+            if not full.startswith(prompt) or not answer.endswith(end):
+                raise ValueError(f"{self.chat_template_source}: assistant turn {k + 1} is not rendered as the "
+                                 f"generation prompt + answer + {end!r} ({full[max(0, len(prompt) - 20):][:80]!r})")
+            pieces.append((answer, True))
+            done += answer
+        return pieces
 
     def prompt_ids(self, question: str, image_size: tuple[int, int] | None, template: str = "auto") -> list[int]:
         """BOS + build_prompt(question, template) tokenized, the `<image>` id expanded for the (height, width) image

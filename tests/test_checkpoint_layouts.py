@@ -22,7 +22,8 @@ transformers = pytest.importorskip("transformers")
 
 WORDS = ["USER:", "ASSISTANT:", "A", "chat", "what", "is", "in", "the", "image", "?", "cat", "dog", "red", "blue",
          "system", "user", "assistant"] + [f"w{i}" for i in range(24)]
-SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "<|im_start|>", "<|im_end|>", "<image>"]
+SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "<|im_start|>", "<|im_end|>",
+            "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<image>"]
 VOCAB = ["<unk>", "<s>", "</s>", "<pad>"] + WORDS + SPECIALS[4:]
 ID = {t: i for i, t in enumerate(VOCAB)}
 IMAGE_ID, PAD_ID, EOS_ID = ID["<image>"], ID["<pad>"], ID["</s>"]
@@ -52,6 +53,13 @@ CHATML = """{% for message in messages %}
 {% endfor %}
 {% if add_generation_prompt %}<|im_start|>assistant
 {% endif %}"""
+# Llama-3 style (llava-hf's llama3-llava-next): BOS written by the template, text trimmed, turns end with <|eot_id|>
+LLAMA3 = """{% for message in messages %}{% if loop.index0 == 0 %}{{ bos_token }}{% endif %}\
+{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' }}\
+{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}\
+{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] | trim }}{% endfor %}\
+{{ '<|eot_id|>' }}{% endfor %}\
+{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"""
 # a text model's template (string content), as kept in tokenizer_config.json
 STRING_CHATML = """{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}
 {% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"""
@@ -290,13 +298,13 @@ def eos_list_ckpt(tmp_path_factory):
     """A checkpoint whose generation_config.json lists two end ids, the second one a word the model greedily
     produces a few tokens in (so transformers stops there, not at </s>)."""
     d = str(tmp_path_factory.mktemp("eos") / "ckpt")
-    model = make_checkpoint(d, template=MISTRAL)
+    model = make_checkpoint(d, template=MISTRAL, seed=2)  # a seed whose greedy ids are not one repeated token
     enc = hf_inputs(d, image())
     with torch.no_grad():
         free = model.generate(**enc, max_new_tokens=12, do_sample=False, eos_token_id=None,
                               pad_token_id=PAD_ID)[0, enc["input_ids"].shape[1]:].tolist()
     k = next(i for i in range(2, len(free)) if free[i] not in free[:i] and free[i] != EOS_ID)
-    make_checkpoint(d, template=MISTRAL, gen_eos=[EOS_ID, free[k]], text_eos=[EOS_ID, free[k]])
+    make_checkpoint(d, template=MISTRAL, gen_eos=[EOS_ID, free[k]], text_eos=[EOS_ID, free[k]], seed=2)
     return d, free, k
 
 
@@ -322,6 +330,30 @@ def test_greedy_ids_stop_at_every_end_id_like_transformers(eos_list_ckpt, tmp_pa
     assert [int(t) for t in capsys.readouterr().out.split()] == ref
     ours.end_ids = [EOS_ID]  # what stopping at the tokenizer's EOS alone did: runs past the end of the turn
     assert generate_ids(model, ours, [img], [ours.build_prompt(QUESTION)], max_new_tokens=12)[0] != ref
+
+
+def test_eval_and_bdhs_stop_at_every_end_id_like_transformers(eos_list_ckpt):
+    """eval's generation (model_generate_fn, --template auto) and BDHS's guidance-free draw (greedy, no image token
+    masked) end where transformers' greedy generation ends: at the second end id of generation_config.json."""
+    from nanoalign.bdhs import BDHSSettings, bdhs_rejected
+    from nanoalign.eval import model_generate_fn
+    d, free, k = eos_list_ckpt
+    ref = free[:k + 1]  # transformers' greedy ids (test above), the last one an end id that is not </s>
+    model, ours = load_pretrained(d)
+    img = image()
+    hf_text = transformers.AutoProcessor.from_pretrained(d).decode(ref, skip_special_tokens=True).strip()
+    assert model_generate_fn(d, 12, 1)([img], [QUESTION]) == [hf_text]
+    want = ours.tokenizer.decode(ref[:-1]).strip()  # BDHS drops the end id (here a word) from its text
+
+    class Embedder:  # cosine similarity 0 with the reference: the first draw is kept
+        def encode(self, texts):
+            return [[1.0, 0.0] if t == "w5 w6 ." else [0.0, 1.0] for t in texts]
+    settings = BDHSSettings(rho_th=0.0, max_iters=1, temperature=0.0, max_free_tokens=12)
+    r = bdhs_rejected(model, ours, [img], [QUESTION], ["w5 w6 ."], settings, embedder=Embedder(), seeds=[0])[0]
+    assert r.rejected == want and not r.guided
+    ours.end_ids = [EOS_ID]  # stopping at the tokenizer's EOS alone runs past the end of the turn
+    r = bdhs_rejected(model, ours, [img], [QUESTION], ["w5 w6 ."], settings, embedder=Embedder(), seeds=[0])[0]
+    assert r.rejected != want
 
 
 def test_train_py_folder_runs_in_transformers_like_the_source(eos_list_ckpt, tmp_path):
