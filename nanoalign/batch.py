@@ -55,8 +55,10 @@ class Encoded:
     chosen_labelled: list[bool] | None = None  # per chosen token: trained (True) or context (a later question)
 
 
-class Unusable(Exception):
-    """An example that cannot be trained on; `reason` is the counted key."""
+class Unusable(ValueError):
+    """An example that cannot be trained on; `reason` is the counted key. A ValueError, so one that surfaces outside
+    the counted skips (an image whose header reads but whose pixels do not decode mid-run) is bad input: one line,
+    exit 2, not a traceback."""
 
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(detail or reason)
