@@ -278,13 +278,15 @@ def main(args):
     projector = [p for n, p in trainable if n.startswith("multi_modal_projector.")]
     others = [p for n, p in trainable if not n.startswith("multi_modal_projector.")]
     groups = [{"params": others, "lr": args.lr}]
-    if head is not None:
-        groups.append({"params": list(head.parameters()), "lr": args.lr})
     if projector:
         groups.append({"params": projector, "lr": args.projector_lr or args.lr})
     optimizer = torch.optim.AdamW(groups, weight_decay=args.weight_decay, betas=(0.9, 0.999))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: tu.cosine_with_warmup(s, max_steps, args.warmup_steps, args.min_lr_ratio))
+    head_optimizer = None  # the head's own AdamW: FSDP's optimizer state dict knows only the model's parameters
+    if head is not None:
+        head_optimizer = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+        head_schedule = torch.optim.lr_scheduler.LambdaLR(head_optimizer, scheduler.lr_lambdas[0])
     start_step = 0
     if state is not None:
         tu.load_optimizer_state(model, optimizer, state["optimizer"])
@@ -352,10 +354,14 @@ def main(args):
                     rlstep.allreduce_grads(head)
                     torch.nn.utils.clip_grad_norm_(head.parameters(), args.clip or float("inf"))
                 grad_norm = tu.clip_grad_norm(model, args.clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                for opt in (optimizer, head_optimizer):
+                    if opt is not None:
+                        opt.step()
+                        opt.zero_grad(set_to_none=True)
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
+            if head is not None:
+                head_schedule.step()
             sums.update({k: v for k, v in rm.items() if k not in ("rollout_tokens", "rollout_s")})
             rec = {"step": step + 1, **{k: tu.all_mean(v) for k, v in sums.items()}, "lr": lr, "grad_norm": grad_norm,
                    "rollout_tokens_per_s": tu.all_mean(rm["rollout_tokens"] * len(rolls) / (t1 - t0)) * world,
@@ -406,6 +412,10 @@ def main(args):
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if head is not None:
+            head_optimizer.step()
+            head_schedule.step()
+            head_optimizer.zero_grad(set_to_none=True)
 
         rec = {"step": step + 1, **{k: tu.all_mean(v) for k, v in sums.items()}, "lr": lr,
                "grad_norm": grad_norm, "tokens_per_s": tu.all_mean(n_tokens / (time.time() - t0)) * world,
