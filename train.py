@@ -1,13 +1,15 @@
 """train.py -- preference alignment of LLaVA-style vision-language models, in one file.
 
     python train.py --algo dpo --model DIR --data pairs.jsonl --data-format prefs --out runs/dpo
+    python train.py --algo rm --model DIR --data pairs.jsonl --out runs/rm         (reward model: runs/rm/final)
+    python train.py --algo grpo --model DIR --data prompts.jsonl --reward rm:runs/rm/final --k 4 --out runs/grpo
     torchrun --standalone --nproc_per_node 2 train.py --algo ddpo --model DIR --data rlhf-v.parquet --data-format rlhfv
 
 Every algorithm is a row of ALGOS below (loss formulas and papers: nanoalign/losses.py). One step, in stages, each a
 plain function of its own module:
     batch       the data's examples of this step                                 nanoalign/batch.py
-    rollout     responses made during training (POVID's noisy-self)              nanoalign/rollout.py
-    reward      scores of those responses (none of today's algorithms)           -
+    rollout     responses made during training (POVID's noisy-self; RL samples)  nanoalign/rollout.py, rlstep.py
+    reward      scores of those responses (RL: --reward)                         nanoalign/reward.py
     reference   reference log-probs: the cache, or the frozen reference model    nanoalign/refcache.py
     objective   the policy's loss                                                nanoalign/objective.py
 Sections, top to bottom: the table, arguments, distributed init, model, data, reference, LoRA, resume, FSDP,
@@ -383,7 +385,7 @@ def main(args):
             # rollout: responses made during training, appended as more blocks of P rejected rows
             if algo.responses == "noisy_self":
                 b = rollout.noisy_self(model, items, b, processor, args.noise_step, device)
-            # reward: none of today's algorithms scores its responses (Online-DPO's annotator, RLOO's reward: here)
+            # reward: none of the preference algorithms scores its responses (RL: rlstep.make_rollout above)
             # reference: per-token reference log-probs of every response row
             ref = None
             if algo.data == "pairs" and algo.loss != "bt":
