@@ -153,9 +153,10 @@ def rl_objective(algo_loss: str, policy, roll: dict, args, device, value_head=No
     logps, mask, values = policy_logps(policy, roll["b"], device, value_head if algo_loss == "ppo" else None)
     if algo_loss == "rloo":
         return rl.reinforce_loss(logps, mask, roll["advantages"]), {}
-    if algo_loss == "grpo":
-        return rl.grpo_loss(logps, roll["old_logps"], roll["ref_logps"], mask, roll["advantages"], beta=args.beta,
-                            eps_low=args.clip_ratio, aggregation=args.grpo_loss, max_len=args.max_new_tokens)
+    if algo_loss == "grpo":  # its per-token k3 is logged as kl_k3 ("kl" is the rollout's sequence KL, k1)
+        loss, m = rl.grpo_loss(logps, roll["old_logps"], roll["ref_logps"], mask, roll["advantages"], beta=args.beta,
+                               eps_low=args.clip_ratio, aggregation=args.grpo_loss, max_len=args.max_new_tokens)
+        return loss, {("kl_k3" if k == "kl" else k): v for k, v in m.items()}
     pl, pm = rl.ppo_policy_loss(logps, roll["old_logps"], roll["advantages"], mask, args.clip_ratio)
     vl, vm = rl.ppo_value_loss(values, roll["old_values"], roll["returns"], mask, args.clip_value)
     return pl + args.vf_coef * vl, {**pm, **vm, "value_loss": vl.detach(),
