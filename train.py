@@ -123,9 +123,10 @@ def parse_args(argv=None, toy_algo=None):
     g.add_argument("--gamma-ppo", type=float, default=1.0, help="PPO/GAE discount")
     g.add_argument("--lam", type=float, default=0.95, help="GAE lambda")
     g.add_argument("--kl-estimator", default="k1", choices=("k1", "k3"), help="PPO's per-token KL penalty")
-    g.add_argument("--no-whiten-rewards", dest="whiten_rewards", action="store_false", help="PPO: raw rewards")
-    g.add_argument("--guard-len", type=float, nargs=2, default=(1, float("inf")), metavar=("MIN", "MAX"),
-                   help="collapse guard: mean response length bounds (tokens)")
+    g.add_argument("--no-whiten-rewards", action="store_true", help="PPO: no whitening of the token rewards")
+    g.add_argument("--guard-len-min", type=float, default=1.0, help="collapse guard: min mean response length")
+    g.add_argument("--guard-len-max", type=float, default=float("inf"), help="collapse guard: max mean response "
+                   "length (tokens)")
     g.add_argument("--guard-entropy", type=float, default=0.01, help="collapse guard: min entropy (nats/token)")
     g.add_argument("--guard-kl", type=float, default=20.0, help="collapse guard: max sequence KL (nats)")
     g.add_argument("--stop-on-collapse", action="store_true", help="stop before the update of a step that crosses "

@@ -111,7 +111,7 @@ def make_rollout(algo_loss: str, policy, reference, reward_fn, items, examples, 
         roll["advantages"] = rl.ungroup(rl.grpo_advantages(rl.group(r, k), scale=args.grpo_loss != "dr_grpo"))
     elif algo_loss == "ppo":  # per-token KL penalty + score on the last token, whitened; GAE; whitened advantages
         tr = rl.token_rewards(r, old_logps, ref_logps, mask, args.beta, args.kl_estimator)
-        if args.whiten_rewards:
+        if not args.no_whiten_rewards:
             tr = rl.whiten(tr, mask, shift_mean=False)
         adv, returns = rl.gae(tr, old_values, mask, args.gamma_ppo, args.lam)
         roll.update(advantages=rl.whiten(adv, mask), returns=returns, old_values=old_values)
@@ -168,8 +168,8 @@ def collapse_warnings(rec: dict, args) -> list[str]:
     """Crossed bounds of the collapse guard (response length in tokens, entropy in nats/token, sequence KL in nats)
     -> one line each, empty when none."""
     out = []
-    if not args.guard_len[0] <= rec["resp_len"] <= args.guard_len[1]:
-        out.append(f"response length {rec['resp_len']:.1f} outside [{args.guard_len[0]}, {args.guard_len[1]}]")
+    if not args.guard_len_min <= rec["resp_len"] <= args.guard_len_max:
+        out.append(f"response length {rec['resp_len']:.1f} outside [{args.guard_len_min}, {args.guard_len_max}]")
     if rec["entropy"] < args.guard_entropy:
         out.append(f"entropy {rec['entropy']:.3f} below {args.guard_entropy}")
     if rec["kl"] > args.guard_kl:

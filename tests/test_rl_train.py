@@ -103,7 +103,7 @@ def test_nonfinite_reward_names_the_example(world, tmp_path, rewards_file):
 def test_collapse_guard_stops(world, tmp_path, rewards_file, capsys):
     with pytest.raises(SystemExit, match="collapse guard at step 1.*response length"):
         run(world, tmp_path, "--algo", "rloo", "--max-steps", 2, "--reward", f"{rewards_file}:length", *RL_ARGS,
-            "--guard-len", 100, 200, "--stop-on-collapse")
+            "--guard-len-min", 100, "--stop-on-collapse")
 
 
 def test_rm_trains_saves_head_and_loads_as_llava(world, tmp_path):
