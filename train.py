@@ -1,13 +1,15 @@
 """train.py -- preference alignment of LLaVA-style vision-language models, in one file.
 
     python train.py --algo dpo --model DIR --data pairs.jsonl --data-format prefs --out runs/dpo
+    python train.py --algo rm --model DIR --data pairs.jsonl --out runs/rm         (reward model: runs/rm/final)
+    python train.py --algo grpo --model DIR --data prompts.jsonl --reward rm:runs/rm/final --k 4 --out runs/grpo
     torchrun --standalone --nproc_per_node 2 train.py --algo ddpo --model DIR --data rlhf-v.parquet --data-format rlhfv
 
 Every algorithm is a row of ALGOS below (loss formulas and papers: nanoalign/losses.py). One step, in stages, each a
 plain function of its own module:
     batch       the data's examples of this step                                 nanoalign/batch.py
-    rollout     responses made during training (POVID's noisy-self)              nanoalign/rollout.py
-    reward      scores of those responses (none of today's algorithms)           -
+    rollout     responses made during training (POVID's noisy-self; RL samples)  nanoalign/rollout.py, rlstep.py
+    reward      scores of those responses (RL: --reward)                         nanoalign/reward.py
     reference   reference log-probs: the cache, or the frozen reference model    nanoalign/refcache.py
     objective   the policy's loss                                                nanoalign/objective.py
 Sections, top to bottom: the table, arguments, distributed init, model, data, reference, LoRA, resume, FSDP,
@@ -26,8 +28,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from nanoalign import rollout
-from nanoalign import runs
+from nanoalign import rl, rlstep, rollout, runs
 from nanoalign import trainutil as tu
 from nanoalign.batch import collate, encode_all, open_image
 from nanoalign.checkpoint import check_finite, load_pretrained
@@ -35,18 +36,20 @@ from nanoalign.data import FORMATS, load_examples
 from nanoalign.lora import DEFAULT_TARGETS, apply_lora, load_lora_adapter, lora_modules
 from nanoalign.objective import objective
 from nanoalign.refcache import build_cache, reference_logps
+from nanoalign.reward import load_reward, reward_head, save_reward_head
 from nanoalign.tokenizer import TEMPLATE_CHOICES
 
 
 # ------------------------------------------------------------------------------------------------ the algorithms
 class Algo(NamedTuple):
     """One row of the algorithm table: what the step's stages do for this --algo."""
-    loss: str  # the objective: "nll" | "dpo" | "ipo" | "slic" (nanoalign/objective.py, formulas in losses.py)
+    loss: str  # the objective: "nll" | "dpo" | "ipo" | "slic" (objective.py) | "bt" | "rloo" | "ppo" | "grpo" (rlstep.py)
     beta: float = 0.1  # default --beta (recorded in the run's config even where the loss has none)
     weights: str | None = None  # token weighting of the scores: None | "ddpo" (RLHF-V's gamma on corrected tokens)
-    responses: str = "none"  # made during training (nanoalign/rollout.py): "none" | "noisy_self"
-    reward: str | None = None  # what scores the responses made during training: None (an annotator, a reward model)
+    responses: str = "none"  # made during training: "none" | "noisy_self" (rollout.py) | "sample" (rlstep.py)
+    reward: str | None = None  # what scores the responses made during training: None | "reward" (--reward's spec)
     data: str = "pairs"  # what each --data row gives: "pairs" (prompt, chosen, rejected) | "responses" (prompt, one)
+    #                      | "prompts" (prompt and image; any format, the responses are ignored)
 
 
 ALGOS = {  # rho = [log pi(chosen) - log ref(chosen)] - [log pi(rejected) - log ref(rejected)]
@@ -56,7 +59,13 @@ ALGOS = {  # rho = [log pi(chosen) - log ref(chosen)] - [log pi(rejected) - log 
     "slic": Algo("slic", 0.1),  # max(0, 1 - beta rho): the SLiC-HF hinge (Zhao et al. 2023)
     "ddpo": Algo("dpo", 0.5, weights="ddpo"),  # DPO on gamma-weighted scores: RLHF-V (Yu et al. 2024)
     "povid": Algo("dpo", 0.1, responses="noisy_self"),  # + DPO against the noisy-self response: Zhou et al. 2024
+    "rm": Algo("bt", 0.0),  # reward model, -log sigmoid(r_w - r_l): Eq. 1 of Amirloo et al. 2024 (reward.py)
+    # RL (formulas: nanoalign/rl.py): k samples per prompt scored by --reward, KL to the frozen reference (beta)
+    "rloo": Algo("rloo", 0.05, responses="sample", reward="reward", data="prompts"),  # Ahmadian et al. 2024
+    "ppo": Algo("ppo", 0.05, responses="sample", reward="reward", data="prompts"),  # Schulman et al. 2017
+    "grpo": Algo("grpo", 0.04, responses="sample", reward="reward", data="prompts"),  # Shao et al. 2024
 }
+RL = ("rloo", "ppo", "grpo")
 
 
 # ----------------------------------------------------------------------------------------------------- arguments
@@ -82,7 +91,8 @@ def parse_args(argv=None, toy_algo=None):
     g.add_argument("--projector-lr", type=float, default=None, help="projector learning rate (default --lr)")
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--warmup-steps", type=int, default=0)
-    g.add_argument("--min-lr-ratio", type=float, default=0.0, help="cosine floor as a fraction of --lr")
+    g.add_argument("--min-lr-ratio", type=float, default=None, help="cosine floor as a fraction of --lr (default 0; "
+                   "rloo/ppo/grpo: 1 = constant lr after the warm-up, Appendix A)")
     g.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip (0 = off)")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("model")
@@ -99,6 +109,29 @@ def parse_args(argv=None, toy_algo=None):
     g.add_argument("--sft-weight", type=float, default=0.0, help="weight of an NLL term on the chosen response")
     g.add_argument("--noise-step", type=int, default=500, help="POVID diffusion step t of the noisy image")
     g.add_argument("--ref-cache", default=None, help="reference log-prob cache folder (default OUT/refcache)")
+    g = p.add_argument_group("reward model and RL (rm, rloo, ppo, grpo; nanoalign/rlstep.py)")
+    g.add_argument("--reward", default=None, help="rm:PATH | oracle[:SCENES.jsonl] | module:function (RL; toy: oracle)")
+    g.add_argument("--k", type=int, default=4, help="samples per prompt (default 4)")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the rollouts")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="response budget of the rollouts")
+    g.add_argument("--reward-norm", type=int, default=32, help="RLOO: prompts sampled before training for the "
+                   "reward mean/std (0 = no normalization)")
+    g.add_argument("--grpo-loss", default="grpo", choices=rl.AGGREGATIONS, help="GRPO loss aggregation")
+    g.add_argument("--clip-ratio", type=float, default=0.2, help="PPO/GRPO ratio clip epsilon")
+    g.add_argument("--ppo-epochs", type=int, default=4, help="PPO updates per batch of rollouts")
+    g.add_argument("--vf-coef", type=float, default=0.1, help="PPO value-loss weight")
+    g.add_argument("--clip-value", type=float, default=0.2, help="PPO value clip (reward units)")
+    g.add_argument("--gamma-ppo", type=float, default=1.0, help="PPO/GAE discount")
+    g.add_argument("--lam", type=float, default=0.95, help="GAE lambda")
+    g.add_argument("--kl-estimator", default="k1", choices=("k1", "k3"), help="PPO's per-token KL penalty")
+    g.add_argument("--no-whiten-rewards", action="store_true", help="PPO: no whitening of the token rewards")
+    g.add_argument("--guard-len-min", type=float, default=1.0, help="collapse guard: min mean response length")
+    g.add_argument("--guard-len-max", type=float, default=float("inf"), help="collapse guard: max mean response "
+                   "length (tokens)")
+    g.add_argument("--guard-entropy", type=float, default=0.01, help="collapse guard: min entropy (nats/token)")
+    g.add_argument("--guard-kl", type=float, default=20.0, help="collapse guard: max sequence KL (nats)")
+    g.add_argument("--stop-on-collapse", action="store_true", help="stop before the update of a step that crosses "
+                   "a guard bound (the newest --save-every checkpoint is the last good one)")
     g = p.add_argument_group("data and run")
     g.add_argument("--max-len", type=int, default=4096, help="max tokens of a sequence; only responses are cut")
     g.add_argument("--strict", action="store_true", help="stop at the first bad data row instead of skipping it")
@@ -119,6 +152,14 @@ def parse_args(argv=None, toy_algo=None):
         args = p.parse_args(argv)
     if args.beta is None:
         args.beta = ALGOS[args.algo].beta
+    if args.min_lr_ratio is None:
+        args.min_lr_ratio = 1.0 if args.algo in RL else 0.0
+    if args.algo in RL and args.reward is None:
+        if args.model is not None:
+            p.error(f"--algo {args.algo} needs --reward (rm:PATH, oracle[:SCENES] or module:function)")
+        args.reward = "oracle"
+    if args.algo in RL and args.k < 2:
+        p.error("--k must be >= 2 (leave-one-out / group baselines)")
     if args.lora_alpha is None:
         args.lora_alpha = 2.0 * args.lora_rank
     if args.out is None:
@@ -183,13 +224,19 @@ def main(args):
     # The data's pairs are scored once with the initial weights (= the reference), keyed by token ids + image bytes
     # + image settings (nanoalign/refcache.py). Responses made during training change every step: a frozen copy.
     ref_cache, keys, reference = None, {}, None
-    if algo.data == "pairs":
+    if algo.data == "pairs" and algo.loss != "bt":
         ref_cache, keys = build_cache(model, examples, encoded, processor, args.model,
                                       args.ref_cache or out / "refcache", args.image_root, args.template,
                                       args.batch_size, device)
     if algo.responses != "none":
         reference, _ = load_pretrained(args.model, dtype=torch.float32)
         reference.requires_grad_(False)
+    # reward model head (rm) / value head (ppo): a plain Linear(H, 1) beside the sharded model, gradients all-reduced
+    H = model_config.text_config.hidden_size
+    head = reward_head(H, torch.Generator().manual_seed(args.seed)).to(device) if algo.loss in ("bt", "ppo") else None
+    if algo.loss == "ppo":
+        torch.nn.init.zeros_(head.weight)  # V = 0 at the start
+    reward_fn = load_reward(args.reward, processor.tokenizer, device, args.max_len) if algo.reward else None
 
     # ---------------------------------------------------------------------------------------------- LoRA, freeze
     model.train()
@@ -248,6 +295,10 @@ def main(args):
     tu.init_optimizer_state(optimizer)  # every parameter has a state to save and load, used this step or not
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: tu.cosine_with_warmup(s, max_steps, args.warmup_steps, args.min_lr_ratio))
+    head_optimizer = None  # the head's own AdamW: FSDP's optimizer state dict knows only the model's parameters
+    if head is not None:
+        head_optimizer = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+        head_schedule = torch.optim.lr_scheduler.LambdaLR(head_optimizer, scheduler.lr_lambdas[0])
     start_step = 0
     if state is not None:
         tu.load_optimizer_state(model, optimizer, state["optimizer"])
@@ -270,12 +321,70 @@ def main(args):
             tu.print0("warning: --wandb given but wandb is not installed; logging to metrics.jsonl only")
             wandb = None
 
+    reward_norm = (0.0, 1.0)
+    if algo.loss == "rloo" and args.reward_norm > 0:  # Appendix A: reward mean/std over the data, before training
+        reward_norm = rlstep.reward_stats_before_training(
+            model, reward_fn, encoded, examples, lambda it: open_image(examples[it.index], args.image_root),
+            processor, args, device, args.reward_norm)
+        tu.print0(f"reward normalization: mean {reward_norm[0]:.4f}, std {reward_norm[1]:.4f}")
+
     # ------------------------------------------------------------------------------------------------------ loop
     progress = tu.Progress(max_steps, start_step)
     last_save = None
     for step in range(start_step, max_steps):
         t0 = time.time()
         sums, n_tokens, step_ids = {}, 0, []
+        if algo.data == "prompts":  # RL: rollouts of every micro-step, then --ppo-epochs updates (rloo, grpo: 1)
+            rolls = []
+            for micro in range(args.grad_accum):
+                idx = batch_indices(step, micro)  # chunk micro*world + rank: 1 rank and N ranks sample alike
+                gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 1009 + micro * world + rank)
+                rolls.append(rlstep.make_rollout(
+                    algo.loss, model, reference, reward_fn, [encoded[i] for i in idx],
+                    [examples[encoded[i].index] for i in idx],
+                    [open_image(examples[encoded[i].index], args.image_root) for i in idx], processor, args, gen,
+                    device, head, reward_norm))
+            rm = {k: sum(r["metrics"][k] for r in rolls) / len(rolls) for k in rolls[0]["metrics"]}
+            warnings = rlstep.collapse_warnings({k: tu.all_mean(v) for k, v in rm.items()}, args)
+            for w in warnings:
+                tu.print0(f"warning: step {step + 1}: collapse guard: {w}")
+            if warnings and args.stop_on_collapse:
+                raise SystemExit(f"error: collapse guard at step {step + 1} ({'; '.join(warnings)}); stopping "
+                                 f"before its update (last good checkpoint: {last_save or 'none'})")
+            t1 = time.time()
+            for epoch in range(args.ppo_epochs if algo.loss == "ppo" else 1):
+                for roll in rolls:
+                    loss, metrics = rlstep.rl_objective(algo.loss, model, roll, args, device, head)
+                    if not torch.isfinite(loss):
+                        raise SystemExit(f"error: non-finite loss at step {step + 1}, rank {rank}")
+                    (loss / args.grad_accum).backward()
+                    if epoch == 0:  # the metrics of the rollout's first update (PPO: before it moved)
+                        for k, v in {"loss": loss.detach(), **metrics}.items():
+                            sums[k] = sums.get(k, 0.0) + float(v) / args.grad_accum
+                        n_tokens += int(roll["b"]["attention_mask"].sum())
+                if head is not None:
+                    rlstep.allreduce_grads(head)
+                    torch.nn.utils.clip_grad_norm_(head.parameters(), args.clip or float("inf"))
+                grad_norm = tu.clip_grad_norm(model, args.clip)
+                for opt in (optimizer, head_optimizer):
+                    if opt is not None:
+                        opt.step()
+                        opt.zero_grad(set_to_none=True)
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+            if head is not None:
+                head_schedule.step()
+            sums.update({k: v for k, v in rm.items() if k not in ("rollout_tokens", "rollout_s")})
+            rec = {"step": step + 1, **{k: tu.all_mean(v) for k, v in sums.items()}, "lr": lr, "grad_norm": grad_norm,
+                   "rollout_tokens_per_s": tu.all_mean(rm["rollout_tokens"] * len(rolls) / (t1 - t0)) * world,
+                   "train_tokens_per_s": tu.all_mean(n_tokens / (time.time() - t1)) * world,
+                   "peak_mem_mb": tu.peak_memory_mb(), "time_s": time.time() - t0}
+            log.write(rec)
+            progress.update(f"reward {rec['reward_mean']:.4f} kl {rec['kl']:.3f}")
+            if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < max_steps:
+                last_save = tu.save_checkpoint(out, f"{tu.STEP_PREFIX}{step + 1:06d}", model, model_config,
+                                               processor, lora_layers, optimizer, scheduler, step + 1, args, args.keep)
+            continue
         for micro in range(args.grad_accum):
             # batch: P examples, rows [chosen | rejected] (sft: [chosen]); vision_always: a text-only batch still runs
             # the vision tower on a blank image (zero gradients), so 1 rank and N FSDP ranks update it alike
@@ -287,14 +396,18 @@ def main(args):
             # rollout: responses made during training, appended as more blocks of P rejected rows
             if algo.responses == "noisy_self":
                 b = rollout.noisy_self(model, items, b, processor, args.noise_step, device)
-            # reward: none of today's algorithms scores its responses (Online-DPO's annotator, RLOO's reward: here)
+            # reward: none of the preference algorithms scores its responses (RL: rlstep.make_rollout above)
             # reference: per-token reference log-probs of every response row
             ref = None
-            if algo.data == "pairs":
+            if algo.data == "pairs" and algo.loss != "bt":
                 ref = reference_logps(b, [keys[it.index] for it in items], ref_cache, reference, device)
             # objective
-            loss, metrics = objective(algo.loss, model, b, ref, len(items), device, beta=args.beta,
-                                      sft_weight=args.sft_weight, average=args.ddpo_average and algo.weights == "ddpo")
+            if algo.loss == "bt":  # reward model: Bradley-Terry on the head's rewards (no reference)
+                loss, metrics = rlstep.rm_objective(model, head, b, len(items), device)
+            else:
+                loss, metrics = objective(algo.loss, model, b, ref, len(items), device, beta=args.beta,
+                                          sft_weight=args.sft_weight,
+                                          average=args.ddpo_average and algo.weights == "ddpo")
             if not torch.isfinite(loss):
                 raise SystemExit(f"error: non-finite loss {float(loss.detach())} at step {step + 1}, "
                                  f"micro-step {micro}, rank {rank}, examples {[examples[i].id for i in idx]}; stopping "
@@ -304,6 +417,9 @@ def main(args):
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v) / args.grad_accum
             n_tokens += int(b["attention_mask"].sum())
+        if head is not None:
+            rlstep.allreduce_grads(head)
+            torch.nn.utils.clip_grad_norm_(head.parameters(), args.clip or float("inf"))
         grad_norm = tu.clip_grad_norm(model, args.clip)
         lr = scheduler.get_last_lr()[0]  # the rate this step uses
         where = f"step {step + 1}, rank {rank}, examples {step_ids} (last checkpoint: {last_save or 'none'})"
@@ -322,6 +438,10 @@ def main(args):
         if bad:
             raise SystemExit(f"error: non-finite parameters after the optimizer step at {where}: {bad[:3]}"
                              f"{f' ... ({len(bad)} in all)' if len(bad) > 3 else ''}; nothing saved")
+        if head is not None:
+            head_optimizer.step()
+            head_schedule.step()
+            head_optimizer.zero_grad(set_to_none=True)
 
         rec = {"step": step + 1, **{k: tu.all_mean(v) for k, v in sums.items()}, "lr": lr,
                "grad_norm": grad_norm, "tokens_per_s": tu.all_mean(n_tokens / (time.time() - t0)) * world,
@@ -340,6 +460,8 @@ def main(args):
     # -------------------------------------------------------------------------------------------------------- save
     final = tu.save_checkpoint(out, "final", model, model_config, processor, lora_layers, optimizer, scheduler,
                                max_steps, args)
+    if algo.loss == "bt" and rank == 0:  # the head beside the checkpoint (the folder still loads as llava-hf)
+        save_reward_head(final, head, processor.tokenizer, args.template, train_data=args.data)
     tu.print0(f"saved {final}")
     runs.release(out)
     return final

@@ -26,9 +26,9 @@ METRICS = [("chair_i", "CHAIR_i", True), ("chair_s", "CHAIR_s", True), ("recall"
 
 
 def available_algos():
-    """The algorithms of train.py's table that align a model (not sft), plus bdhs when nanoalign.bdhs has its
+    """The algorithms of train.py's table that align a model (not sft, rm), plus bdhs when nanoalign.bdhs has its
     library function."""
-    algos = [name for name in train.ALGOS if name != "sft"]
+    algos = [name for name in train.ALGOS if name not in ("sft", "rm")]  # rm trains a reward model, not a captioner
     try:
         from nanoalign import bdhs
         if hasattr(bdhs, "bdhs_rejected"):

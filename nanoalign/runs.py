@@ -39,13 +39,23 @@ ARG_RULES = {
     "lora_rank": (lambda v: v >= 0, "must be >= 0 (0 = full fine-tuning)"),
     "lora_alpha": (lambda v: _FINITE(v) and v >= 0, "must be a finite number >= 0"),
     "lora_dropout": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
-    "beta": (lambda v: _FINITE(v) and v > 0, "must be a finite number > 0"),
+    "beta": (lambda v: _FINITE(v) and v >= 0, "must be a finite number >= 0 (ipo: > 0)"),
     "gamma": (lambda v: _FINITE(v) and v > 0, "must be a finite number > 0"),
     "sft_weight": (lambda v: _FINITE(v) and v >= 0, "must be a finite number >= 0"),
     "noise_step": (lambda v: 0 <= v < 1000, "must be in [0, 999] (diffusion steps of the noise schedule)"),
     "max_len": (lambda v: v >= 1, "must be >= 1"),
     "save_every": (lambda v: v >= 0, "must be >= 0 (0 = only at the end)"),
     "keep": (lambda v: v >= 1, "must be >= 1 (the newest step checkpoints kept)"),
+    "k": (lambda v: v >= 1, "must be >= 1 (samples per prompt; rloo and grpo need >= 2)"),
+    "temperature": (lambda v: _FINITE(v) and v >= 0, "must be a finite number >= 0 (0 = greedy)"),
+    "max_new_tokens": (lambda v: v >= 1, "must be >= 1"),
+    "reward_norm": (lambda v: v >= 0, "must be >= 0"),
+    "clip_ratio": (lambda v: _FINITE(v) and v > 0, "must be a finite number > 0"),
+    "ppo_epochs": (lambda v: v >= 1, "must be >= 1"),
+    "vf_coef": (lambda v: _FINITE(v) and v >= 0, "must be a finite number >= 0"),
+    "clip_value": (lambda v: _FINITE(v) and v > 0, "must be a finite number > 0"),
+    "gamma_ppo": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+    "lam": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
 }
 
 
@@ -55,6 +65,10 @@ def check_args(parser, args) -> None:
         v = getattr(args, name, None)
         if v is not None and not ok(v):
             parser.error(f"--{name.replace('_', '-')} {v}: {reason}")
+    if getattr(args, "algo", None) == "ipo" and args.beta == 0:
+        parser.error("--beta 0: ipo's target margin is 1/(2 beta); beta must be > 0")
+    if getattr(args, "algo", None) in ("rloo", "grpo") and args.k < 2:
+        parser.error(f"--k {args.k}: {args.algo} compares each sample with the others of its prompt; k must be >= 2")
 
 
 _LOCKS: dict[str, int] = {}

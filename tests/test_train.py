@@ -243,10 +243,13 @@ def test_the_table_drives_the_parser():
     with pytest.raises(SystemExit):
         train.parse_args(["--algo", "nope"])  # choices come from the table
     for name, algo in train.ALGOS.items():
-        args = train.parse_args(["--algo", name, "--model", "m", "--data", "d"])  # (no toy-world defaults)
+        reward = ["--reward", "oracle"] if name in train.RL else []  # RL needs a reward spec with --model
+        args = train.parse_args(["--algo", name, "--model", "m", "--data", "d", *reward])  # (no toy-world defaults)
         assert args.beta == algo.beta and args.out == f"runs/{name}"
-        assert algo.loss in (*LOSS_TYPES, "nll") and algo.weights in (None, "ddpo")
-        assert algo.responses in ("none", "noisy_self") and algo.data in ("pairs", "responses")
+        assert algo.loss in (*LOSS_TYPES, "nll", "bt", *train.RL) and algo.weights in (None, "ddpo")
+        assert algo.responses in ("none", "noisy_self", "sample") and algo.data in ("pairs", "responses", "prompts")
+    with pytest.raises(SystemExit):
+        train.parse_args(["--algo", "grpo", "--model", "m", "--data", "d"])  # RL without --reward
     assert train.ALGOS["ddpo"].loss == "dpo" and train.ALGOS["ddpo"].beta == 0.5  # RLHF-V: a weighting of DPO
     assert train.parse_args(["--algo", "ddpo", "--beta", "0.7", "--model", "m", "--data", "d"]).beta == 0.7
 

@@ -89,7 +89,7 @@ def build_pairs(algo, base_dir, world, out_path, n_scenes, seed, samples=2, temp
     scenes = [scenes[i] for i in pick]
     img_path = lambda name: os.path.join(os.path.abspath(world["images"]), name)
     rows, stats = [], Counter()
-    if algo == "povid":
+    if algo in ("povid", "rloo", "ppo", "grpo"):  # RL uses the prompts only; the scene rides along for the oracle
         for name, sc in scenes:
             gt = caption(sc)
             bad, span = corrupt_answer(gt, sc, rng)
@@ -97,7 +97,7 @@ def build_pairs(algo, base_dir, world, out_path, n_scenes, seed, samples=2, temp
                 stats["unchanged"] += 1
                 continue
             rows.append({"image": img_path(name), "prompt": "<image>\n" + CAPTION_PROMPT, "chosen": gt,
-                         "rejected": bad})
+                         "rejected": bad, **({"scene": sc} if algo != "povid" else {})})
     elif algo == "bdhs":
         try:
             from nanoalign import bdhs

@@ -8,9 +8,11 @@ from common import argv, cli, error_lines
 @pytest.mark.parametrize("flag,value,reason", [
     ("--max-steps", "0", "must be >= 1"), ("--max-steps", "-1", "must be >= 1"), ("--epochs", "0", "> 0"),
     ("--lora-rank", "-1", ">= 0"), ("--lr", "-1", "> 0"), ("--lr", "nan", "finite"), ("--keep", "0", ">= 1"),
-    ("--save-every", "-1", ">= 0"), ("--gamma", "nan", "finite"), ("--beta", "0", "> 0"), ("--clip", "inf", "finite"),
+    ("--save-every", "-1", ">= 0"), ("--gamma", "nan", "finite"), ("--beta", "-1", ">= 0"), ("--beta", "nan", "finite"), ("--clip", "inf", "finite"),
     ("--lora-dropout", "1", "[0, 1)"), ("--min-lr-ratio", "2", "[0, 1]"), ("--warmup-steps", "-2", ">= 0"),
     ("--projector-lr", "0", "> 0"), ("--max-len", "0", ">= 1"), ("--noise-step", "1000", "[0, 999]"),
+    ("--k", "0", ">= 1"), ("--temperature", "nan", "finite"), ("--max-new-tokens", "0", ">= 1"),
+    ("--ppo-epochs", "0", ">= 1"), ("--lam", "1.5", "[0, 1]"), ("--clip-ratio", "0", "> 0"),
 ])
 def test_argument_that_makes_no_sense(world, tmp_path, capsys, flag, value, reason):
     """An argument that makes no sense (--max-steps 0 / -1, --epochs 0, --lora-rank -1, --lr -1 / nan, --keep 0,
@@ -20,6 +22,16 @@ def test_argument_that_makes_no_sense(world, tmp_path, capsys, flag, value, reas
     assert e.value.code == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert f"{flag} {value}" in last.replace("nan", value).replace("inf", value) and reason in last, last
+
+
+@pytest.mark.parametrize("algo,extra,reason", [("ipo", ["--beta", "0"], "beta must be > 0"),
+                                               ("grpo", ["--k", "1", "--reward", "oracle"], "k must be >= 2")])
+def test_argument_that_makes_no_sense_for_the_algorithm(world, tmp_path, capsys, algo, extra, reason):
+    """beta 0 is a valid KL coefficient for RL and a constant loss for dpo, but ipo's target 1/(2 beta) is infinite;
+    rloo / grpo compare each sample with the others of its prompt, so k = 1 is refused."""
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(argv(world, tmp_path, "--algo", algo, *extra))
+    assert e.value.code == 2 and reason in capsys.readouterr().err.strip().splitlines()[-1]
 
 
 def test_missing_tokenizer_and_wrong_data_kind(world, tmp_path):

@@ -1,0 +1,177 @@
+"""train.py's stages for the reward model (--algo rm) and RL (rloo, ppo, grpo): rollouts, reward, reference, objective.
+
+One RL step (train.py): for each micro-batch of P prompts, `make_rollout` samples k responses per prompt with the
+policy (nanoalign.engine.sample: batched, KV-cached, on a plain or FSDP2-sharded policy), scores them with the
+`--reward` function (nanoalign.reward.load_reward), scores their tokens under the frozen reference and computes the
+advantages (formulas: nanoalign/rl.py); then `rl_objective` is the loss of one update (PPO: --ppo-epochs updates per
+batch of rollouts). Rows of a rollout batch: B = P * k, rollout j of prompt i is row i * k + j (rl.group's order).
+Log-probs of sampled tokens come from the fused op (nanoalign.ops.token_logprobs): never (B, T, V) logits.
+
+Departures (also in train.py's --help): a sampled `<image>` token ends the response and is dropped (the model cannot
+embed it as text); a response that would be empty is one EOS. The value head of PPO is a Linear(H, 1) on the
+policy's own hidden states (a shared trunk, as TRL's AutoModelForCausalLMWithValueHead), not a separate critic.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import torch
+import torch.distributed as dist
+
+from nanoalign import engine
+from nanoalign import rl
+from nanoalign.batch import collate
+from nanoalign.forward import forward
+from nanoalign.ops import token_logprobs
+from nanoalign.reward import bradley_terry_loss, sequence_rewards
+
+
+# ------------------------------------------------------------------------------------------------- shared helpers
+def allreduce_grads(module) -> None:
+    """Mean of a plain (not FSDP-sharded) module's gradients over the ranks (the RM head, PPO's value head): FSDP
+    reduces only its own units' gradients."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    for p in module.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= dist.get_world_size()
+
+
+def policy_logps(model, b: dict, device, value_head=None):
+    """logps (B, T) of b's labelled tokens (0 elsewhere), mask (B, T) bool, values (B, T) float32 or None.
+    values[t] = V of the state whose next token is labels[t] (head on the hidden state at t)."""
+    h = forward(model, b, device)  # (B, T, H)
+    labels = b["labels"].to(device)
+    logps = token_logprobs(h, model.lm_head_weight, labels)  # (B, T), never (B, T, V)
+    values = None if value_head is None else value_head(h.to(value_head.weight.dtype)).squeeze(-1).float()
+    return logps, labels != -100, values
+
+
+# ----------------------------------------------------------------------------------------------- reward model
+def rm_objective(model, head, b: dict, P: int, device) -> tuple[torch.Tensor, dict]:
+    """Bradley-Terry loss (the Apple study's Eq. 1; nanoalign.reward.bradley_terry_loss) of a batch [chosen |
+    rejected] of P pairs: r = head(h at the last response token) -> (loss, metrics {accuracy, margin, ...})."""
+    r = sequence_rewards(model, head, b, device)  # (2P,)
+    return bradley_terry_loss(r[:P], r[P:2 * P])
+
+
+# ---------------------------------------------------------------------------------------------------- rollouts
+def prompt_batch(items, images, processor) -> dict:
+    """The engine's prompt batch: input_ids / attention_mask (P, T) left padded, pixel_values / image_sizes of the
+    prompts that show an image (in row order)."""
+    T = max(len(it.prompt_ids) for it in items)
+    ids = torch.full((len(items), T), processor.pad_id, dtype=torch.long)
+    am = torch.zeros(len(items), T, dtype=torch.long)
+    for i, it in enumerate(items):
+        ids[i, T - len(it.prompt_ids):] = torch.tensor(it.prompt_ids)
+        am[i, T - len(it.prompt_ids):] = 1
+    out = {"input_ids": ids, "attention_mask": am, "pixel_values": None, "image_sizes": None}
+    present = [im for im in images if im is not None]
+    if present:
+        out.update(processor.image_processor.process(present))
+    return out
+
+
+def make_rollout(algo_loss: str, policy, reference, reward_fn, items, examples, images, processor, args, generator,
+                 device, value_head=None, reward_norm=(0.0, 1.0)) -> dict:
+    """Sample args.k responses per prompt, score them, and prepare the update. items / examples / images: the P
+    encoded examples, their Examples and images. Returns a dict: b (the collated B = P * k rows), rewards (B,) raw,
+    advantages ((B,) rloo / grpo, (B, T) ppo), old_logps / ref_logps / mask (B, T), and for ppo old_values / returns
+    (B, T); metrics (floats: reward mean / std, kl, entropy, response length, rollout tokens and seconds)."""
+    t0 = time.time()
+    k, image_token = args.k, processor.tokenizer.image_token_id
+    stop = lambda row, ids: ids[-1] == image_token  # noqa: E731  a sampled <image> ends the response (dropped)
+    ro = engine.sample(policy, prompt_batch(items, images, processor), n_per_prompt=k, temperature=args.temperature,
+                       max_new_tokens=args.max_new_tokens, end_ids=processor.end_ids, generator=generator,
+                       pad_id=processor.pad_id, stop_fn=stop)
+    eos = processor.tokenizer.eos_id if processor.tokenizer.eos_id is not None else processor.end_ids[0]
+    responses = [[t for t in ids if t != image_token] or [eos] for ids in ro.ids]  # (B,) lists of ids
+    rep = lambda xs: [x for x in xs for _ in range(k)]  # noqa: E731  prompt i -> rows i*k .. i*k+k-1
+    items_k = [replace(it, chosen_ids=ids, rejected_ids=None, chosen_w=None, rejected_w=None, chosen_labelled=None)
+               for it, ids in zip(rep(items), responses)]
+    images_k, examples_k = rep(images), rep(examples)
+    b = collate(items_k, ["chosen"], processor, images_k, vision_always=True)
+    rollout_s = time.time() - t0
+    texts = [processor.tokenizer.decode(ids) for ids in responses]
+    rewards = reward_fn(examples_k, images_k, texts).float()  # (B,) ValueError naming the example on a bad value
+
+    with torch.no_grad():
+        ref_logps = token_logprobs(forward(reference, b, device), reference.lm_head_weight,
+                                   b["labels"].to(device)).float() if reference is not None else None
+        old_logps, mask, old_values = policy_logps(policy, b, device, value_head)
+    kl_seq = rl.masked_sum(rl.kl_per_token(old_logps, ref_logps, "k1"), mask, dim=1)  # (B,) sequence KL (k1)
+    roll = {"b": b, "rewards": rewards, "old_logps": old_logps, "ref_logps": ref_logps, "mask": mask}
+    r = rewards.to(device)
+    if algo_loss == "rloo":  # Appendix A: normalized reward, sequence-level KL penalty, leave-one-out baseline
+        r = rl.kl_penalized_rewards(rl.normalize_rewards(r, *reward_norm), old_logps, ref_logps, mask, args.beta)
+        roll["advantages"] = rl.ungroup(rl.rloo_advantages(rl.group(r, k)))
+    elif algo_loss == "grpo":
+        roll["advantages"] = rl.ungroup(rl.grpo_advantages(rl.group(r, k), scale=args.grpo_loss != "dr_grpo"))
+    elif algo_loss == "ppo":  # per-token KL penalty + score on the last token, whitened; GAE; whitened advantages
+        tr = rl.token_rewards(r, old_logps, ref_logps, mask, args.beta, args.kl_estimator)
+        if not args.no_whiten_rewards:
+            tr = rl.whiten(tr, mask, shift_mean=False)
+        adv, returns = rl.gae(tr, old_values, mask, args.gamma_ppo, args.lam)
+        roll.update(advantages=rl.whiten(adv, mask), returns=returns, old_values=old_values)
+    else:
+        raise ValueError(f"make_rollout: unknown RL loss {algo_loss!r}")
+    n_resp = mask.sum(1).float()
+    roll["metrics"] = {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std(unbiased=False)),
+                       "kl": float(kl_seq.mean()), "entropy": float(rl.entropy_estimate(old_logps, mask)),
+                       "resp_len": float(n_resp.mean()), "ended_frac": sum(ro.ended) / len(ro.ended),
+                       "rollout_tokens": float(n_resp.sum()), "rollout_s": rollout_s}
+    return roll
+
+
+def reward_stats_before_training(policy, reward_fn, encoded, examples, images_of, processor, args, device,
+                                 n_prompts: int = 32) -> tuple[float, float]:
+    """RLOO's reward normalization (Appendix A of arXiv:2407.02477): mean and std of the rewards of the policy's
+    samples (args.k per prompt) on the first n_prompts training prompts, before step 1; the same on every rank
+    (the same prompts and seed)."""
+    gen = torch.Generator().manual_seed(args.seed + 7919)
+    rewards = []
+    for i in range(0, min(n_prompts, len(encoded)), args.batch_size):
+        items = encoded[i:i + args.batch_size]
+        ims = [images_of(it) for it in items]
+        ro = engine.sample(policy, prompt_batch(items, ims, processor), n_per_prompt=args.k,
+                           temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+                           end_ids=processor.end_ids, generator=gen, pad_id=processor.pad_id)
+        tok = processor.tokenizer
+        texts = [tok.decode([t for t in ids if t != tok.image_token_id]) for ids in ro.ids]
+        rep = lambda xs: [x for x in xs for _ in range(args.k)]  # noqa: E731
+        rewards.append(reward_fn(rep([examples[it.index] for it in items]), rep(ims), texts))
+    return rl.reward_stats(torch.cat(rewards))
+
+
+# --------------------------------------------------------------------------------------------------- objective
+def rl_objective(algo_loss: str, policy, roll: dict, args, device, value_head=None) -> tuple[torch.Tensor, dict]:
+    """The loss of one update on a rollout (make_rollout's dict) -> (loss, metrics of 0-d tensors / floats).
+    rloo: rl.reinforce_loss; grpo: rl.grpo_loss (k3 KL term, --grpo-loss aggregation); ppo: rl.ppo_policy_loss +
+    args.vf_coef * rl.ppo_value_loss (the value head's)."""
+    logps, mask, values = policy_logps(policy, roll["b"], device, value_head if algo_loss == "ppo" else None)
+    if algo_loss == "rloo":
+        return rl.reinforce_loss(logps, mask, roll["advantages"]), {}
+    if algo_loss == "grpo":  # its per-token k3 is logged as kl_k3 ("kl" is the rollout's sequence KL, k1)
+        loss, m = rl.grpo_loss(logps, roll["old_logps"], roll["ref_logps"], mask, roll["advantages"], beta=args.beta,
+                               eps_low=args.clip_ratio, aggregation=args.grpo_loss, max_len=args.max_new_tokens)
+        return loss, {("kl_k3" if k == "kl" else k): v for k, v in m.items()}
+    pl, pm = rl.ppo_policy_loss(logps, roll["old_logps"], roll["advantages"], mask, args.clip_ratio)
+    vl, vm = rl.ppo_value_loss(values, roll["old_values"], roll["returns"], mask, args.clip_value)
+    return pl + args.vf_coef * vl, {**pm, **vm, "value_loss": vl.detach(),
+                                    "explained_var": rl.explained_variance(values, roll["returns"], mask)}
+
+
+# ---------------------------------------------------------------------------------------------- collapse guard
+def collapse_warnings(rec: dict, args) -> list[str]:
+    """Crossed bounds of the collapse guard (response length in tokens, entropy in nats/token, sequence KL in nats)
+    -> one line each, empty when none."""
+    out = []
+    if not args.guard_len_min <= rec["resp_len"] <= args.guard_len_max:
+        out.append(f"response length {rec['resp_len']:.1f} outside [{args.guard_len_min}, {args.guard_len_max}]")
+    if rec["entropy"] < args.guard_entropy:
+        out.append(f"entropy {rec['entropy']:.3f} below {args.guard_entropy}")
+    if rec["kl"] > args.guard_kl:
+        out.append(f"KL {rec['kl']:.3f} above {args.guard_kl}")
+    return out
