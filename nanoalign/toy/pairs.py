@@ -89,8 +89,8 @@ def build_pairs(algo, base_dir, world, out_path, n_scenes, seed, samples=2, temp
     scenes = [scenes[i] for i in pick]
     img_path = lambda name: os.path.join(os.path.abspath(world["images"]), name)
     rows, stats = [], Counter()
-    if algo == "povid":
-        for name, sc in scenes:
+    if algo in ("povid", "online-dpo", "online-bdhs"):  # the online algorithms use the prompt (online-dpo) and the
+        for name, sc in scenes:  # ground-truth caption as BDHS's reference answer (online-bdhs), + this rejected
             gt = caption(sc)
             bad, span = corrupt_answer(gt, sc, rng)
             if span is None:
