@@ -300,7 +300,7 @@ def main(args):
     last_save = None
     for step in range(start_step, max_steps):
         t0 = time.time()
-        sums, n_tokens, ostats, t_roll = {}, 0, Counter(), 0.0
+        sums, n_tokens, ostats = {}, 0, Counter()
         for micro in range(args.grad_accum):
             # batch: P examples, rows [chosen | rejected] (sft: [chosen]); vision_always: a text-only batch still runs
             # the vision tower on a blank image (zero gradients), so 1 rank and N FSDP ranks update it alike
@@ -351,8 +351,8 @@ def main(args):
                "grad_norm": grad_norm, "tokens_per_s": tu.all_mean(n_tokens / (time.time() - t0)) * world,
                "peak_mem_mb": tu.peak_memory_mb(), "time_s": time.time() - t0}
         if online:
-            rec.update({k: tu.all_mean(v) if isinstance(v, float) else v
-                        for k, v in rollout.online_metrics(ostats, sums, args.beta).items()})
+            total = {k: tu.all_mean(float(ostats[k])) * world for k in rollout.STAT_KEYS}  # same keys on all ranks
+            rec.update(rollout.online_metrics(total, rec, args.beta, world))
             rec["train_s"] = rec["time_s"] - rec["rollout_s"]
             if skip:
                 rec["skipped"] = "no pair left after annotation on any rank: no optimizer step"

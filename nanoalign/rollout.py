@@ -1,4 +1,4 @@
-"""Responses made during training (the step's second stage): today POVID's noisy-self response.
+"""Responses made during training (the step's second stage): POVID's noisy-self response and the online pairs.
 
 A rollout function takes the policy and a collated batch of P examples [chosen | data rejected] and returns the batch
 with more rows appended, in blocks of P: every extra block is another rejected response of the same prompts, paired
@@ -188,7 +188,7 @@ def _bdhs_items(policy, items, examples, images, processor, settings, generator,
     out = []
     for it, r in zip(items, res):
         if r.rejected is None:
-            stats["dropped_" + (r.reason or "bdhs")] += 1
+            stats["dropped_" + (r.reason if r.reason in DROP_REASONS else "other")] += 1
             continue
         ids = tok.encode(r.rejected, add_bos=False) + ([tok.eos_id] if tok.eos_id is not None else [])
         if ids == it.chosen_ids:
@@ -215,23 +215,30 @@ class BowEmbedder:
         return out
 
 
-def online_metrics(stats: Counter, sums: dict, beta: float) -> dict:
-    """Per-step metrics of the online stages (summed `stats` of this rank's micro-steps, `sums` the objective's
-    metrics): online_share, dropped_<reason>, position_bias (share of parsed VLM verdicts won by the response shown
-    first), chosen_len / rejected_len (mean tokens), rollout_s, rollout_tokens_per_s (this rank), kl_ref (mean over
-    pairs of the two responses' sum_t log pi - log ref: a one-sample estimate of KL(pi || ref) when both are
-    sampled; for offline or BDHS rows it is their log-ratio, not a KL)."""
-    n = stats["online"] + stats["offline"]
-    rec = {"online_share": stats["online"] / n if n else 0.0, "pairs": float(n)}
-    rec.update({k: float(v) for k, v in stats.items() if k.startswith("dropped_")})
-    if stats["parsed"]:
-        rec["position_bias"] = stats["first_wins"] / stats["parsed"]
+DROP_REASONS = ("identical", "tie", "unparseable", "inconsistent", "image_token", "empty_reference", "bad_input",
+                "other")
+STAT_KEYS = ("online", "offline", "parsed", "first_wins", "chosen_len", "rejected_len", "rollout_tokens", "rollout_s",
+             *("dropped_" + r for r in DROP_REASONS))  # the same keys on every rank (summed collectively)
+
+
+def online_metrics(total: dict, rec: dict, beta: float, world: int) -> dict:
+    """Per-step metrics of the online stages. total: STAT_KEYS summed over micro-steps and ranks; rec: the step's
+    record (the objective's metrics, means over ranks). Returns online_share, pairs, dropped_<reason> (counts),
+    position_bias (share of parsed VLM verdicts won by the response shown first; absent without a VLM judge),
+    chosen_len / rejected_len (mean tokens per pair), rollout_s (per rank), rollout_tokens_per_s (all ranks), kl_ref
+    (the mean over pairs of the two responses' sum_t log pi - log ref: a one-sample estimate of KL(pi || ref) when
+    both are sampled; for offline or BDHS rows it is their log-ratio, not a KL)."""
+    n = total["online"] + total["offline"]
+    out = {"online_share": total["online"] / n if n else 0.0, "pairs": n}
+    out.update({"dropped_" + r: total["dropped_" + r] for r in DROP_REASONS})
+    if total["parsed"]:
+        out["position_bias"] = total["first_wins"] / total["parsed"]
     if n:
-        rec["chosen_len"] = stats["chosen_len"] / n
-        rec["rejected_len"] = stats["rejected_len"] / n
-    rec["rollout_s"] = stats["rollout_s"]
-    if stats["rollout_s"] > 0:
-        rec["rollout_tokens_per_s"] = stats["rollout_tokens"] / stats["rollout_s"]
-    if n and "reward_chosen" in sums and beta > 0:
-        rec["kl_ref"] = (sums["reward_chosen"] + sums["reward_rejected"]) / (2 * beta)
-    return rec
+        out["chosen_len"] = total["chosen_len"] / n
+        out["rejected_len"] = total["rejected_len"] / n
+    out["rollout_s"] = total["rollout_s"] / world
+    if total["rollout_s"] > 0:
+        out["rollout_tokens_per_s"] = total["rollout_tokens"] / out["rollout_s"]
+    if n and "reward_chosen" in rec and beta > 0:
+        out["kl_ref"] = (rec["reward_chosen"] + rec["reward_rejected"]) / (2 * beta)
+    return out
