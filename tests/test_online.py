@@ -193,3 +193,15 @@ def test_two_ranks_run_online(world, tmp_path):  # noqa: F811
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
     on = [x for x in map(json.loads, open(tmp_path / "on" / "metrics.jsonl")) if "step" in x]
     assert [r["step"] for r in on] == [1, 2, 3]
+
+
+def test_toy_world_runs_each_online_algo(tmp_path, monkeypatch):
+    """The default run (no --model/--data) of each online algorithm on test_toy_run's tiny world: the oracle on the
+    training scenes annotates, the summary has before / after rows."""
+    from test_toy_run import _run
+    for algo in ("online-dpo", "mixed-dpo", "online-bdhs"):
+        s = _run(tmp_path, algo, monkeypatch, algo=algo, extra=["--max-new-tokens", "8"])
+        assert s["algo"] == algo and "chair_i" in s["after"] and "recall" in s["after"]
+        recs = [json.loads(x) for x in open(tmp_path / algo / "metrics.jsonl")]
+        assert [r["step"] for r in recs if "step" in r] == [1, 2]
+        assert algo == "online-bdhs" or recs[0]["header"]["config"]["annotator"].startswith("oracle:")
