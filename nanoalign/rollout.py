@@ -95,10 +95,6 @@ def prompt_batch(items: list, images: list, processor) -> dict:
     return batch
 
 
-def _device(policy):
-    return policy.language_model.model.embed_tokens.weight.device
-
-
 def online(kind: str, policy, items: list, examples: list, images: list, processor, annotator,
            settings: OnlineSettings, generator: torch.Generator) -> tuple[dict, list, Counter]:
     """The rollout + annotation stages of an online algorithm (kind in ONLINE) for P encoded items.
