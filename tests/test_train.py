@@ -246,7 +246,8 @@ def test_the_table_drives_the_parser():
         args = train.parse_args(["--algo", name, "--model", "m", "--data", "d"])  # (no toy-world defaults)
         assert args.beta == algo.beta and args.out == f"runs/{name}"
         assert algo.loss in (*LOSS_TYPES, "nll") and algo.weights in (None, "ddpo")
-        assert algo.responses in ("none", "noisy_self") and algo.data in ("pairs", "responses")
+        assert algo.responses in ("none", "noisy_self", *train.rollout.ONLINE)
+        assert algo.data in ("pairs", "responses", "prompts") and algo.reward in (None, "annotator")
     assert train.ALGOS["ddpo"].loss == "dpo" and train.ALGOS["ddpo"].beta == 0.5  # RLHF-V: a weighting of DPO
     assert train.parse_args(["--algo", "ddpo", "--beta", "0.7", "--model", "m", "--data", "d"]).beta == 0.7
 
