@@ -87,7 +87,7 @@ def main():
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     md = [f"Rollout tokens/s, {a.new_tokens} new tokens per row, median of {a.reps} interleaved repetitions; CPU "
           f"{cpu}, {torch.get_num_threads()} threads, load average {load:.1f} at the end. "
-          "Command: `python bench/bench_rollout.py`", "", "| batch | provider | tokens/s | median s | vs hf |",
+          f"Command: `python bench/bench_rollout.py --reps {a.reps} --new-tokens {a.new_tokens} --batches {a.batches}`", "", "| batch | provider | tokens/s | median s | vs hf |",
           "|---|---|---|---|---|"]
     for r in rows:
         hf_t = next(x["median_s"] for x in rows if x["batch"] == r["batch"] and x["provider"] == "hf")
