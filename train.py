@@ -8,8 +8,8 @@
 Every algorithm is a row of ALGOS below (loss formulas and papers: nanoalign/losses.py). One step, in stages, each a
 plain function of its own module:
     batch       the data's examples of this step                                 nanoalign/batch.py
-    rollout     responses made during training (POVID's noisy-self; RL samples)  nanoalign/rollout.py, rlstep.py
-    reward      scores of those responses (RL: --reward)                         nanoalign/reward.py
+    rollout     responses made during training (POVID, online pairs, BDHS; RL)   nanoalign/rollout.py, rlstep.py
+    reward      scores of those responses (annotators; RL's --reward)            nanoalign/annotate.py, reward.py
     reference   reference log-probs: the cache, or the frozen reference model    nanoalign/refcache.py
     objective   the policy's loss                                                nanoalign/objective.py
 Sections, top to bottom: the table, arguments, distributed init, model, data, reference, LoRA, resume, FSDP,
@@ -22,6 +22,8 @@ import math
 import os
 import sys
 import time
+from collections import Counter
+from contextlib import nullcontext
 from pathlib import Path
 from typing import NamedTuple
 
@@ -30,10 +32,11 @@ import torch.distributed as dist
 
 from nanoalign import rl, rlstep, rollout, runs
 from nanoalign import trainutil as tu
+from nanoalign.annotate import load_annotator
 from nanoalign.batch import collate, encode_all, open_image
 from nanoalign.checkpoint import check_finite, load_pretrained
 from nanoalign.data import FORMATS, load_examples
-from nanoalign.lora import DEFAULT_TARGETS, apply_lora, load_lora_adapter, lora_modules
+from nanoalign.lora import DEFAULT_TARGETS, adapters_off, apply_lora, load_lora_adapter, lora_modules
 from nanoalign.objective import objective
 from nanoalign.refcache import build_cache, reference_logps
 from nanoalign.reward import load_reward, reward_head, save_reward_head
@@ -46,10 +49,11 @@ class Algo(NamedTuple):
     loss: str  # the objective: "nll" | "dpo" | "ipo" | "slic" (objective.py) | "bt" | "rloo" | "ppo" | "grpo" (rlstep.py)
     beta: float = 0.1  # default --beta (recorded in the run's config even where the loss has none)
     weights: str | None = None  # token weighting of the scores: None | "ddpo" (RLHF-V's gamma on corrected tokens)
-    responses: str = "none"  # made during training: "none" | "noisy_self" (rollout.py) | "sample" (rlstep.py)
-    reward: str | None = None  # what scores the responses made during training: None | "reward" (--reward's spec)
+    responses: str = "none"  # made during training: "none" | "noisy_self" | rollout.ONLINE (rollout.py)
+    #                          | "k_samples" (RL: k samples per prompt, rlstep.py)
+    reward: str | None = None  # what scores them: None | "annotator" (--annotator) | "reward" (--reward's spec)
     data: str = "pairs"  # what each --data row gives: "pairs" (prompt, chosen, rejected) | "responses" (prompt, one)
-    #                      | "prompts" (prompt and image; any format, the responses are ignored)
+    #                      | "prompts" (only the prompt is used)
 
 
 ALGOS = {  # rho = [log pi(chosen) - log ref(chosen)] - [log pi(rejected) - log ref(rejected)]
@@ -59,11 +63,15 @@ ALGOS = {  # rho = [log pi(chosen) - log ref(chosen)] - [log pi(rejected) - log 
     "slic": Algo("slic", 0.1),  # max(0, 1 - beta rho): the SLiC-HF hinge (Zhao et al. 2023)
     "ddpo": Algo("dpo", 0.5, weights="ddpo"),  # DPO on gamma-weighted scores: RLHF-V (Yu et al. 2024)
     "povid": Algo("dpo", 0.1, responses="noisy_self"),  # + DPO against the noisy-self response: Zhou et al. 2024
+    # online (Amirloo et al. 2024, arXiv:2407.02477, Sec. 3.4, Eq. 4-5): pairs made by the current policy each step
+    "online-dpo": Algo("dpo", 0.1, responses="sampled", reward="annotator", data="prompts"),  # 2 samples, annotated
+    "mixed-dpo": Algo("dpo", 0.1, responses="mixed", reward="annotator"),  # data pair w.p. --alpha, else online
+    "online-bdhs": Algo("dpo", 0.1, responses="bdhs", data="responses"),  # + DPO against BDHS of the current policy
     "rm": Algo("bt", 0.0),  # reward model, -log sigmoid(r_w - r_l): Eq. 1 of Amirloo et al. 2024 (reward.py)
     # RL (formulas: nanoalign/rl.py): k samples per prompt scored by --reward, KL to the frozen reference (beta)
-    "rloo": Algo("rloo", 0.05, responses="sample", reward="reward", data="prompts"),  # Ahmadian et al. 2024
-    "ppo": Algo("ppo", 0.05, responses="sample", reward="reward", data="prompts"),  # Schulman et al. 2017
-    "grpo": Algo("grpo", 0.04, responses="sample", reward="reward", data="prompts"),  # Shao et al. 2024
+    "rloo": Algo("rloo", 0.05, responses="k_samples", reward="reward", data="prompts"),  # Ahmadian et al. 2024
+    "ppo": Algo("ppo", 0.05, responses="k_samples", reward="reward", data="prompts"),  # Schulman et al. 2017
+    "grpo": Algo("grpo", 0.04, responses="k_samples", reward="reward", data="prompts"),  # Shao et al. 2024
 }
 RL = ("rloo", "ppo", "grpo")
 
@@ -109,11 +117,20 @@ def parse_args(argv=None, toy_algo=None):
     g.add_argument("--sft-weight", type=float, default=0.0, help="weight of an NLL term on the chosen response")
     g.add_argument("--noise-step", type=int, default=500, help="POVID diffusion step t of the noisy image")
     g.add_argument("--ref-cache", default=None, help="reference log-prob cache folder (default OUT/refcache)")
+    g = p.add_argument_group("rollouts (responses made during training: online algorithms and RL)")
+    g.add_argument("--temperature", type=float, default=1.0, help="rollout sampling temperature (default 1.0)")
+    g.add_argument("--top-p", type=float, default=1.0, help="rollout nucleus top-p (default 1.0: off)")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="rollout response length limit, tokens (default 64)")
+    g = p.add_argument_group("online algorithms (online-dpo, mixed-dpo, online-bdhs)")
+    g.add_argument("--annotator", default=None, help="oracle[:SCENES.jsonl] | rm:PATH | vlm:PATH (nanoalign/annotate.py"
+                   "; default oracle on the toy world)")
+    g.add_argument("--annotator-both-orders", action="store_true", help="vlm: ask in both orders, keep agreements")
+    g.add_argument("--alpha", type=float, default=0.5, help="mixed-dpo: probability of the offline pair (our default)")
+    g.add_argument("--bdhs-embedder", default="bow", help="online-bdhs similarity embedder: bow (built-in bag of "
+                   "words) or a sentence-transformers name/folder")
     g = p.add_argument_group("reward model and RL (rm, rloo, ppo, grpo; nanoalign/rlstep.py)")
     g.add_argument("--reward", default=None, help="rm:PATH | oracle[:SCENES.jsonl] | module:function (RL; toy: oracle)")
     g.add_argument("--k", type=int, default=4, help="samples per prompt (default 4)")
-    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the rollouts")
-    g.add_argument("--max-new-tokens", type=int, default=64, help="response budget of the rollouts")
     g.add_argument("--reward-norm", type=int, default=32, help="RLOO: prompts sampled before training for the "
                    "reward mean/std (0 = no normalization)")
     g.add_argument("--grpo-loss", default="grpo", choices=rl.AGGREGATIONS, help="GRPO loss aggregation")
@@ -201,6 +218,8 @@ def main(args):
     tu.print0(f"data: {len(examples)} examples from {args.data} ({args.data_format}); {skipped.total()} rows skipped")
     if skipped.total():
         tu.print0(str(skipped))
+    if algo.responses == "bdhs" and not all(ex.chosen.strip() for ex in examples):
+        raise SystemExit(f"error: --algo {args.algo} needs a reference answer in every row of {args.data}")
     if algo.data == "pairs" and any(ex.rejected is None for ex in examples):
         raise ValueError(f"--algo {args.algo} needs pairs, but {args.data} ({args.data_format}) has rows "
                          "without a rejected response")
@@ -211,6 +230,20 @@ def main(args):
     steps_per_epoch = max(1, len(encoded) // global_batch)
     max_steps = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
     sides = ["chosen", "rejected"] if algo.data == "pairs" else ["chosen"]
+    online = algo.responses in rollout.ONLINE  # pairs made each step: online_settings, the annotator, no ref cache
+    annotator, online_settings = None, None
+    if algo.reward == "annotator":
+        if args.annotator is None:
+            raise SystemExit(f"error: --algo {args.algo} needs --annotator (oracle[:SCENES], rm:PATH or vlm:PATH)")
+        annotator = load_annotator(args.annotator, processor.tokenizer, device, args.annotator_both_orders,
+                                   args.template)
+    if online:
+        from nanoalign.bdhs import BDHSSettings, load_embedder
+        embedder = None
+        if algo.responses == "bdhs":
+            embedder = rollout.BowEmbedder() if args.bdhs_embedder == "bow" else load_embedder(args.bdhs_embedder)
+        online_settings = rollout.OnlineSettings(args.temperature, args.top_p, args.max_new_tokens, args.alpha,
+                                                 BDHSSettings(template=args.template), embedder)
 
     def batch_indices(step: int, micro: int) -> list[int]:
         """Examples of (step, micro-step) on this rank: a fresh seeded permutation each epoch, split so that the
@@ -224,11 +257,11 @@ def main(args):
     # The data's pairs are scored once with the initial weights (= the reference), keyed by token ids + image bytes
     # + image settings (nanoalign/refcache.py). Responses made during training change every step: a frozen copy.
     ref_cache, keys, reference = None, {}, None
-    if algo.data == "pairs" and algo.loss != "bt":
+    if algo.data == "pairs" and algo.loss != "bt" and not online:
         ref_cache, keys = build_cache(model, examples, encoded, processor, args.model,
                                       args.ref_cache or out / "refcache", args.image_root, args.template,
                                       args.batch_size, device)
-    if algo.responses != "none":
+    if algo.responses != "none" and not (online and args.lora_rank > 0):  # online + LoRA: the adapters switched off
         reference, _ = load_pretrained(args.model, dtype=torch.float32)
         reference.requires_grad_(False)
     # reward model head (rm) / value head (ppo): a plain Linear(H, 1) beside the sharded model, gradients all-reduced
@@ -236,7 +269,7 @@ def main(args):
     head = reward_head(H, torch.Generator().manual_seed(args.seed)).to(device) if algo.loss in ("bt", "ppo") else None
     if algo.loss == "ppo":
         torch.nn.init.zeros_(head.weight)  # V = 0 at the start
-    reward_fn = load_reward(args.reward, processor.tokenizer, device, args.max_len) if algo.reward else None
+    reward_fn = load_reward(args.reward, processor.tokenizer, device, args.max_len) if algo.reward == "reward" else None
 
     # ---------------------------------------------------------------------------------------------- LoRA, freeze
     model.train()
@@ -333,8 +366,8 @@ def main(args):
     last_save = None
     for step in range(start_step, max_steps):
         t0 = time.time()
-        sums, n_tokens, step_ids = {}, 0, []
-        if algo.data == "prompts":  # RL: rollouts of every micro-step, then --ppo-epochs updates (rloo, grpo: 1)
+        sums, n_tokens, step_ids, ostats = {}, 0, [], Counter()
+        if algo.responses == "k_samples":  # RL: rollouts of every micro-step, then --ppo-epochs updates (rloo, grpo: 1)
             rolls = []
             for micro in range(args.grad_accum):
                 idx = batch_indices(step, micro)  # chunk micro*world + rank: 1 rank and N ranks sample alike
@@ -396,10 +429,20 @@ def main(args):
             # rollout: responses made during training, appended as more blocks of P rejected rows
             if algo.responses == "noisy_self":
                 b = rollout.noisy_self(model, items, b, processor, args.noise_step, device)
-            # reward: none of the preference algorithms scores its responses (RL: rlstep.make_rollout above)
-            # reference: per-token reference log-probs of every response row
+            # reward: RL scores its samples in rlstep.make_rollout above
+            # online: the policy's samples, ordered by the annotator (reward stage), or BDHS; rows [chosen | rejected..]
+            if online:
+                images = [open_image(examples[it.index], args.image_root) for it in items]
+                gen = rollout.step_generator(args.seed, step, micro, rank, device)
+                b, items, st = rollout.online(algo.responses, model, items, [examples[it.index] for it in items],
+                                              images, processor, annotator, online_settings, gen)
+                ostats.update(st)
+            # reference: per-token reference log-probs of every response row (online + LoRA: adapters off)
             ref = None
-            if algo.data == "pairs" and algo.loss != "bt":
+            if online:
+                with adapters_off(model) if reference is None else nullcontext():
+                    ref = reference_logps(b, None, None, reference or model, device)
+            elif algo.data == "pairs" and algo.loss != "bt":
                 ref = reference_logps(b, [keys[it.index] for it in items], ref_cache, reference, device)
             # objective
             if algo.loss == "bt":  # reward model: Bradley-Terry on the head's rewards (no reference)
@@ -412,6 +455,8 @@ def main(args):
                 raise SystemExit(f"error: non-finite loss {float(loss.detach())} at step {step + 1}, "
                                  f"micro-step {micro}, rank {rank}, examples {[examples[i].id for i in idx]}; stopping "
                                  f"before the optimizer step (last checkpoint: {last_save or 'none'})")
+            if online and st["placeholder"]:  # no pair left on this rank: the forward runs for FSDP, weighted 0
+                loss = loss * 0.0
             (loss / args.grad_accum).backward()
             sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) / args.grad_accum
             for k, v in metrics.items():
@@ -431,7 +476,9 @@ def main(args):
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             continue
-        optimizer.step()
+        skip = online and tu.all_mean(float(ostats["online"] + ostats["offline"])) == 0  # no pair on any rank
+        if not skip:
+            optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         bad = tu.nonfinite_parameters(model)
@@ -446,6 +493,13 @@ def main(args):
         rec = {"step": step + 1, **{k: tu.all_mean(v) for k, v in sums.items()}, "lr": lr,
                "grad_norm": grad_norm, "tokens_per_s": tu.all_mean(n_tokens / (time.time() - t0)) * world,
                "peak_mem_mb": tu.peak_memory_mb(), "time_s": time.time() - t0}
+        if online:
+            total = {k: tu.all_mean(float(ostats[k])) * world for k in rollout.STAT_KEYS}  # same keys on all ranks
+            rec.update(rollout.online_metrics(total, rec, args.beta, world))
+            rec["train_s"] = rec["time_s"] - rec["rollout_s"]
+            if skip:
+                rec["skipped"] = "no pair left after annotation on any rank: no optimizer step"
+                tu.print0(f"step {step + 1}: {rec['skipped']}")
         if algo.data == "pairs":
             rec["resp_len"] = tu.all_mean(float((b["labels"] != -100).sum(1).float().mean()))
         log.write(rec)

@@ -27,6 +27,7 @@ import json
 import math
 import os
 import re
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -62,6 +63,7 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
+        self.disabled = False  # adapters_off: the base layer alone (the frozen initial policy = the reference)
         self._base_copy: torch.Tensor | None = None  # exact copy of W while merged (keep_base=True)
         self.register_state_dict_post_hook(_drop_adapter_keys_when_merged)
 
@@ -72,7 +74,9 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (..., in) -> (..., out)
         y = F.linear(x, self.weight, self.bias)
-        if self.merged:
+        if self.merged or self.disabled:
+            if self.merged and self.disabled:
+                raise RuntimeError("adapters_off on a merged LoRA layer: unmerge first")
             return y
         h = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A)  # (..., r)
         return y + (F.linear(h, self.lora_B) * self.scaling).to(y.dtype)
@@ -124,6 +128,22 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+@contextmanager
+def adapters_off(model: nn.Module):
+    """Within the block every LoRA layer of `model` computes its frozen base layer alone, W x + b: with LoRA the
+    policy's initial weights, i.e. the reference of DPO-style objectives (Online-DPO's KL anchor), without a second
+    copy in memory. Raises RuntimeError at forward on a merged layer. Restores the previous state after."""
+    layers = list(lora_modules(model).values())
+    before = [m.disabled for m in layers]
+    for m in layers:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m, d in zip(layers, before):
+            m.disabled = d
 
 
 def apply_lora(model: nn.Module, rank: int = 128, alpha: float = 256.0, dropout: float = 0.0,

@@ -1,13 +1,33 @@
-"""Responses made during training (the step's second stage): today POVID's noisy-self response.
+"""Responses made during training (the step's second stage): POVID's noisy-self response and the online pairs.
 
 A rollout function takes the policy and a collated batch of P examples [chosen | data rejected] and returns the batch
 with more rows appended, in blocks of P: every extra block is another rejected response of the same prompts, paired
 with the chosen rows by the objective (nanoalign/objective.py) and scored by the frozen reference
-(nanoalign/refcache.reference_logps). Next: sampled responses (Online-DPO, RLOO, GRPO) and BDHS.
+(nanoalign/refcache.reference_logps).
+
+Online preference learning (Amirloo et al. 2024, "Understanding Alignment in Multimodal LLMs", arXiv:2407.02477,
+Sections 3.4 and 5.4-5.6, Eq. 4-5): `online` makes the step's pairs during training, from the current policy through
+the generation engine (nanoalign.engine.sample: batched, KV-cached, eval mode, no dropout, FSDP2-gathered):
+  sampled  Online-DPO: two samples per prompt, an annotator (nanoalign/annotate.py) picks the chosen one;
+  mixed    Mixed-DPO (Eq. 4): per example the data's pair with probability alpha, else an online pair as above;
+  bdhs     Online-BDHS (Eq. 5): a BDHS rejected response (nanoalign.bdhs) made with the current policy, the data's
+           chosen (reference) answer as the chosen; with a data rejected the batch is [chosen | rejected | bdhs] and
+           the objective's loss is the mean of the two DPO losses, without one [chosen | bdhs].
+The random draws of a micro-step come from `step_generator(seed, step, micro, rank)`, a function of the run's seed
+and position only: a resumed run draws what the uninterrupted run drew (the sampling RNG state is implied by the
+saved step, so nothing more needs saving). Departure: under N ranks each rank samples its own P prompts with its own
+generator, so the sampled pairs (and losses) of an online run differ between 1 and N ranks; offline pairs do not.
 """
+import hashlib
+import time
+from collections import Counter
+from dataclasses import dataclass, replace
+
 import torch
 
+from nanoalign.annotate import left_padded
 from nanoalign.batch import collate, row_image
+from nanoalign.engine import sample
 from nanoalign.forward import forward
 from nanoalign.noise import noisy_pixel_values
 
@@ -43,3 +63,178 @@ def noisy_self(policy, items: list, b: dict, processor, noise_step: int, device)
     b3.update(pixel_values=b["pixel_values"], image_sizes=b["image_sizes"],
               image_index=None if b["pixel_values"] is None else b3["row_image"][b3["row_image"] >= 0])
     return b3
+
+
+# ------------------------------------------------------------------------------------------ online preference pairs
+ONLINE = ("sampled", "mixed", "bdhs")  # the table's `responses` values handled by `online`
+
+
+@dataclass
+class OnlineSettings:
+    temperature: float = 1.0  # sampling of Online-DPO's two responses (the paper samples; its values are not given)
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    alpha: float = 0.5  # Mixed-DPO: probability of the offline pair (our choice: the paper's value is lost in our text)
+    bdhs: object = None  # nanoalign.bdhs.BDHSSettings for Online-BDHS (None = its defaults)
+    embedder: object = None  # BDHS's sentence embedder (anything with .encode(list[str]) -> (n, E))
+
+
+def step_generator(seed: int, step: int, micro: int, rank: int, device="cpu") -> torch.Generator:
+    """The generator of one micro-step's random draws on one rank: seeded from (seed, step, micro, rank) only."""
+    h = hashlib.sha256(f"{seed}/{step}/{micro}/{rank}".encode()).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(h[:7], "little"))
+
+
+def prompt_batch(items: list, images: list, processor) -> dict:
+    """Encoded items -> the engine's prompt batch: input_ids / attention_mask (P,T) left padded, pixel_values /
+    image_sizes of the images present (in row order)."""
+    batch = left_padded([it.prompt_ids for it in items], processor.pad_id)
+    present = [im for im in images if im is not None]
+    if present:
+        batch.update(processor.image_processor.process(present))
+    return batch
+
+
+def online(kind: str, policy, items: list, examples: list, images: list, processor, annotator,
+           settings: OnlineSettings, generator: torch.Generator) -> tuple[dict, list, Counter]:
+    """The rollout + annotation stages of an online algorithm (kind in ONLINE) for P encoded items.
+
+    examples / images: the items' nanoalign.data.Example and PIL image (or None), aligned with items.
+    Returns (b, kept, stats): b the collated batch [chosen | rejected] (bdhs: [chosen | (data rejected |) bdhs]) of
+    the kept items (each a copy; pairs whose annotation was dropped are left out), vision_always set. When no pair is
+    left, b holds the first item's pair as a placeholder and stats["placeholder"] = 1: the caller weights its loss
+    by 0 (under FSDP every rank must still run the forward). stats (Counter): online / offline pairs, dropped_<reason>,
+    rollout_tokens, rollout_s, chosen_len / rejected_len (summed token counts), the annotator's counts.
+    """
+    stats = Counter()
+    if kind == "bdhs":
+        kept = _bdhs_items(policy, items, examples, images, processor, settings, generator, stats)
+        sides = ["chosen", "rejected", "bdhs"] if all(it.rejected_ids for it in items) else ["chosen", "bdhs"]
+    else:
+        kept = _sampled_items(kind, policy, items, examples, images, processor, annotator, settings, generator, stats)
+        sides = ["chosen", "rejected"]
+    for it in kept:
+        stats["chosen_len"] += len(it.chosen_ids)
+        stats["rejected_len"] += len(getattr(it, "bdhs_ids", None) or it.rejected_ids)
+    if not kept:
+        stats["placeholder"] = 1
+        it = replace(items[0])
+        if kind == "bdhs":
+            it.bdhs_ids, it.bdhs_w = list(it.chosen_ids), None
+        else:
+            it.rejected_ids, it.rejected_w = list(it.rejected_ids or it.chosen_ids), None
+        kept = [it]
+    pos = {it.index: i for i, it in enumerate(items)}
+    b = collate(kept, sides, processor, [images[pos[k.index]] for k in kept], vision_always=True)
+    return b, kept, stats
+
+
+def _sampled_items(kind, policy, items, examples, images, processor, annotator, settings, generator, stats):
+    """Online-DPO / Mixed-DPO pairs: copies of the items with chosen_ids / rejected_ids set from two samples of the
+    current policy, ordered by the annotator (Mixed-DPO: the data's pair kept with probability alpha)."""
+    P = len(items)
+    if kind == "mixed":  # the coins come from their own stream, so alpha 0 samples exactly what online-dpo samples
+        coins = torch.rand(P, generator=torch.Generator().manual_seed(generator.initial_seed() ^ 0x5DEECE66D))
+        offline = (coins < settings.alpha).tolist()
+    else:
+        offline = [False] * P
+    out = {i: replace(items[i]) for i in range(P) if offline[i]}
+    stats["offline"] += len(out)
+    todo = [i for i in range(P) if not offline[i]]
+    if todo:
+        t0 = time.time()
+        r = sample(policy, prompt_batch([items[i] for i in todo], [images[i] for i in todo], processor),
+                   n_per_prompt=2, temperature=settings.temperature, top_p=settings.top_p,
+                   max_new_tokens=settings.max_new_tokens, end_ids=processor.end_ids, generator=generator,
+                   pad_id=processor.pad_id)
+        stats["rollout_s"] += time.time() - t0
+        stats["rollout_tokens"] += sum(len(x) for x in r.ids)
+        ids = [(r.ids[2 * k], r.ids[2 * k + 1]) for k in range(len(todo))]
+        image_token = processor.tokenizer.image_token_id  # the engine may sample it; it cannot be a response token
+        bad = [image_token in a or image_token in b for a, b in ids]
+        stats["dropped_image_token"] += sum(bad)
+        todo, ids = [i for i, x in zip(todo, bad) if not x], [p for p, x in zip(ids, bad) if not x]
+        dec = processor.tokenizer.decode
+        verdicts = [] if not todo else annotator([examples[i] for i in todo], [images[i] for i in todo],
+                             [dec(a) for a, _ in ids], [dec(b) for _, b in ids])
+        stats.update(annotator.take_stats())
+        for i, (a, b), v in zip(todo, ids, verdicts):
+            if v is None:
+                continue
+            if a == b:  # same ids decode alike; the annotator already counted it
+                continue
+            chosen, rejected = (a, b) if v == 0 else (b, a)
+            out[i] = replace(items[i], chosen_ids=list(chosen), rejected_ids=list(rejected), chosen_w=None,
+                             rejected_w=None, chosen_labelled=None)
+            stats["online"] += 1
+    return [out[i] for i in sorted(out)]
+
+
+def _bdhs_items(policy, items, examples, images, processor, settings, generator, stats):
+    """Online-BDHS: copies of the items with bdhs_ids, the BDHS rejected response of the current policy."""
+    from nanoalign.bdhs import BDHSSettings, bdhs_rejected
+    bs = settings.bdhs or BDHSSettings()
+    seeds = torch.randint(0, 2 ** 31 - 1, (len(items),), generator=generator).tolist()
+    t0 = time.time()
+    res = bdhs_rejected(policy, processor, list(images), [ex.prompt for ex in examples],
+                        [ex.chosen for ex in examples], bs, embedder=settings.embedder or BowEmbedder(),
+                        seeds=seeds)
+    stats["rollout_s"] += time.time() - t0
+    tok = processor.tokenizer
+    out = []
+    for it, r in zip(items, res):
+        if r.rejected is None:
+            stats["dropped_" + (r.reason if r.reason in DROP_REASONS else "other")] += 1
+            continue
+        ids = tok.encode(r.rejected, add_bos=False) + ([tok.eos_id] if tok.eos_id is not None else [])
+        if ids == it.chosen_ids:
+            stats["dropped_identical"] += 1
+            continue
+        new = replace(it)
+        new.bdhs_ids, new.bdhs_w = ids, None
+        stats["rollout_tokens"] += len(ids)
+        stats["online"] += 1
+        out.append(new)
+    return out
+
+
+class BowEmbedder:
+    """A bag-of-words sentence embedder (hashed word counts, 4096 buckets): BDHS's similarity check without a
+    sentence-transformers download (`--bdhs-embedder bow`; tests, the toy world's closed vocabulary). Not the
+    paper's all-mpnet-base-v2: it compares words, not meanings."""
+
+    def encode(self, texts):
+        out = torch.zeros(len(texts), 4096)
+        for i, t in enumerate(texts):
+            for w in t.lower().split():
+                out[i, int.from_bytes(hashlib.md5(w.encode()).digest()[:4], "little") % 4096] += 1.0
+        return out
+
+
+DROP_REASONS = ("identical", "tie", "unparseable", "inconsistent", "image_token", "empty_reference", "bad_input",
+                "other")
+STAT_KEYS = ("online", "offline", "parsed", "first_wins", "chosen_len", "rejected_len", "rollout_tokens", "rollout_s",
+             *("dropped_" + r for r in DROP_REASONS))  # the same keys on every rank (summed collectively)
+
+
+def online_metrics(total: dict, rec: dict, beta: float, world: int) -> dict:
+    """Per-step metrics of the online stages. total: STAT_KEYS summed over micro-steps and ranks; rec: the step's
+    record (the objective's metrics, means over ranks). Returns online_share, pairs, dropped_<reason> (counts),
+    position_bias (share of parsed VLM verdicts won by the response shown first; absent without a VLM judge),
+    chosen_len / rejected_len (mean tokens per pair), rollout_s (per rank), rollout_tokens_per_s (all ranks), kl_ref
+    (the mean over pairs of the two responses' sum_t log pi - log ref: a one-sample estimate of KL(pi || ref) when
+    both are sampled; for offline or BDHS rows it is their log-ratio, not a KL)."""
+    n = total["online"] + total["offline"]
+    out = {"online_share": total["online"] / n if n else 0.0, "pairs": n}
+    out.update({"dropped_" + r: total["dropped_" + r] for r in DROP_REASONS})
+    if total["parsed"]:
+        out["position_bias"] = total["first_wins"] / total["parsed"]
+    if n:
+        out["chosen_len"] = total["chosen_len"] / n
+        out["rejected_len"] = total["rejected_len"] / n
+    out["rollout_s"] = total["rollout_s"] / world
+    if total["rollout_s"] > 0:
+        out["rollout_tokens_per_s"] = total["rollout_tokens"] / out["rollout_s"]
+    if n and "reward_chosen" in rec and beta > 0:
+        out["kl_ref"] = (rec["reward_chosen"] + rec["reward_rejected"]) / (2 * beta)
+    return out

@@ -241,7 +241,8 @@ def test_every_train_option_survives_the_command_line_of_the_alignment_run():
               "--grpo-loss", "dapo", "--clip-ratio", "0.3", "--ppo-epochs", "2", "--vf-coef", "0.5", "--clip-value",
               "0.5", "--gamma-ppo", "0.99", "--lam", "0.9", "--kl-estimator", "k3", "--no-whiten-rewards",
               "--guard-len-min", "2", "--guard-len-max", "50", "--guard-entropy", "0.1", "--guard-kl", "5",
-              "--stop-on-collapse"]
+              "--stop-on-collapse", "--annotator", "oracle", "--annotator-both-orders",
+              "--alpha", "0.25", "--top-p", "0.9", "--bdhs-embedder", "e"]
     for argv in (["--model", "m", "--data", "d"], others):
         a = train.parse_args(argv)
         assert vars(train.parse_args(base.to_argv(vars(a)))) == vars(a)

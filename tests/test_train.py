@@ -247,7 +247,8 @@ def test_the_table_drives_the_parser():
         args = train.parse_args(["--algo", name, "--model", "m", "--data", "d", *reward])  # (no toy-world defaults)
         assert args.beta == algo.beta and args.out == f"runs/{name}"
         assert algo.loss in (*LOSS_TYPES, "nll", "bt", *train.RL) and algo.weights in (None, "ddpo")
-        assert algo.responses in ("none", "noisy_self", "sample") and algo.data in ("pairs", "responses", "prompts")
+        assert algo.responses in ("none", "noisy_self", "k_samples", *train.rollout.ONLINE)
+        assert algo.data in ("pairs", "responses", "prompts") and algo.reward in (None, "annotator", "reward")
     with pytest.raises(SystemExit):
         train.parse_args(["--algo", "grpo", "--model", "m", "--data", "d"])  # RL without --reward
     assert train.ALGOS["ddpo"].loss == "dpo" and train.ALGOS["ddpo"].beta == 0.5  # RLHF-V: a weighting of DPO

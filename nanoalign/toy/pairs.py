@@ -89,8 +89,8 @@ def build_pairs(algo, base_dir, world, out_path, n_scenes, seed, samples=2, temp
     scenes = [scenes[i] for i in pick]
     img_path = lambda name: os.path.join(os.path.abspath(world["images"]), name)
     rows, stats = [], Counter()
-    if algo in ("povid", "rloo", "ppo", "grpo"):  # RL uses the prompts only; the scene rides along for the oracle
-        for name, sc in scenes:
+    if algo in ("povid", "online-dpo", "online-bdhs", "rloo", "ppo", "grpo"):  # online and RL use the prompt (and
+        for name, sc in scenes:  # the scene, for the oracle), online-bdhs the ground-truth caption as BDHS's reference
             gt = caption(sc)
             bad, span = corrupt_answer(gt, sc, rng)
             if span is None:

@@ -109,7 +109,7 @@ def default_run(args, train_main, parse_args, algos, settings=None):
             return st
 
         t = time.time()
-        if tu.world_size() > 1 and algo not in ("povid", "bdhs"):  # the ranks share the sampling (build_pairs), then
+        if tu.world_size() > 1 and algo not in ("povid", "bdhs", "online-dpo", "online-bdhs"):  # the ranks share the sampling (build_pairs), then
             pair_stats = pairs_step()  # one evaluates the base
             before = on_rank(eval_before)
         elif tu.world_size() > 1:  # rank 0 builds the pairs while rank 1 evaluates the base
@@ -123,6 +123,8 @@ def default_run(args, train_main, parse_args, algos, settings=None):
         # every option of the command line reaches the alignment run (the toy's defaults or the user's values); the
         # toy owns data, model, output and template
         aargs = {k: v for k, v in vars(args).items() if k not in _TOY_OWNED}
+        if aargs.get("annotator") is None:  # online-dpo / mixed-dpo: the toy's judge on the training scenes
+            aargs["annotator"] = f"oracle:{world['scenes_train']}"
         aargs.update(algo=TOY_ONLY_ALGOS.get(algo, algo), model=base, data=pairs_path, data_format="prefs", out=out,
                      max_steps=steps, template=settings["template"],
                      warmup_steps=min(5, steps // 4) if args.warmup_steps is None else args.warmup_steps)
