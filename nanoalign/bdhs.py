@@ -512,8 +512,6 @@ def main(argv=None) -> int:
         return fail("--max-iters and --batch-size must be >= 1, --limit >= 0")
     if args.noise_steps is not None and not 0 <= args.noise_steps < 1000:
         return fail(f"--noise-steps {args.noise_steps}: must be in [0, 1000)")
-    if not os.path.isdir(args.model):
-        return fail(f"--model {args.model}: no such directory")
     from nanoalign.checkpoint import load_for_cli
     from nanoalign.data import load_examples, load_image
     try:

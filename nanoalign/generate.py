@@ -90,8 +90,6 @@ def main(argv=None) -> int:
         print(f"error: {msg}", file=sys.stderr)
         return 2
 
-    if not os.path.isdir(args.model):
-        return fail(f"--model {args.model}: no such directory")
     if args.max_new_tokens < 1:
         return fail(f"--max-new-tokens {args.max_new_tokens}: must be >= 1")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
