@@ -150,6 +150,14 @@ HUB_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "config.json", "gen
                 "preprocessor_config.json", "processor_config.json", "chat_template.json", "chat_template.jinja"]
 
 
+def is_hub_id(name) -> bool:
+    """`org/name` that is not an existing path: two non-empty parts, no leading . or ~, no file suffix."""
+    text, path = str(name), Path(name)
+    parts = text.split("/")
+    return (not path.exists() and len(parts) == 2 and all(parts) and not text.startswith((".", "~"))
+            and not path.suffix)
+
+
 def resolve_model(name: str | os.PathLike, revision: str | None = None) -> Path:
     """A --model argument -> a local checkpoint folder.
 
@@ -162,8 +170,7 @@ def resolve_model(name: str | os.PathLike, revision: str | None = None) -> Path:
     if path.is_dir():
         return path
     text = str(name)
-    parts = text.split("/")
-    if len(parts) != 2 or not all(parts) or text.startswith((".", "~")) or path.suffix:
+    if not is_hub_id(name):
         raise ValueError(f"{text}: checkpoint directory not found (and not a hub id of the form org/name)")
     try:
         from huggingface_hub import snapshot_download
