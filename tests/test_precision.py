@@ -23,8 +23,11 @@ def fp32(world, tmp_path_factory):  # noqa: F811
             "dpo": run(world, t / "dpo", "--algo", "dpo", "--max-steps", 3, "--lr", 1e-3)}
 
 
-@pytest.mark.parametrize("flags", [["--dtype", "bf16"], ["--amp"]])
-def test_bf16_steps_within_tolerance_of_fp32(world, fp32, tmp_path, flags):  # noqa: F811
+@pytest.mark.parametrize("flags,backend", [(["--dtype", "bf16"], None), (["--amp"], None), (["--amp"], "torch")])
+def test_bf16_steps_within_tolerance_of_fp32(world, fp32, tmp_path, flags, backend, monkeypatch):  # noqa: F811
+    """backend torch: the pure-torch row kernels (the CPU default outside tests), which must not run under autocast"""
+    if backend:
+        monkeypatch.setenv("NANOALIGN_LOGPROBS_BACKEND", backend)
     sft = run(world, tmp_path / "sft", "--algo", "sft", "--max-steps", 2, "--lr", 1e-3, *flags, data="llava.json",
               fmt="llava")
     assert sft[0]["loss"] == pytest.approx(fp32["sft"][0]["loss"], rel=TOL)
