@@ -1,5 +1,6 @@
-"""The toy default run at a reduced size (a world of 200 scenes, a 60-step SFT base that names no objects yet, 40 DDPO steps of batch 8), same code paths;
-it shows the run lines and the plot, not what alignment does (the full-size run: train.py --algo ddpo), same code paths; for the README plot.
+"""The toy default run at a reduced size, same code paths (a world of 200 scenes, a 60-step SFT base that names no
+objects yet, 40 DDPO steps of batch 8): it shows the run lines and the plot (docs/curves_toy_small.png), not what
+alignment does (the full-size run: train.py --algo ddpo).
     OMP_NUM_THREADS=2 python bench/toy_small.py --algo ddpo --toy-cache /tmp/toy_small --out runs/toy_small --eval-every 5"""
 import os
 import sys
