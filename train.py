@@ -375,6 +375,8 @@ def main(args):
     final = tu.save_checkpoint(out, "final", model, model_config, processor, lora_layers, optimizer, scheduler,
                                max_steps, args)
     tu.print0(f"saved {final}")
+    if wandb is not None:
+        wandb.finish()  # flushes the run (WANDB_MODE=offline: OUT-independent ./wandb/offline-run-*, `wandb sync`)
     if rank == 0:
         plot = tu.write_plot(out)
         ev = (f"python -m nanoalign.eval --model {final} --task {args.eval_task} --data {args.eval_data} "

@@ -61,3 +61,19 @@ def test_every_help_option_shows_its_default(capsys):
         if name in ("--help",) or "store_true" in o:
             continue
         assert "default" in o or o.rstrip().endswith("(default: False)"), f"{name}: no default in --help"
+
+
+def test_wandb_offline_run_holds_the_metrics(world, tmp_path):  # noqa: F811
+    """--wandb with the client's offline mode (no account, no network): the run file holds the logged keys."""
+    pytest.importorskip("wandb")
+    import subprocess
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_DIR=str(tmp_path), WANDB_SILENT="true")
+    r = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), "--model", str(world / "ckpt"), "--data",
+                        str(world / "prefs.jsonl"), "--image-root", str(world / "img"), "--algo", "dpo",
+                        "--max-steps", "2", "--batch-size", "2", "--wandb", "nanoalign-test", "--out",
+                        str(tmp_path / "o")], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1
+    data = runs[0].read_bytes()
+    assert all(k.encode() in data for k in ("loss", "grad_norm", "margin", "tokens_per_s"))
