@@ -108,7 +108,7 @@ def parse_args(argv=None, toy_algo=None):
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute decoder activations in backward")
     g.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="dtype of the weights (and of AdamW's "
                    "state); bf16/fp16 halve the weights' memory, the loss and log-prob sums stay fp32")
-    g.add_argument("--amp", action="store_true", help="mixed precision: fp32 weights, bf16 compute (torch.autocast "
+    g.add_argument("--amp", action="store_true", help="mixed precision: bf16 compute (torch.autocast "
                    "on 1 process; FSDP's param_dtype bf16, reduce fp32 under torchrun; FSDP on CUDA always does)")
     g = p.add_argument_group("preference losses")
     g.add_argument("--beta", type=float, default=None, help="beta (default: the algorithm's, see ALGOS)")
@@ -148,8 +148,6 @@ def parse_args(argv=None, toy_algo=None):
         p.error("--model and --data go together (give neither for the built-in toy-world run)")
     if evaltrain.check_args(args):
         p.error(evaltrain.check_args(args))
-    if args.dtype != "fp32" and args.amp:
-        p.error("--amp keeps fp32 weights and computes in bf16: give it with --dtype fp32 (the default)")
     return args
 
 

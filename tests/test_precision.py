@@ -38,8 +38,3 @@ def test_bf16_steps_within_tolerance_of_fp32(world, fp32, tmp_path, flags, backe
     for a, b in zip(dpo, fp32["dpo"]):
         assert a["loss"] == pytest.approx(b["loss"], rel=TOL)
 
-
-def test_amp_with_bf16_weights_is_refused(world):  # noqa: F811
-    import train
-    with pytest.raises(SystemExit):
-        train.parse_args(["--model", str(world / "ckpt"), "--data", "x", "--dtype", "bf16", "--amp"])

@@ -236,7 +236,11 @@ def test_every_train_option_survives_the_command_line_of_the_alignment_run():
               "--lora-alpha", "4", "--lora-dropout", "0.1", "--lora-targets", "q_proj,v_proj", "--freeze-vision",
               "--grad-checkpointing", "--beta", "0.25", "--gamma", "2", "--ddpo-average", "--sft-weight", "0.5",
               "--noise-step", "100", "--ref-cache", "c", "--max-len", "64", "--strict", "--save-every", "2",
-              "--keep", "1", "--resume", "--wandb", "w", "--toy-cache", "t", "--toy-seed", "3"]
+              "--keep", "1", "--resume", "--wandb", "w", "--toy-cache", "t", "--toy-seed", "3", "--revision", "v1",
+              "--dtype", "bf16", "--amp", "--eval-data", "e", "--eval-task", "chair", "--eval-every", "4",
+              "--eval-limit", "9", "--eval-image-root", "ei", "--eval-annotations", "ea", "--eval-synonyms", "es",
+              "--eval-data-format", "llava", "--eval-max-new-tokens", "7", "--eval-batch-size", "3",
+              "--keep-best", "chair_s"]
     for argv in (["--model", "m", "--data", "d"], others):
         a = train.parse_args(argv)
         assert vars(train.parse_args(base.to_argv(vars(a)))) == vars(a)
