@@ -30,11 +30,11 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from nanoalign import rl, rlstep, rollout, runs
+from nanoalign import evaltrain, rl, rlstep, rollout, runs
 from nanoalign import trainutil as tu
 from nanoalign.annotate import load_annotator
 from nanoalign.batch import collate, encode_all, open_image
-from nanoalign.checkpoint import check_finite, load_pretrained
+from nanoalign.checkpoint import check_finite, load_pretrained, resolve_model
 from nanoalign.data import FORMATS, load_examples
 from nanoalign.lora import DEFAULT_TARGETS, adapters_off, apply_lora, load_lora_adapter, lora_modules
 from nanoalign.objective import objective
@@ -77,13 +77,28 @@ RL = ("rloo", "ppo", "grpo")
 
 
 # ----------------------------------------------------------------------------------------------------- arguments
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class _Help(argparse.RawTextHelpFormatter):
+    """--help shows every option's default (those whose text does not already say it)."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        if "default" in h or action.default is argparse.SUPPRESS or action.option_strings == ["-h", "--help"]:
+            return h
+        return f"{h} (default: %(default)s)" if h else "(default: %(default)s)"
+
+
 def parse_args(argv=None, toy_algo=None):
     """Command line -> namespace. Without --model/--data (the toy world's run) the toy's settings for the algorithm
     (toy_algo, else --algo; nanoalign.toy.run.train_defaults) are the defaults, so any option given overrides them."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_Help)
     g = p.add_argument_group("what to train")
     g.add_argument("--algo", default="ddpo", choices=list(ALGOS), help="the algorithm (default ddpo)")
-    g.add_argument("--model", help="llava-hf checkpoint folder (config.json, *.safetensors, tokenizer.json)")
+    g.add_argument("--model", help="llava-hf checkpoint folder (config.json, *.safetensors, tokenizer.json) or a "
+                   "Hugging Face hub id org/name (fetched into the hub cache; HF_HUB_OFFLINE=1: the cache only)")
+    g.add_argument("--revision", default=None, help="hub branch, tag or commit of an org/name --model (default main)")
     g.add_argument("--data", help="data file")
     g.add_argument("--data-format", choices=FORMATS, default="prefs", help="format of --data (default prefs)")
     g.add_argument("--image-root", help="folder the data's image paths are relative to (default: the data's folder)")
@@ -95,21 +110,25 @@ def parse_args(argv=None, toy_algo=None):
     g.add_argument("--epochs", type=float, default=1.0, help="passes over the data when --max-steps is not set")
     g.add_argument("--batch-size", type=int, default=4, help="pairs (sft: examples) per rank per micro-step")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
-    g.add_argument("--lr", type=float, default=1e-5, help="learning rate")
+    g.add_argument("--lr", type=float, default=1e-5, help="peak learning rate, per optimizer step")
     g.add_argument("--projector-lr", type=float, default=None, help="projector learning rate (default --lr)")
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--warmup-steps", type=int, default=0)
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW decoupled weight decay")
+    g.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up, in optimizer steps")
     g.add_argument("--min-lr-ratio", type=float, default=None, help="cosine floor as a fraction of --lr (default 0; "
                    "rloo/ppo/grpo: 1 = constant lr after the warm-up, Appendix A)")
     g.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip (0 = off)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="seed of the initial adapters and the data order")
     g = p.add_argument_group("model")
     g.add_argument("--lora-rank", type=int, default=0, help="LoRA rank; 0 = full fine-tuning (the paper: 128)")
     g.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default 2 * rank: 256 at rank 128)")
-    g.add_argument("--lora-dropout", type=float, default=0.0)
+    g.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout probability")
     g.add_argument("--lora-targets", default=",".join(DEFAULT_TARGETS), help="comma-separated module names")
     g.add_argument("--freeze-vision", action="store_true", help="freeze the vision tower")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute decoder activations in backward")
+    g.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="dtype of the weights (and of AdamW's "
+                   "state); bf16/fp16 halve the weights' memory, the loss and log-prob sums stay fp32")
+    g.add_argument("--amp", action="store_true", help="mixed precision: bf16 compute (torch.autocast "
+                   "on 1 process; FSDP's param_dtype bf16, reduce fp32 under torchrun; FSDP on CUDA always does)")
     g = p.add_argument_group("preference losses")
     g.add_argument("--beta", type=float, default=None, help="beta (default: the algorithm's, see ALGOS)")
     g.add_argument("--gamma", type=float, default=5.0, help="DDPO weight of corrected tokens (RLHF-V: 5)")
@@ -150,10 +169,12 @@ def parse_args(argv=None, toy_algo=None):
     g.add_argument("--stop-on-collapse", action="store_true", help="stop before the update of a step that crosses "
                    "a guard bound (the newest --save-every checkpoint is the last good one)")
     g = p.add_argument_group("data and run")
-    g.add_argument("--max-len", type=int, default=4096, help="max tokens of a sequence; only responses are cut")
+    g.add_argument("--max-len", type=int, default=4096, help="max tokens of a sequence, in tokens; only responses "
+                   "are cut")
     g.add_argument("--strict", action="store_true", help="stop at the first bad data row instead of skipping it")
-    g.add_argument("--save-every", type=int, default=0, help="save a checkpoint every N steps (0 = only at the end)")
-    g.add_argument("--keep", type=int, default=2, help="keep the newest K step checkpoints")
+    g.add_argument("--save-every", type=int, default=0, help="save a checkpoint every N optimizer steps (0 = only "
+                   "at the end)")
+    g.add_argument("--keep", type=int, default=2, help="keep the newest K step checkpoints, in checkpoints")
     g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     g.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a run (deletes it)")
     g.add_argument("--allow-changed", action="store_true", help="--resume even with settings that differ")
@@ -162,6 +183,7 @@ def parse_args(argv=None, toy_algo=None):
     g.add_argument("--toy-cache", default=None, help="toy world cache folder (no --model/--data; default "
                    "~/.cache/nanoalign/toy/<hash>)")
     g.add_argument("--toy-seed", type=int, default=0, help="seed of the toy world and its SFT base model")
+    evaltrain.add_args(p)
     args = p.parse_args(argv)
     if args.model is None and args.data is None:
         from nanoalign.toy.run import train_defaults
@@ -187,6 +209,8 @@ def parse_args(argv=None, toy_algo=None):
     if (args.model is None) != (args.data is None):
         p.error("--model and --data go together (give neither for the built-in toy-world run)")
     runs.check_args(p, args)
+    if evaltrain.check_args(args):
+        p.error(evaltrain.check_args(args))
     return args
 
 
@@ -205,9 +229,18 @@ def main(args):
     if runs.prepare_out(args, world) == "finished":  # lock, refusals, the resume settings check
         tu.print0(f"{out}: this run is finished ({out / 'final'}); nothing to do")
         return out / "final"
+    t_run = time.time()
 
     # ------------------------------------------------------------------------------------------------------ model
-    model, processor = load_pretrained(args.model, dtype=torch.float32)
+    # --model: a folder, or a hub id org/name fetched into (or, offline, found in) the Hugging Face cache
+    args.model = str(resolve_model(args.model, args.revision)) if rank == 0 or not distributed else args.model
+    if distributed:  # rank 0 fetched it; the others then find it in the cache
+        dist.barrier()
+        args.model = str(resolve_model(args.model, args.revision))
+    dtype = DTYPES[args.dtype]  # the weights' dtype; --amp: fp32 weights, bf16 compute
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if args.amp and not distributed else \
+        nullcontext()
+    model, processor = load_pretrained(args.model, dtype=dtype)
     if processor is None:
         raise ValueError(f"{args.model}: no tokenizer.json, cannot tokenize the data")
     model_config = model.config
@@ -262,7 +295,7 @@ def main(args):
                                       args.ref_cache or out / "refcache", args.image_root, args.template,
                                       args.batch_size, device)
     if algo.responses != "none" and not (online and args.lora_rank > 0):  # online + LoRA: the adapters switched off
-        reference, _ = load_pretrained(args.model, dtype=torch.float32)
+        reference, _ = load_pretrained(args.model, dtype=dtype)
         reference.requires_grad_(False)
     # reward model head (rm) / value head (ppo): a plain Linear(H, 1) beside the sharded model, gradients all-reduced
     H = model_config.text_config.hidden_size
@@ -270,6 +303,8 @@ def main(args):
     if algo.loss == "ppo":
         torch.nn.init.zeros_(head.weight)  # V = 0 at the start
     reward_fn = load_reward(args.reward, processor.tokenizer, device, args.max_len) if algo.reward == "reward" else None
+    # evaluation during training: its held-out pairs are scored here with the initial weights (prefs)
+    evaluator = evaltrain.Evaluator(args, model, processor, device, out) if args.eval_task else None
 
     # ---------------------------------------------------------------------------------------------- LoRA, freeze
     model.train()
@@ -293,7 +328,7 @@ def main(args):
         if lora_layers:
             load_lora_adapter(model, str(resume_from / "adapter"))
         else:
-            resumed, _ = load_pretrained(resume_from, dtype=torch.float32)
+            resumed, _ = load_pretrained(resume_from, dtype=dtype)
             model.load_state_dict(resumed.state_dict())
         tu.print0(f"resuming from {resume_from} (step {state['step']})")
 
@@ -305,8 +340,8 @@ def main(args):
     model.to(device)
     if distributed:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda else \
-            MixedPrecisionPolicy()
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if \
+            (cuda or args.amp) and dtype == torch.float32 else MixedPrecisionPolicy()
         for m in [model, reference]:
             if m is None:
                 continue
@@ -339,8 +374,12 @@ def main(args):
         tu.set_rng_state(state["rng"])
         start_step = state["step"]
     n_params = sum(p.numel() for _, p in trainable)
-    tu.print0(f"{args.algo}: {len(encoded)} examples, {world} rank(s), global batch {global_batch}, "
-              f"{max_steps} steps, {n_params / 1e6:.2f}M trainable parameters")
+    precision = (f"weights {args.dtype}" + (", bf16 compute (--amp)" if args.amp or (distributed and cuda and
+                                                                             dtype == torch.float32) else ""))
+    tu.print0(tu.start_lines(algo=args.algo, model=args.model, data=args.data, n_examples=len(encoded), world=world,
+                             global_batch=global_batch, max_steps=max_steps, start_step=start_step,
+                             n_params=n_params, precision=precision, out=out, device=str(device),
+                             eval_plan=evaluator.plan(start_step, max_steps) if evaluator else None))
 
     header = {"config": vars(args), "git_sha": tu.git_sha(), "argv": sys.argv, "world": world,
               "max_steps": max_steps, "model_config": model_config.to_dict()}
@@ -362,6 +401,12 @@ def main(args):
         tu.print0(f"reward normalization: mean {reward_norm[0]:.4f}, std {reward_norm[1]:.4f}")
 
     # ------------------------------------------------------------------------------------------------------ loop
+    records = []  # this run's metrics.jsonl records, for the summary
+    if evaluator is not None and state is None:  # the initial policy: step 0 of the eval curves
+        records.append({"step": 0, **evaluator.run(model, 0)})
+        log.write(records[-1])
+        if evaluator.improved(records[-1]):
+            tu.save_checkpoint(out, "best", model, model_config, processor, lora_layers, step=0)
     progress = tu.Progress(max_steps, start_step)
     last_save = None
     for step in range(start_step, max_steps):
@@ -445,12 +490,13 @@ def main(args):
             elif algo.data == "pairs" and algo.loss != "bt":
                 ref = reference_logps(b, [keys[it.index] for it in items], ref_cache, reference, device)
             # objective
-            if algo.loss == "bt":  # reward model: Bradley-Terry on the head's rewards (no reference)
-                loss, metrics = rlstep.rm_objective(model, head, b, len(items), device)
-            else:
-                loss, metrics = objective(algo.loss, model, b, ref, len(items), device, beta=args.beta,
-                                          sft_weight=args.sft_weight,
-                                          average=args.ddpo_average and algo.weights == "ddpo")
+            with amp:  # --amp on one process: bf16 matmuls; the loss and log-prob sums stay fp32 (nanoalign/ops.py)
+                if algo.loss == "bt":  # reward model: Bradley-Terry on the head's rewards (no reference)
+                    loss, metrics = rlstep.rm_objective(model, head, b, len(items), device)
+                else:
+                    loss, metrics = objective(algo.loss, model, b, ref, len(items), device, beta=args.beta,
+                                              sft_weight=args.sft_weight,
+                                              average=args.ddpo_average and algo.weights == "ddpo")
             if not torch.isfinite(loss):
                 raise SystemExit(f"error: non-finite loss {float(loss.detach())} at step {step + 1}, "
                                  f"micro-step {micro}, rank {rank}, examples {[examples[i].id for i in idx]}; stopping "
@@ -502,10 +548,18 @@ def main(args):
                 tu.print0(f"step {step + 1}: {rec['skipped']}")
         if algo.data == "pairs":
             rec["resp_len"] = tu.all_mean(float((b["labels"] != -100).sum(1).float().mean()))
+        if evaluator is not None and evaluator.due(step + 1, max_steps):
+            rec.update(evaluator.run(model, step + 1))
+            if evaluator.improved(rec):
+                tu.save_checkpoint(out, "best", model, model_config, processor, lora_layers, step=step + 1)
         log.write(rec)
+        records.append(rec)
         if wandb is not None:
             wandb.log(rec, step=step + 1)
-        progress.update(f"loss {rec['loss']:.4f}")
+        if step == start_step:
+            tu.print0(f"first step: {rec['time_s']:.1f}s; {max_steps - start_step} steps take about "
+                      f"{rec['time_s'] * (max_steps - start_step) / 60:.1f} min (+ evaluations)")
+        progress.update(tu.step_postfix(rec))
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < max_steps:
             last_save = tu.save_checkpoint(out, f"{tu.STEP_PREFIX}{step + 1:06d}", model, model_config, processor,
                                            lora_layers, optimizer, scheduler, step + 1, args, args.keep)
@@ -517,6 +571,21 @@ def main(args):
     if algo.loss == "bt" and rank == 0:  # the head beside the checkpoint (the folder still loads as llava-hf)
         save_reward_head(final, head, processor.tokenizer, args.template, train_data=args.data)
     tu.print0(f"saved {final}")
+    if wandb is not None:
+        wandb.finish()  # flushes the run (WANDB_MODE=offline: OUT-independent ./wandb/offline-run-*, `wandb sync`)
+    if rank == 0:
+        plot = tu.write_plot(out)
+        ev = (f"python -m nanoalign.eval --model {final} --task {args.eval_task} --data {args.eval_data} "
+              f"--image-root {args.eval_image_root or Path(args.eval_data).resolve().parent} --out {out / 'eval'}"
+              if args.eval_task in ("pope", "chair") else
+              f"python -m nanoalign.eval --model {final} --task pope --data POPE.jsonl --image-root COCO_DIR "
+              f"--out {out / 'eval'}")
+        if args.eval_task == "chair":
+            ev += f" --annotations {args.eval_annotations}"
+        best = (evaluator.best_name, evaluator.best, out / "best") if evaluator and evaluator.best_name and \
+            evaluator.best is not None else None
+        print(tu.summary_lines(records, out=out, final=final, seconds=time.time() - t_run, plot=plot,
+                               eval_command=ev, best=best), flush=True)
     runs.release(out)
     return final
 

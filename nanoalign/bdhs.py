@@ -542,9 +542,9 @@ def main(argv=None) -> int:
         return fail("--max-iters and --batch-size must be >= 1, --limit >= 0")
     if args.noise_steps is not None and not 0 <= args.noise_steps < 1000:
         return fail(f"--noise-steps {args.noise_steps}: must be in [0, 1000)")
-    if not os.path.isdir(args.model):
+    from nanoalign.checkpoint import is_hub_id, load_for_cli
+    if not os.path.isdir(args.model) and not is_hub_id(args.model):  # a hub id org/name is fetched by load_for_cli
         return fail(f"--model {args.model}: no such directory")
-    from nanoalign.checkpoint import load_for_cli
     from nanoalign.data import load_examples, load_image
     try:
         examples, skipped = load_examples(args.data, args.data_format, args.image_root)

@@ -145,6 +145,47 @@ def _skip_init():
             setattr(torch.nn.init, n, f)
 
 
+HUB_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",
+                "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                "preprocessor_config.json", "processor_config.json", "chat_template.json", "chat_template.jinja"]
+
+
+def is_hub_id(name) -> bool:
+    """`org/name` that is not an existing path: two non-empty parts, no leading . or ~, no file suffix."""
+    text, path = str(name), Path(name)
+    parts = text.split("/")
+    return (not path.exists() and len(parts) == 2 and all(parts) and not text.startswith((".", "~"))
+            and not path.suffix)
+
+
+def resolve_model(name: str | os.PathLike, revision: str | None = None) -> Path:
+    """A --model argument -> a local checkpoint folder.
+
+    An existing folder is returned as it is. Otherwise `org/name` is a Hugging Face hub id: the files of
+    HUB_PATTERNS (safetensors weights, config, tokenizer and processor files; never pickles) are fetched by
+    huggingface_hub.snapshot_download into the hub cache (HF_HOME / HF_HUB_CACHE) at `revision` (a branch, tag or
+    commit; default main), or found there without network when HF_HUB_OFFLINE=1. Errors: ValueError with one line
+    (not a folder and not an org/name id; not in the cache while offline; the download failed)."""
+    path = Path(name)
+    if path.is_dir():
+        return path
+    text = str(name)
+    if not is_hub_id(name):
+        raise ValueError(f"{text}: checkpoint directory not found (and not a hub id of the form org/name)")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ValueError(f"{text}: not a local folder, and huggingface_hub is not installed to fetch it") from None
+    try:
+        return Path(snapshot_download(text, revision=revision, allow_patterns=HUB_PATTERNS))
+    except Exception as e:  # offline and not cached, unknown repo or revision, network errors: one line
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        hint = " (HF_HUB_OFFLINE is set and it is not in the hub cache)" if offline else ""
+        raise ValueError(f"{text}: cannot fetch from the Hugging Face hub{hint}: {type(e).__name__}: {first}") \
+            from None
+
+
 def load_pretrained(path, dtype=torch.float32, device="cpu"):
     """Checkpoint directory -> (LlavaModel in eval mode, Processor or None).
 
@@ -190,12 +231,12 @@ def check_finite(model, path) -> None:
         raise ValueError(f"{path}: non-finite weights (NaN or inf) in {', '.join(bad[:3])}{more}")
 
 
-def load_for_cli(path):
+def load_for_cli(path, revision: str | None = None):
     """load_pretrained for the command lines (generate, bdhs, eval): (model, processor), or a ValueError
     with one line naming the folder -- a missing or broken checkpoint, one without tokenizer.json (every CLI
-    tokenizes prompts), or one with non-finite weights."""
+    tokenizes prompts), or one with non-finite weights. `path` may be a hub id org/name (resolve_model)."""
     try:
-        model, processor = load_pretrained(path)
+        model, processor = load_pretrained(resolve_model(path, revision))
     except (FileNotFoundError, ValueError, KeyError, OSError) as e:
         raise ValueError(f"{path}: {(str(e).splitlines() or [''])[0]}") from None
     if processor is None:

@@ -460,9 +460,12 @@ def main(argv=None):
         return fail("--task chair needs --annotations (COCO instances or captions JSON) to score captions")
     if args.task == "mmhal" and not args.judge:
         return fail("--task mmhal needs --judge DIR (a nanoalign-loadable VLM that sees the image)")
-    for d in args.model + ([args.judge] if args.judge else []):
-        if not Path(d).is_dir():
-            return fail(f"model folder not found: {d}")
+    from nanoalign.checkpoint import resolve_model
+    try:  # local folders, or hub ids org/name fetched (or found in the cache) now
+        args.model = [str(resolve_model(d)) for d in args.model]
+        args.judge = str(resolve_model(args.judge)) if args.judge else None
+    except ValueError as e:
+        return fail(f"model folder not found: {e}")
     names = args.name or model_names(args.model)
     if len(names) != len(args.model):
         return fail(f"--name gives {len(names)} name(s) for {len(args.model)} --model folder(s): one each")

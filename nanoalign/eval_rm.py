@@ -22,6 +22,7 @@ import sys
 import torch
 
 from nanoalign.batch import encode_all
+from nanoalign.checkpoint import is_hub_id, resolve_model
 from nanoalign.data import FORMATS, load_examples
 from nanoalign.reward import load_reward_model, pair_rewards
 
@@ -66,7 +67,9 @@ def evaluate(args, log=print) -> dict:
     out = {"models": [], "data": [{"path": p, "format": f, "label": lab} for (p, f, *_), lab in zip(data, labels)],
            "results": []}
     for model_path in args.model:
-        rm = load_reward_model(model_path, max_len=args.max_len)
+        # a folder, or a hub id org/name (fetched into the hub cache); a missing folder is load_reward_model's error
+        rm = load_reward_model(str(resolve_model(model_path)) if is_hub_id(model_path) else model_path,
+                               max_len=args.max_len)
         train_data = rm.meta.get("train_data")
         out["models"].append({"path": model_path, "train_data": train_data})
         for (path, fmt, root, examples, n_skipped), label in zip(data, labels):

@@ -90,7 +90,8 @@ def main(argv=None) -> int:
         print(f"error: {msg}", file=sys.stderr)
         return 2
 
-    if not os.path.isdir(args.model):
+    from nanoalign.checkpoint import is_hub_id
+    if not os.path.isdir(args.model) and not is_hub_id(args.model):  # a hub id org/name is fetched by load_for_cli
         return fail(f"--model {args.model}: no such directory")
     if args.max_new_tokens < 1:
         return fail(f"--max-new-tokens {args.max_new_tokens}: must be >= 1")

@@ -42,6 +42,8 @@ def logprob_rows_ref(h, w, y):
 # ----------------------------------------------------------------------------- pure-torch chunked path
 
 
+@torch.autocast("cpu", enabled=False)  # fp32 accumulation even inside --amp's autocast region
+@torch.autocast("cuda", enabled=False)
 def logprob_rows_fwd_torch(h, w, y, block_rows=BLOCK_ROWS, block_v=BLOCK_V):
     """Chunked forward: online log-sum-exp over V blocks in fp32; holds one (block_rows, block_v) tile at a time."""
     N, V = h.shape[0], w.shape[0]
@@ -63,6 +65,8 @@ def logprob_rows_fwd_torch(h, w, y, block_rows=BLOCK_ROWS, block_v=BLOCK_V):
     return target - lse, lse
 
 
+@torch.autocast("cpu", enabled=False)  # fp32 accumulation even inside --amp's autocast region
+@torch.autocast("cuda", enabled=False)
 def logprob_rows_bwd_torch(h, w, y, lse, g, block_rows=BLOCK_ROWS, block_v=BLOCK_V, need_grad_w=True):
     """Chunked backward, recomputing the logit tiles:
         grad_logits = g[n] (1[v == y_n] - exp(logit - lse_n));  grad_h = grad_logits @ w;  grad_w = grad_logits.T @ h

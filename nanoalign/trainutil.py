@@ -353,28 +353,37 @@ def peak_memory_mb() -> float:
 
 
 class Progress:
-    """The one progress bar (training steps, evaluation, pair making, BDHS): tqdm when installed, else a plain
-    stderr line `desc n/total rate unit/s ETA postfix`. Redrawn at most every 0.1 s on a terminal and every 30 s
-    into a log file or pipe (a CI log gets a few lines, not one per step).
+    """The one progress bar (training steps, evaluation, pair making, BDHS). On a terminal: tqdm when installed, else
+    one stderr line `desc n/total rate unit/s ETA postfix` redrawn in place (at most every 0.1 s). Into a log file or
+    pipe: one plain line per `every` updates (default: about 20 lines per run) and at the end, never a carriage
+    return, so a CI log reads top to bottom.
 
     total / initial: counts of `unit`; enabled: draw it (default: on rank 0 only; pass False to silence, True to
     draw on every rank). update(postfix, n) advances by n units.
     """
 
     def __init__(self, total: int, initial: int = 0, desc: str = "train", unit: str = "step",
-                 enabled: bool | None = None):
+                 enabled: bool | None = None, every: int | None = None):
         self.total, self.n, self.t0, self.start, self.bar = total, initial, time.time(), initial, None
         self.desc, self.unit = desc, unit
         self.enabled = rank() == 0 if enabled is None else enabled
-        self.interval = 0.1 if sys.stderr.isatty() else 30.0
+        self.tty = sys.stderr.isatty()
+        self.every = every or max(1, (total - initial) // 20)
         self.last = 0.0
-        if self.enabled:
+        if self.enabled and self.tty:
             try:
                 from tqdm import tqdm
                 self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, file=sys.stderr,
-                                dynamic_ncols=True, mininterval=self.interval)
+                                dynamic_ncols=True, mininterval=0.1)
             except ImportError:
                 pass
+
+    def line(self, postfix: str = "") -> str:
+        """`desc n/total rate unit/s ETA 1m05s postfix` of the updates so far."""
+        rate = (self.n - self.start) / max(time.time() - self.t0, 1e-9)
+        eta = (self.total - self.n) / rate if rate > 0 else float("inf")
+        eta_s = f"{int(eta // 60)}m{int(eta % 60):02d}s" if math.isfinite(eta) else "?"
+        return f"{self.desc} {self.n}/{self.total} {rate:.2f} {self.unit}/s ETA {eta_s} {postfix}".rstrip()
 
     def update(self, postfix: str = "", n: int = 1) -> None:
         self.n += n
@@ -383,19 +392,93 @@ class Progress:
         if self.bar is not None:
             self.bar.set_postfix_str(postfix, refresh=False)
             self.bar.update(n)
-        elif time.time() - self.last >= self.interval or self.n >= self.total:
-            self.last = time.time()
-            rate = (self.n - self.start) / max(time.time() - self.t0, 1e-9)
-            eta = (self.total - self.n) / rate if rate > 0 else float("inf")
-            eta_s = f"{int(eta // 60)}m{int(eta % 60):02d}s" if math.isfinite(eta) else "?"
-            print(f"\r{self.desc} {self.n}/{self.total} {rate:.2f} {self.unit}/s ETA {eta_s} {postfix}", end="",
-                  file=sys.stderr, flush=True)
+        elif self.tty:
+            if time.time() - self.last >= 0.1 or self.n >= self.total:
+                self.last = time.time()
+                print("\r" + self.line(postfix), end="", file=sys.stderr, flush=True)
+        elif (self.n - self.start) % self.every < n or self.n >= self.total:
+            print(self.line(postfix), file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        elif self.enabled:
+        elif self.enabled and self.tty:
             print(file=sys.stderr)
+
+
+def step_postfix(rec: dict) -> str:
+    """The progress line's metrics of a metrics.jsonl record: loss, reward accuracy and margin (preference losses),
+    reward and KL (RL, when logged), tokens/s, and the newest eval metrics."""
+    parts = [f"loss {rec['loss']:.4f}"]
+    for key, label, fmt in (("accuracy", "acc", ".2f"), ("margin", "margin", ".3f"), ("reward", "reward", ".3f"),
+                            ("kl", "kl", ".4f")):
+        if isinstance(rec.get(key), (int, float)):
+            parts.append(f"{label} {rec[key]:{fmt}}")
+    parts.append(f"{rec.get('tokens_per_s', 0):.0f} tok/s")
+    parts += [f"{k} {v:.3f}" for k, v in rec.items() if k.startswith("eval/") and isinstance(v, (int, float))][:2]
+    return " | ".join(parts)
+
+
+def start_lines(*, algo: str, model: str, data: str, n_examples: int, world: int, global_batch: int,
+                max_steps: int, start_step: int, n_params: float, precision: str, out: Path, device: str,
+                eval_plan: str | None = None) -> str:
+    """The first lines of a run: what it will do, on what, and where its outputs go."""
+    lines = [f"run: {algo} on {n_examples} examples of {data}, model {model}",
+             f"     {max_steps - start_step} optimizer steps (of {max_steps}; global batch {global_batch} = "
+             f"{global_batch // world} per rank x {world} rank(s)), {n_params / 1e6:.2f}M trainable parameters, "
+             f"{device}, {precision}",
+             f"     outputs: {out}/final (checkpoint), {out}/metrics.jsonl (one line per step), {out}/curves.png",
+             "     time: the first step's duration and the ETA follow (progress line)"]
+    if eval_plan:
+        lines.append("     " + eval_plan)
+    return "\n".join(lines)
+
+
+def summary_lines(records: list[dict], *, out: Path, final: Path, seconds: float, plot: str | None,
+                  eval_command: str, best: tuple[str, float, Path] | None = None) -> str:
+    """The end of a run: steps, time, tokens/s, the final metrics and the best eval, first vs last reward accuracy
+    (means over the first and last max(1, steps // 10) steps, at most 10), where the outputs are, the command that
+    evaluates the result. records: the run's metrics.jsonl records (step lines, eval lines)."""
+    steps = [r for r in records if "loss" in r]
+    lines = [f"done: {len(steps)} steps in {seconds / 60:.1f} min"]
+    if steps:
+        tps = sum(r.get("tokens_per_s", 0) for r in steps) / len(steps)
+        lines[0] += f", {tps:.0f} tokens/s (mean over steps)"
+        last = steps[-1]
+        lines.append("  final: " + ", ".join(f"{k} {last[k]:.4g}" for k in ("loss", "accuracy", "margin", "reward",
+                                                                            "kl") if k in last))
+        acc = [r["accuracy"] for r in steps if "accuracy" in r]
+        if acc:
+            k = min(10, max(1, len(acc) // 10))
+            lines.append(f"  reward accuracy: first {k} step(s) {sum(acc[:k]) / k:.3f} -> last {k} step(s) "
+                         f"{sum(acc[-k:]) / k:.3f}")
+    evals = [r for r in records if any(key.startswith("eval/") for key in r)]
+    if evals:
+        first, last = evals[0], evals[-1]
+        keys = [k for k in last if k.startswith("eval/")]
+        lines.append(f"  eval: step {first['step']} -> step {last['step']}: " + ", ".join(
+            f"{k[5:]} {first.get(k, float('nan')):.4g} -> {last[k]:.4g}" for k in keys))
+    if best is not None:
+        lines.append(f"  best {best[0]} {best[1]:.4g}: {best[2]}")
+    lines.append(f"  checkpoint: {final}")
+    lines.append(f"  metrics:    {out / 'metrics.jsonl'}")
+    lines.append(f"  plot:       {plot}" if plot else "  plot:       (matplotlib not installed: pip install "
+                 f"matplotlib; python -m nanoalign.plot {out / 'metrics.jsonl'})")
+    lines.append(f"  evaluate:   {eval_command}")
+    return "\n".join(lines)
+
+
+def write_plot(out: Path) -> str | None:
+    """OUT/curves.png from OUT/metrics.jsonl (nanoalign.plot) -> its path, or None without matplotlib."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return None
+    from nanoalign.plot import plot_runs, read_run
+    header, rows = read_run(str(out / "metrics.jsonl"))
+    algo = str(header.get("config", {}).get("algo", ""))
+    plot_runs({out.name or "run": rows}, str(out / "curves.png"), algos={out.name or "run": algo})
+    return str(out / "curves.png")
 
 
 class MetricsLog:

@@ -203,5 +203,5 @@ def test_toy_world_runs_each_online_algo(tmp_path, monkeypatch):
         s = _run(tmp_path, algo, monkeypatch, algo=algo, extra=["--max-new-tokens", "8"])
         assert s["algo"] == algo and "chair_i" in s["after"] and "recall" in s["after"]
         recs = [json.loads(x) for x in open(tmp_path / algo / "metrics.jsonl")]
-        assert [r["step"] for r in recs if "step" in r] == [1, 2]
+        assert [r["step"] for r in recs if "loss" in r] == [1, 2]  # (step 0: the toy's eval of the initial policy)
         assert algo == "online-bdhs" or recs[0]["header"]["config"]["annotator"].startswith("oracle:")

@@ -242,7 +242,11 @@ def test_every_train_option_survives_the_command_line_of_the_alignment_run():
               "0.5", "--gamma-ppo", "0.99", "--lam", "0.9", "--kl-estimator", "k3", "--no-whiten-rewards",
               "--guard-len-min", "2", "--guard-len-max", "50", "--guard-entropy", "0.1", "--guard-kl", "5",
               "--stop-on-collapse", "--annotator", "oracle", "--annotator-both-orders",
-              "--alpha", "0.25", "--top-p", "0.9", "--bdhs-embedder", "e"]
+              "--alpha", "0.25", "--top-p", "0.9", "--bdhs-embedder", "e", "--revision", "v1",
+              "--dtype", "bf16", "--amp", "--eval-data", "e", "--eval-task", "chair", "--eval-every", "4",
+              "--eval-limit", "9", "--eval-image-root", "ei", "--eval-annotations", "ea", "--eval-synonyms", "es",
+              "--eval-data-format", "llava", "--eval-max-new-tokens", "7", "--eval-batch-size", "3",
+              "--keep-best", "chair_s"]
     for argv in (["--model", "m", "--data", "d"], others):
         a = train.parse_args(argv)
         assert vars(train.parse_args(base.to_argv(vars(a)))) == vars(a)

@@ -67,6 +67,15 @@ def in_parallel(fns):
     return [res for _, res in got[:len(fns)]]
 
 
+def cores() -> int:
+    """Threads a rank working alone uses: OMP_NUM_THREADS when the user set it, else every core. Under torchrun a
+    value of 1 is torchrun's own default (it sets 1 unless the user set something), so there it means every core."""
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0 and not ("WORLD_SIZE" in os.environ and env == "1"):
+        return int(env)
+    return os.cpu_count() or 1
+
+
 class Threads:
     """`with Threads(n):` torch uses n threads inside, then its old count again (every core on a rank that works
     alone while the others wait)."""
@@ -239,7 +248,7 @@ def prepare_base(train_main, parse_args, cache, settings, toy_seed):
     t0 = time.time()
 
     def world_step():
-        with Threads(os.cpu_count() or 1):
+        with Threads(cores()):
             world = files.build_world(str(cache / "world"), settings["n_train"], settings["n_eval"], toy_seed,
                                       settings["qa_per_image"], settings["vocab_size"], settings["exist_per_image"])
             if not _done(cache / "init"):
@@ -292,7 +301,7 @@ def _train_alone(train_main, argv):
     slower (docs/toy_world.md). Raises RuntimeError when it fails."""
     import subprocess
     env = {k: v for k, v in os.environ.items() if k not in _TORCHRUN_ENV and not k.startswith("TORCHELASTIC")}
-    env["OMP_NUM_THREADS"] = str(os.cpu_count() or 1)
+    env["OMP_NUM_THREADS"] = str(cores())
     script = Path(sys.modules[train_main.__module__].__file__).resolve()
     r = subprocess.run([sys.executable, str(script), *argv], env=env)
     if r.returncode != 0:

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from nanoalign import runs
 from nanoalign import trainutil as tu
 from nanoalign.toy import base as toy_base
-from nanoalign.toy.base import Threads, cache_dir, fingerprint, in_parallel, on_rank, prepare_base, to_argv
+from nanoalign.toy.base import Threads, cache_dir, cores, fingerprint, in_parallel, on_rank, prepare_base, to_argv
 from nanoalign.toy.evaluate import evaluate, table
 from nanoalign.toy.pairs import build_pairs
 
@@ -43,6 +43,8 @@ ALIGN = {
     "dpo": {"beta": 0.3},
     "ddpo": {"beta": 0.3, "lr": 2e-4},
 }
+COLD_MIN, CACHED_MIN = "about 12 min", "about 2 min"  # the ddpo default run on 2 idle cores (docs/log.md)
+EVAL_LIMIT = 100  # held-out scenes evaluated (CHAIR) during the alignment, 8 times; the final table uses all
 TOY_ONLY_ALGOS = {"bdhs": "dpo"}  # toy algorithm -> the train.py algorithm that aligns on its pairs
 _TOY_OWNED = ("algo", "model", "data", "data_format", "image_root", "template", "out", "toy_cache", "toy_seed")
 
@@ -75,6 +77,12 @@ def default_run(args, train_main, parse_args, algos, settings=None):
         runs.lock(cache)  # one toy pipeline per cache at a time
     out = Path(args.out)
     t_start = time.time()
+    cached = (cache / "base" / "final").is_dir()
+    tu.print0(f"toy: no --model/--data: the built-in toy world run of {algo} (docs/toy_world.md)\n"
+              f"toy: {'reusing' if cached else 'building'} the toy world and its SFT base model in {cache} "
+              f"(--toy-cache); measured on 2 idle cores: {COLD_MIN} cold, {CACHED_MIN} cached (docs/log.md)\n"
+              f"toy: {cores()} thread(s) per working rank (OMP_NUM_THREADS, else every core), "
+              f"{tu.world_size()} rank(s); outputs in {out}")
     times = {}
     world, base = prepare_base(train_main, parse_args, cache, settings, toy_seed)
     times["world_and_base_s"] = time.time() - t_start
@@ -87,7 +95,7 @@ def default_run(args, train_main, parse_args, algos, settings=None):
     before_dir = cache / "base_eval"
 
     def eval_before(alone=True):  # alone: the other ranks wait, so it takes every core
-        with Threads((os.cpu_count() or 1) if alone else 1):
+        with Threads(cores() if alone else 1):
             return evaluate(base, world, before_dir, mnt, template=settings["template"])
 
     before = None
@@ -100,7 +108,7 @@ def default_run(args, train_main, parse_args, algos, settings=None):
         def pairs_step():
             out.mkdir(parents=True, exist_ok=True)
             t = time.time()
-            with Threads(1 if tu.world_size() > 1 else (os.cpu_count() or 1)):
+            with Threads(1 if tu.world_size() > 1 else cores()):
                 st = build_pairs(algo, base, world, pairs_path, al["pair_scenes"], args.seed, al["samples"],
                                  al["temperature"], max_new_tokens=al.get("max_new_tokens", 128),
                                  rewrite_missing=al.get("rewrite_missing", False), template=settings["template"],
@@ -128,13 +136,18 @@ def default_run(args, train_main, parse_args, algos, settings=None):
         aargs.update(algo=TOY_ONLY_ALGOS.get(algo, algo), model=base, data=pairs_path, data_format="prefs", out=out,
                      max_steps=steps, template=settings["template"],
                      warmup_steps=min(5, steps // 4) if args.warmup_steps is None else args.warmup_steps)
+        if args.eval_task is None:  # on by default: CHAIR of the held-out scenes during training (its curve)
+            aargs.update(eval_data=world["chair_questions"], eval_task="chair", eval_annotations=world["chair_coco"],
+                         eval_synonyms=world["synonyms"], eval_image_root=world["images"],
+                         eval_max_new_tokens=mnt, eval_limit=args.eval_limit or EVAL_LIMIT,
+                         eval_every=args.eval_every or max(1, steps // 8))
         final = train_main(parse_args(to_argv(aargs)))
         times["align_s"] = time.time() - t
         pairs = pair_stats
 
         def eval_after():
             shutil.rmtree(out / "eval_after", ignore_errors=True)  # results of an earlier run in the same --out
-            with Threads(os.cpu_count() or 1):
+            with Threads(cores()):
                 return evaluate(final, world, out / "eval_after", mnt, template=settings["template"])
 
         t = time.time()
