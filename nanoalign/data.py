@@ -328,7 +328,9 @@ def _read_json_list(ctx: _Ctx) -> list[tuple[str, Any]]:
     except UnicodeDecodeError as e:
         raise ValueError(_not_utf8(ctx.path, raw, e)) from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{ctx.path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+        hint = " (one JSON document per line? that is JSONL: --data-format prefs or vlfeedback)" \
+            if e.msg == "Extra data" else ""
+        raise ValueError(f"{ctx.path}: not valid JSON (line {e.lineno}: {e.msg}){hint}") from None
     if not isinstance(data, list):
         raise ValueError(f"{ctx.path}: expected a JSON list of rows, found {type(data).__name__}")
     return [(f"row {i}", r) for i, r in enumerate(data)]

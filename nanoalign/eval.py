@@ -450,8 +450,11 @@ def main(argv=None):
     def fail(msg):
         print(f"error: {msg}", file=sys.stderr)
         return 2
-    if args.batch_size < 1 or (args.limit is not None and args.limit < 0):
-        return fail("--batch-size must be >= 1 and --limit >= 0")
+    if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
+        return fail(f"--batch-size {args.batch_size} must be >= 1 and --limit {args.limit} >= 1 (leave --limit out "
+                    "for every row)")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        return fail(f"--out {args.out}: a file, not a folder")
     if not 0.0 <= args.max_failed <= 1.0:
         return fail(f"--max-failed {args.max_failed}: a share between 0 and 1")
     if not Path(args.image_root).is_dir():

@@ -95,7 +95,7 @@ def main(argv=None) -> int:
         return fail(f"--model {args.model}: no such directory")
     if args.max_new_tokens < 1:
         return fail(f"--max-new-tokens {args.max_new_tokens}: must be >= 1")
-    if args.temperature < 0 or not 0 < args.top_p <= 1:
+    if not args.temperature >= 0 or args.temperature == float("inf") or not 0 < args.top_p <= 1:  # NaN fails >=
         return fail("--temperature must be >= 0 and --top-p in (0, 1]")
     if args.template == "raw" and IMAGE_TOKEN not in args.prompt:
         return fail(f"--prompt has no {IMAGE_TOKEN} (required with --template raw)")

@@ -123,6 +123,19 @@ def test_povid(tmp_path, root):
     assert dict(counts) == {"no_image_token": 1, "missing_image": 1, "missing_field": 1}  # no prepending for povid
 
 
+def test_jsonl_given_as_a_json_list_format_names_the_fix(tmp_path, root):
+    """A JSONL file given to a JSON-list format (povid, llava): one line naming the file, the line and the likely
+    fix, not a bare 'Extra data'."""
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps({"image": "good.png", "prompt": "q", "chosen": "a", "rejected": "b"}) + "\n" +
+                    json.dumps({"image": "good.png", "prompt": "q", "chosen": "c", "rejected": "d"}) + "\n")
+    for fmt in ("povid", "llava"):
+        with pytest.raises(ValueError) as e:
+            D.load_examples(str(path), fmt, image_root=str(root))
+        msg = str(e.value)
+        assert msg.startswith(f"{path}: not valid JSON (line 2") and "--data-format prefs" in msg and "\n" not in msg
+
+
 def _turns(*pairs):
     return [t for h, a in pairs for t in ({"from": "human", "value": h}, {"from": "gpt", "value": a})]
 

@@ -240,6 +240,11 @@ def test_cli_single_model_pope_and_errors(tmp_path, monkeypatch, capsys):
                    "--image-root", str(imgs), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "error: model folder not found" in err and "none.jsonl" in err and "--judge" in err
+    (tmp_path / "afile").write_text("x")  # --out a file, --limit 0: one line each, before any generation
+    assert E.main(args[:-5] + ["--out", str(tmp_path / "afile")]) == 2
+    assert E.main(args[:-5] + ["--out", str(tmp_path / "o2"), "--limit", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "afile: a file, not a folder" in err[0] and "--limit 0" in err[1] and len(err) == 2
 
 
 def test_toy_world_files_through_the_cli(tmp_path, monkeypatch, capsys):

@@ -131,6 +131,8 @@ def test_cli_errors(ckpt_dir, tmp_path, capsys):
         (["--model", ckpt_dir, "--image", img, "--prompt", "red cat", "--template", "raw"], "has no <image>"),
         (["--model", ckpt_dir, "--image", img, "--prompt", "<image> a <image>"], "exactly one"),
         (["--model", ckpt_dir, "--image", img, "--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens"),
+        (["--model", ckpt_dir, "--image", img, "--prompt", "x", "--temperature", "nan"], "--temperature"),
+        (["--model", ckpt_dir, "--image", img, "--prompt", "x", "--temperature", "inf"], "--temperature"),
     ]
     for argv, msg in cases:
         assert main(argv) == 2, argv
