@@ -30,14 +30,13 @@ not, as LLaVA trains conversations.
 from __future__ import annotations
 
 import io
-import os
 from collections import Counter
 from dataclasses import dataclass
 
 import torch
 from PIL import Image
 
-from nanoalign.data import Example, example_token_weights, load_image
+from nanoalign.data import Example, example_token_weights, image_source, load_image
 from nanoalign.image import ImageError, exif_transpose_default, image_size
 from nanoalign.tokenizer import IMAGE_TOKEN, build_prompt
 
@@ -78,11 +77,9 @@ def open_image(example: Example, image_root: str | None) -> Image.Image | None:
 
 def _image_size(example: Example, image_root: str | None) -> tuple[int, int] | None:
     """(height, width) of the example's image from its header (no decode); None when text-only."""
-    img = example.image
+    img = image_source(example, image_root)
     if img is None:
         return None
-    if isinstance(img, str) and image_root is not None and not os.path.isabs(img):
-        img = os.path.join(image_root, img)
     try:
         return image_size(img)
     except ImageError as e:
@@ -103,9 +100,7 @@ def image_bytes(example: Example, image_root: str | None) -> bytes | None:
         img.save(buf, format="PNG")
         data = buf.getvalue()
     else:
-        if image_root is not None and not os.path.isabs(img):
-            img = os.path.join(image_root, img)
-        with open(img, "rb") as f:
+        with open(image_source(example, image_root), "rb") as f:
             data = f.read()
     return b"exif_transpose\0" + data if exif_transpose_default() else data
 

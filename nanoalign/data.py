@@ -201,15 +201,22 @@ def _verify_image(src: Any) -> None:
         raise _BadRow("unreadable_image", f"{type(e).__name__}: {e}") from None
 
 
+def image_source(example: Example, image_root: str | None = None):
+    """The example's image as the opener takes it: a path joined to image_root when relative, else as stored
+    (bytes, a PIL image, an absolute path); None when text-only."""
+    img = example.image
+    if isinstance(img, str) and image_root is not None and not os.path.isabs(img):
+        img = os.path.join(image_root, img)
+    return img
+
+
 def load_image(example: Example, image_root: str | None = None):
     """Decode the example's image to an RGB PIL image with nanoalign.image.open_image (relative paths are joined
     to image_root). Raises ImageError (a ValueError; `.reason` missing_image / unreadable_image / image_too_large)
     naming the example."""
-    img = example.image
+    img = image_source(example, image_root)
     if img is None:
         raise ValueError(f"example {example.id}: has no image")
-    if isinstance(img, str) and image_root is not None and not os.path.isabs(img):
-        img = os.path.join(image_root, img)
     try:
         return open_image(img)
     except ImageError as e:
