@@ -4,7 +4,6 @@ image tag inside an answer, reasons that say what happened."""
 import json
 import math
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -172,12 +171,8 @@ def test_two_ranks_match_one_rank_on_mixed_rows(world, tmp_path, algo):
     one = run(world, tmp_path / "one", "--algo", algo, "--max-steps", 4, "--lr", 1e-3, data=data, fmt=fmt)
     common = ["--model", str(world / "ckpt"), "--data", str(world / data), "--data-format", fmt, "--image-root",
               str(world / "img"), "--algo", algo, "--max-steps", "4", "--lr", "1e-3", "--template", "vicuna_nosys"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        os.path.join(REPO, "train.py"), *common, "--batch-size", "1", "--out", str(tmp_path / "two")],
-                       capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    two = [x for x in map(json.loads, open(tmp_path / "two" / "metrics.jsonl")) if "step" in x]
+    from test_train import run_two_ranks
+    two = run_two_ranks(common, tmp_path / "two")
     assert len(two) == len(one) == 4
     for a, b in zip(one, two):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)

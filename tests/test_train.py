@@ -2,7 +2,6 @@
 steps, the first-step loss against the formulas and the policy log-probs against transformers' own logits, 1 rank vs
 2 ranks (torchrun, FSDP2 on gloo), the saved checkpoint in transformers, exact resume, and bad input; the step's
 stages (POVID's rollout, the reference log-probs) against transformers; the algorithm table and the progress bar."""
-import io
 import json
 import math
 import os
@@ -80,6 +79,17 @@ def run(world, tmp, *extra, data="prefs.jsonl", fmt="prefs"):
             "--image-root", str(world / "img"), "--out", str(tmp), "--batch-size", "2", *map(str, extra)]
     train.main(train.parse_args(argv))
     return [r for r in map(json.loads, open(tmp / "metrics.jsonl")) if "step" in r]
+
+
+def run_two_ranks(argv, out) -> list[dict]:
+    """train.py `argv` under torchrun on 2 gloo ranks (FSDP2) with 1 example per rank, into `out`: the step
+    records of its metrics.jsonl (compared by the tests with 1 rank and 2 examples)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        os.path.join(REPO, "train.py"), *map(str, argv), "--batch-size", "1", "--out", str(out)],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return [x for x in map(json.loads, open(out / "metrics.jsonl")) if "step" in x]
 
 
 @pytest.mark.parametrize("algo,beta,first_loss", [
@@ -219,12 +229,7 @@ def test_two_ranks_match_one_rank(world, tmp_path):
     common = ["--model", str(world / "ckpt"), "--data", str(world / "prefs.jsonl"), "--image-root",
               str(world / "img"), "--algo", "dpo", "--max-steps", "3", "--lr", "1e-3"]
     one = run(world, tmp_path / "one", "--algo", "dpo", "--max-steps", 3, "--lr", 1e-3)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        os.path.join(REPO, "train.py"), *common, "--batch-size", "1", "--out", str(tmp_path / "two")],
-                       capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    two = [x for x in map(json.loads, open(tmp_path / "two" / "metrics.jsonl")) if "step" in x]
+    two = run_two_ranks(common, tmp_path / "two")
     for a, b in zip(one, two):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
