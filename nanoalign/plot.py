@@ -5,6 +5,7 @@ the step on the x axis (integer ticks). Quantities that never change (a constant
 figure instead of drawn. When the compared runs use different losses (DPO's ~0.7 next to IPO's ~25), the loss gets
 one panel per algorithm, so no curve is flattened by another's scale. Evaluation metrics logged during training
 (`eval/...` keys) come after the training ones, drawn with markers at the steps they were measured.
+`--keys margin,accuracy,eval/` draws only those (in that order).
 Runs are named by the shortest trailing part of their folder path that tells them apart (`a/dpo`, `b/dpo`).
 Needs matplotlib (`pip install nanoalign[plot]`).
 """
@@ -75,11 +76,22 @@ def _numeric(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def panels(runs: dict[str, list[dict]], algos: dict[str, str] | None = None) -> tuple[list[tuple[str, list]], dict]:
+def panels(runs: dict[str, list[dict]], algos: dict[str, str] | None = None,
+           only: list[str] | None = None) -> tuple[list[tuple[str, list]], dict]:
     """Which panels to draw: a list of (title, [(run name, key)]) and the constant quantities {key: value} left out.
-    `algos` maps run name -> algorithm; with several algorithms the loss panel is split per algorithm."""
+    `algos` maps run name -> algorithm; with several algorithms the loss panel is split per algorithm. `only`: the
+    keys to draw, in that order (a name ending in "/" selects every key it starts, e.g. "eval/"); raises ValueError
+    naming a selector that matches no numeric key."""
     algos = algos or {}
     keys = {k for rows in runs.values() for r in rows for k, v in r.items() if k not in SKIP and _numeric(v)}
+    if only:
+        picked = []
+        for sel in only:
+            hits = sorted(k for k in keys if k.startswith(sel)) if sel.endswith("/") else [sel] if sel in keys else []
+            if not hits:
+                raise ValueError(f"--keys {sel}: no such numeric metric (have: {', '.join(sorted(keys))})")
+            picked += [k for k in hits if k not in picked]
+        return [(k, [(n, k) for n in runs]) for k in picked], {}
     constant = {}
     for k in sorted(keys):
         values = {r[k] for rows in runs.values() for r in rows if _numeric(r.get(k))}
@@ -98,14 +110,15 @@ def panels(runs: dict[str, list[dict]], algos: dict[str, str] | None = None) -> 
     return out, constant
 
 
-def plot_runs(runs: dict[str, list[dict]], out: str, smooth: int = 1, algos: dict[str, str] | None = None) -> list[str]:
-    """Plot the runs into a grid of panels saved as `out`; returns the panel titles drawn."""
+def plot_runs(runs: dict[str, list[dict]], out: str, smooth: int = 1, algos: dict[str, str] | None = None,
+              only: list[str] | None = None) -> list[str]:
+    """Plot the runs into a grid of panels saved as `out` (`only`: the keys, see panels); returns the titles drawn."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    chosen, constant = panels(runs, algos)
+    chosen, constant = panels(runs, algos, only)
     if not chosen:
         raise ValueError("no numeric metrics to plot")
     cols = min(4, len(chosen))
@@ -142,6 +155,8 @@ def main(argv=None) -> int:
     p.add_argument("metrics", nargs="+", help="metrics.jsonl file(s) written by train.py")
     p.add_argument("--out", default=None, help="PNG to write (default: curves.png beside the first file)")
     p.add_argument("--smooth", type=int, default=1, help="moving-average window in steps (default 1: none)")
+    p.add_argument("--keys", default=None, help="comma-separated metrics to draw, in order; 'eval/' draws every "
+                   "eval key (default: every metric that changes)")
     args = p.parse_args(argv)
     if args.smooth < 1:
         p.error("--smooth must be >= 1")
@@ -157,7 +172,8 @@ def main(argv=None) -> int:
             runs[name] = rows
             algos[name] = str(header.get("config", {}).get("algo", ""))
         out = args.out or str(Path(args.metrics[0]).with_name("curves.png"))
-        titles = plot_runs(runs, out, args.smooth, algos)
+        only = [k.strip() for k in args.keys.split(",") if k.strip()] if args.keys else None
+        titles = plot_runs(runs, out, args.smooth, algos, only)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

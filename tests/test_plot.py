@@ -63,3 +63,17 @@ def test_plot_errors(tmp_path, capsys):
     assert main([str(binary)]) == 2
     err = capsys.readouterr().err
     assert "model.safetensors: not a text file" in err and err.count("\n") == 1
+
+
+def test_keys_select_panels_in_order_and_prefixes(tmp_path, capsys):
+    runs = {"r": [{"step": 1, "loss": 0.7, "margin": 0.0, "eval/chair_i": 0.2, "eval/recall": 0.9},
+                  {"step": 2, "loss": 0.6, "margin": 0.1, "eval/chair_i": 0.1, "eval/recall": 0.8}]}
+    chosen, constant = panels(runs, None, ["margin", "eval/"])
+    assert [t for t, _ in chosen] == ["margin", "eval/chair_i", "eval/recall"] and constant == {}
+    with pytest.raises(ValueError, match="--keys bogus"):
+        panels(runs, None, ["bogus"])
+    m = _run(tmp_path / "run" / "metrics.jsonl", "dpo")
+    assert main([str(m), "--keys", "margin,loss", "--out", str(tmp_path / "c.png")]) == 0
+    assert "2 panels" in capsys.readouterr().out
+    assert main([str(m), "--keys", "eval/"]) == 2
+    assert "--keys eval/: no such numeric metric" in capsys.readouterr().err

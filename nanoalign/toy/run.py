@@ -50,13 +50,15 @@ _TOY_OWNED = ("algo", "model", "data", "data_format", "image_root", "template", 
 
 
 def train_defaults(algo):
-    """train.py option defaults of the toy run of `algo` -> {max_steps, lr, batch_size, warmup_steps, [beta, gamma,
-    sft_weight]}. batch_size is ALIGN's global batch over the WORLD_SIZE ranks of torchrun (1 without it);
-    warmup_steps None: default_run then warms up for min(5, steps // 4) steps."""
+    """train.py option defaults of the toy run of `algo` -> {max_steps, lr, batch_size, warmup_steps, temperature,
+    max_new_tokens, [beta, gamma, sft_weight]}. batch_size is ALIGN's global batch over the WORLD_SIZE ranks of
+    torchrun (1 without it); warmup_steps None: default_run then warms up for min(5, steps // 4) steps. Online and
+    RL rollouts sample as the offline pairs' captions are sampled (ALIGN's temperature and length: train.py's
+    64-token default would cut a toy caption short)."""
     al = {**ALIGN["default"], **ALIGN.get(algo, {})}
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     out = {"max_steps": al["steps"], "lr": al["lr"], "batch_size": max(1, al["batch"] // world_size),
-           "warmup_steps": None}
+           "warmup_steps": None, "temperature": al["temperature"], "max_new_tokens": al.get("max_new_tokens", 128)}
     out.update({k: al[k] for k in ("beta", "gamma", "sft_weight") if k in al})
     return out
 
