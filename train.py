@@ -52,7 +52,8 @@ class Algo(NamedTuple):
     responses: str = "none"  # made during training: "none" | "noisy_self" | rollout.ONLINE (rollout.py)
     #                          | "k_samples" (RL: k samples per prompt, rlstep.py)
     reward: str | None = None  # what scores them: None | "annotator" (--annotator) | "reward" (--reward's spec)
-    data: str = "pairs"  # what each --data row gives: "pairs" (prompt, chosen, rejected) | "responses" (prompt, one)
+    data: str = "pairs"  # what each --data row must give (nanoalign.data.NEEDS): "pairs" (prompt, chosen, rejected)
+    #                      | "responses" (prompt, chosen)
     #                      | "prompts" (only the prompt is used)
 
 
@@ -247,15 +248,13 @@ def main(args):
     check_finite(model, args.model)  # a NaN checkpoint: named here, not as a NaN loss at step 1
 
     # ------------------------------------------------------------------------------------------------------- data
-    examples, skipped = load_examples(args.data, args.data_format, args.image_root, strict=args.strict)
+    # what a row must hold is the table's data column: pairs, responses (a chosen), or prompts (only the prompt is
+    # read; the responses are made during training); rows short of it are counted skips (nanoalign/data.py)
+    examples, skipped = load_examples(args.data, args.data_format, args.image_root, strict=args.strict,
+                                      needs=algo.data, who=f"--algo {args.algo}")
     tu.print0(f"data: {len(examples)} examples from {args.data} ({args.data_format}); {skipped.total()} rows skipped")
     if skipped.total():
         tu.print0(str(skipped))
-    if algo.responses == "bdhs" and not all(ex.chosen.strip() for ex in examples):
-        raise SystemExit(f"error: --algo {args.algo} needs a reference answer in every row of {args.data}")
-    if algo.data == "pairs" and any(ex.rejected is None for ex in examples):
-        raise ValueError(f"--algo {args.algo} needs pairs, but {args.data} ({args.data_format}) has rows "
-                         "without a rejected response")
     gamma = args.gamma if algo.weights == "ddpo" else None  # DDPO's token weights, set once at encoding
     encoded, _ = encode_all(examples, processor, args.image_root, args.template, args.max_len, gamma, args.strict,
                             log=tu.print0)

@@ -157,7 +157,7 @@ def test_online_lora_run(world, tmp_path, by_length):  # noqa: F811
 
 
 def test_data_and_annotator_checks(world, tmp_path):  # noqa: F811
-    with pytest.raises(ValueError, match="needs pairs"):  # ValueError: train.py's __main__ prints it, exit 2
+    with pytest.raises(ValueError, match="--algo mixed-dpo needs prompt, chosen, rejected in each row"):  # exit 2
         run(world, tmp_path, "--algo", "mixed-dpo", "--annotator", "oracle", "--max-steps", 1, data="llava.json",
             fmt="llava")
     with pytest.raises(SystemExit, match="needs --annotator"):
