@@ -37,7 +37,7 @@ from nanoalign.batch import collate, encode_all, open_image
 from nanoalign.checkpoint import check_finite, load_pretrained, resolve_model
 from nanoalign.data import FORMATS, load_examples
 from nanoalign.lora import DEFAULT_TARGETS, adapters_off, apply_lora, load_lora_adapter, lora_modules
-from nanoalign.objective import objective
+from nanoalign.objective import objective, pair_mean_over_ranks
 from nanoalign.refcache import build_cache, reference_logps
 from nanoalign.reward import load_reward, reward_head, save_reward_head
 from nanoalign.tokenizer import TEMPLATE_CHOICES
@@ -477,9 +477,9 @@ def main(args):
             # online: the policy's samples, ordered by the annotator (reward stage), or BDHS; rows [chosen | rejected..]
             if online:
                 images = [open_image(examples[it.index], args.image_root) for it in items]
-                gen = rollout.step_generator(args.seed, step, micro, rank, device)
+                gens = [rollout.prompt_generator(args.seed, step, examples[it.index].id, device) for it in items]
                 b, items, st = rollout.online(algo.responses, model, items, [examples[it.index] for it in items],
-                                              images, processor, annotator, online_settings, gen)
+                                              images, processor, annotator, online_settings, gens)
                 ostats.update(st)
             # reference: per-token reference log-probs of every response row (online + LoRA: adapters off)
             ref = None
@@ -500,8 +500,8 @@ def main(args):
                 raise SystemExit(f"error: non-finite loss {float(loss.detach())} at step {step + 1}, "
                                  f"micro-step {micro}, rank {rank}, examples {[examples[i].id for i in idx]}; stopping "
                                  f"before the optimizer step (last checkpoint: {last_save or 'none'})")
-            if online and st["placeholder"]:  # no pair left on this rank: the forward runs for FSDP, weighted 0
-                loss = loss * 0.0
+            if online:  # the mean over the pairs kept on every rank (a placeholder batch: weight 0, for FSDP)
+                loss, metrics = pair_mean_over_ranks(loss, metrics, 0 if st["placeholder"] else len(items))
             (loss / args.grad_accum).backward()
             sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) / args.grad_accum
             for k, v in metrics.items():

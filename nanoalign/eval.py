@@ -20,7 +20,8 @@ same check as training: nanoalign.data.resolve_image_path), missing / unreadable
 nanoalign.image.open_image, as training opens them), images absent from the annotations, generation / judge errors
 are counted per kind in `bad_input` and printed. What the task needs is checked before any generation: some usable
 example, CHAIR's --annotations file, MMHal's --judge ("error: ...", exit 2). After the run, a model for which nothing
-was evaluated, or more than --max-failed (default 0.1) of its rows failed (FAILED_KINDS), makes the exit status 2,
+was evaluated, or more than --max-failed (default 0.1) of its rows failed (FAILED_KINDS, and answers the metric cannot
+parse: POPE's yes/no, MMHal's rating, `unparseable` in the table), makes the exit status 2,
 with the counted reasons on stderr (the table and summaries are still written). A checkpoint that cannot be loaded
 stops the run (exit 2).
 """
@@ -347,20 +348,20 @@ def summarize(task, rows, synonyms=None):
             s.update(chair_s=None, chair_i=None, recall=None)
         s["n"] = len(rows)
         s["n_scored"] = len(scored)
-        s["mean_length"] = sum(len(r["answer"].split()) for r in rows) / len(rows) if rows else 0.0
+        s["mean_length"] = M._ratio(sum(len(r["answer"].split()) for r in rows), len(rows))
         return s
     return M.mmhal_summary(rows)
 
 
 def markdown_table(summaries, task):
-    """[(name, summary)] -> side-by-side markdown table (ratios in %)."""
+    """[(name, summary)] -> side-by-side markdown table (ratios in %; "n/a": a ratio over zero rows)."""
     cols = TABLE_COLUMNS[task]
     lines = ["| model | n | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
     for name, s in summaries:
         cells = []
         for c in cols:
             v = s.get(c)
-            cells.append("-" if v is None else f"{100 * v:.2f}" if c in _PERCENT else
+            cells.append("n/a" if v is None else f"{100 * v:.2f}" if c in _PERCENT else
                          f"{v:.2f}" if isinstance(v, float) else str(v))
         lines.append(f"| {name} | {s.get('n', 0)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -527,7 +528,10 @@ def main(argv=None):
         if s["bad_input"]:
             print(f"{name}: bad input {s['bad_input']}", file=sys.stderr)
         failed = {k: v for k, v in s["bad_input"].items() if k in FAILED_KINDS}
-        n_ok, n_failed = s["n_evaluated"], sum(failed.values())
+        if s.get("unparseable"):  # an answer (POPE yes/no, MMHal's judge rating) the metric cannot score
+            failed["unparseable"] = s["unparseable"]
+        n_failed = sum(failed.values())
+        n_ok = s["n_evaluated"] - failed.get("unparseable", 0)
         if n_ok == 0 or n_failed > args.max_failed * (n_ok + n_failed):
             print(f"error: {name}: {n_ok} example(s) evaluated, {n_failed} row(s) failed "
                   f"({', '.join(f'{k}={v}' for k, v in failed.items()) or 'none counted'}) > --max-failed "
