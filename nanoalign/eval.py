@@ -67,8 +67,17 @@ def image_path(image_root, name, bad):
         return str(Path(os.path.realpath(image_root), str(name)))
 
 
+def malformed(bad, path, label, why):
+    """Count a malformed row; the first few are named on stderr ("line N" of a JSONL file, "item N" of a JSON list,
+    from 1, as training's data loader names rows)."""
+    if bad["malformed_row"] < 5:
+        print(f"warning: {path}: {label}: {why} (malformed_row)", file=sys.stderr)
+    bad["malformed_row"] += 1
+
+
 def read_rows(path, bad):
-    """JSON list or JSONL file -> list of dict rows; undecodable lines / non-dict rows counted as malformed_row."""
+    """JSON list or JSONL file -> list of (label, dict row), label "line N" / "item N" (from 1); undecodable lines /
+    non-dict rows counted as malformed_row."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--data file not found: {path}")
@@ -81,20 +90,23 @@ def read_rows(path, bad):
                          "re-save the file as UTF-8") from None
     if text.lstrip().startswith("["):
         try:
-            rows = json.loads(text)
+            rows = [(f"item {i}", r) for i, r in enumerate(json.loads(text), 1)]
         except json.JSONDecodeError as e:
             raise ValueError(f"--data {path}: not valid JSON ({e})") from None
     else:
         rows = []
-        for line in text.splitlines():
+        for n, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    bad["malformed_row"] += 1
-    good = [r for r in rows if isinstance(r, dict)]
-    if len(good) < len(rows):
-        bad["malformed_row"] += len(rows) - len(good)
+                    rows.append((f"line {n}", json.loads(line)))
+                except json.JSONDecodeError as e:
+                    malformed(bad, path, f"line {n}", f"not JSON ({e.msg})")
+    good = []
+    for label, r in rows:
+        if isinstance(r, dict):
+            good.append((label, r))
+        else:
+            malformed(bad, path, label, f"a {type(r).__name__}, not an object")
     return good
 
 
@@ -103,10 +115,10 @@ def load_pope(paths, image_root, bad):
     question_id key = "<file stem>:<question_id>" (the three split files reuse the same ids)."""
     out = []
     for path in paths:
-        for r in read_rows(path, bad):
+        for row, r in read_rows(path, bad):
             label = str(r.get("label", "")).strip().lower()
             if any(k not in r for k in ("question_id", "image", "text")) or label not in ("yes", "no"):
-                bad["malformed_row"] += 1
+                malformed(bad, path, row, "needs question_id, image, text and a yes/no label")
                 continue
             image = image_path(image_root, r["image"], bad)
             if image is None:
@@ -138,10 +150,10 @@ def load_chair(paths, image_root, annotations, bad, synonyms=None):
     by_name = {Path(fn).name: i for i, fn in file_names.items()}
     out = []
     for path in paths:
-        for r in read_rows(path, bad):
+        for row, r in read_rows(path, bad):
             image_id, image = r.get("image_id"), r.get("image")
             if image_id is None and image is None:
-                bad["malformed_row"] += 1
+                malformed(bad, path, row, "needs image_id or image")
                 continue
             if image_id is None:
                 image_id = by_name.get(Path(str(image)).name)
@@ -170,14 +182,14 @@ def load_mmhal(paths, image_root, bad):
     question_type) -> examples. The image is the first candidate file that exists under image_root."""
     out = []
     for path in paths:
-        for i, r in enumerate(read_rows(path, bad)):
+        for i, (row, r) in enumerate(read_rows(path, bad)):
             cands = [r.get("image"), r.get("image_path")]
             if r.get("image_src"):
                 cands.append(str(r["image_src"]).rstrip("/").split("/")[-1])
             if r.get("image_id") is not None:
                 cands.append(f"{r['image_id']}.jpg")
             if "question" not in r or "gt_answer" not in r or not any(cands):
-                bad["malformed_row"] += 1
+                malformed(bad, path, row, "needs question, gt_answer and an image")
                 continue
             escapes = Counter()
             cands = [p for p in (image_path(image_root, c, escapes) for c in cands if c) if p is not None]

@@ -60,3 +60,18 @@ def test_unparseable_answers_fail_the_run(tmp_path, monkeypatch, capsys):
     assert "| x | 4 | 0.00 | n/a | 0.00 | 0.00 | 0.00 | 4 |" in out
     assert "0 example(s) evaluated, 4 row(s) failed (unparseable=4)" in err
     assert json.loads((tmp_path / "o2" / "summary.json").read_text())["precision"] is None
+
+
+def test_malformed_rows_are_named_from_one(tmp_path, capsys):
+    """Malformed rows are named as training names rows: "line N" of a JSONL file, "item N" of a JSON list, from 1."""
+    bad = E.Counter()
+    write_jsonl(tmp_path / "p.jsonl", [{"question_id": 1, "image": "a.jpg", "text": "q", "label": "yes"}, "{oops",
+                                       {"question_id": 2, "image": "a.jpg", "label": "yes"}])
+    assert len(E.load_pope([tmp_path / "p.jsonl"], str(tmp_path), bad)) == 1 and bad["malformed_row"] == 2
+    err = capsys.readouterr().err
+    assert "p.jsonl: line 2: not JSON" in err and "p.jsonl: line 3: needs question_id" in err
+    (tmp_path / "m.json").write_text(json.dumps([{"question": "q", "gt_answer": "a", "image": "a.jpg"}, 5, {}]))
+    bad = E.Counter()
+    E.load_mmhal([tmp_path / "m.json"], str(tmp_path), bad)
+    err = capsys.readouterr().err
+    assert bad["malformed_row"] == 2 and "m.json: item 2: a int" in err and "m.json: item 3: needs question" in err
