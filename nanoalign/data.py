@@ -480,16 +480,16 @@ def _parse_vlfeedback(ctx, label, row):
     for k, c in enumerate(comps):
         s = _rating(c) if isinstance(c, dict) else None
         if s is None:
-            ctx.skip(f"{label} completion {k}", "nonnumeric_rating")
+            ctx.skip(f"{label} completions[{k}]", "nonnumeric_rating")
         elif not isinstance(c.get("response"), str):
-            ctx.skip(f"{label} completion {k}", "missing_field", "response is not a string")
+            ctx.skip(f"{label} completions[{k}]", "missing_field", "response is not a string")
         else:
             scored.append((k, s, c))
     out = []
     for i in range(len(scored)):
         for j in range(i + 1, len(scored)):
             (ki, si, _), (kj, sj, _) = scored[i], scored[j]
-            pair = f"{label} pair ({ki},{kj})"
+            pair = f"{label} completions[{ki}] vs [{kj}]"
             if si == sj:
                 ctx.skip(pair, "rating_tie")
                 continue

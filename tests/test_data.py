@@ -258,7 +258,7 @@ def test_vlfeedback_pairs(tmp_path, root):
     ok = _jsonl(tmp_path / "ties.jsonl", [{**row, "completions": [row["completions"][i] for i in (0, 1, 3)]}])
     exs, counts = D.load_examples(ok, "vlfeedback", image_root=str(root), strict=True)
     assert len(exs) == 2 and counts["rating_tie"] == 1
-    with pytest.raises(ValueError, match=r"line 1 completion 2: missing or non-numeric rating"):
+    with pytest.raises(ValueError, match=r"line 1 completions\[2\]: missing or non-numeric rating"):
         D.load_examples(_jsonl(tmp_path / "nn.jsonl", [row]), "vlfeedback", image_root=str(root), strict=True)
 
 
