@@ -183,7 +183,8 @@ def test_not_utf8(tmp_path, root):
     assert b"\xe9" in bad
     (tmp_path / "p.jsonl").write_bytes(b"\xef\xbb\xbf" + good + b"\n" + bad + b"\n" + good2 + b"\n")  # BOM, latin-1
     exs, counts = D.load_examples(str(tmp_path / "p.jsonl"), "prefs", image_root=str(root))
-    assert [e.id for e in exs] == ["ok", "ok2"] and dict(counts) == {"not_utf8": 1} and counts.rows["not_utf8"] == ["line 2"]
+    assert [e.id for e in exs] == ["ok", "ok2"] and dict(counts) == {"not_utf8": 1}
+    assert counts.rows["not_utf8"] == ["line 2"]
     with pytest.raises(ValueError, match=r"p\.jsonl: line 2: line is not UTF-8 text \[not_utf8\]"):
         D.load_examples(str(tmp_path / "p.jsonl"), "prefs", image_root=str(root), strict=True)
     conv = json.dumps([{"image": "good.png", "conversations": _turns(("<image>\nq", "caf\u00e9"))}], indent=1)

@@ -200,7 +200,8 @@ def test_duplicate_ids_are_skipped(tmp_path, root, fmt):
 
 def test_rows_are_named_from_one(tmp_path, root):
     """JSON lists and parquet tables name their rows from 1, as JSONL lines are (skip examples and --strict)."""
-    (tmp_path / "l.json").write_text(json.dumps([{"id": "a", "image": "nope.png", "conversations": _turns(("q", "a"))}]))
+    row = {"id": "a", "image": "nope.png", "conversations": _turns(("q", "a"))}
+    (tmp_path / "l.json").write_text(json.dumps([row]))
     with pytest.raises(ValueError, match=r"l\.json: item 1: missing image file"):
         D.load_examples(str(tmp_path / "l.json"), "llava", str(root), strict=True)
     (tmp_path / "m.json").write_text(json.dumps([{"conversations": _turns(("q", "a"))}, 5]))
@@ -242,8 +243,8 @@ def test_readme_prompt_lines(tmp_path):
     train.main(train.parse_args([*common, "--algo", "online-dpo", "--annotator", f"rm:{tmp_path / 'rm'}",
                                  "--out", str(tmp_path / "online")]))
     recs = [r for r in map(json.loads, open(tmp_path / "online" / "metrics.jsonl")) if "step" in r]
-    assert [r["step"] for r in recs] == [1, 2] and all(r["pairs"] + sum(v for k, v in r.items()
-                                                                         if k.startswith("dropped_")) == 2 for r in recs)
+    assert [r["step"] for r in recs] == [1, 2]
+    assert all(r["pairs"] + sum(v for k, v in r.items() if k.startswith("dropped_")) == 2 for r in recs)
     r = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), "--algo", "dpo", "--model",
                         str(tmp_path / "ckpt"), "--data", data, "--out", str(tmp_path / "dpo")],
                        capture_output=True, text=True, timeout=300)
