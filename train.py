@@ -37,7 +37,7 @@ from nanoalign.batch import collate, encode_all, open_image
 from nanoalign.checkpoint import check_finite, load_pretrained, resolve_model
 from nanoalign.data import FORMATS, load_examples
 from nanoalign.lora import DEFAULT_TARGETS, adapters_off, apply_lora, load_lora_adapter, lora_modules
-from nanoalign.objective import objective
+from nanoalign.objective import objective, pair_mean_over_ranks
 from nanoalign.refcache import build_cache, reference_logps
 from nanoalign.reward import load_reward, reward_head, save_reward_head
 from nanoalign.tokenizer import TEMPLATE_CHOICES
@@ -52,7 +52,8 @@ class Algo(NamedTuple):
     responses: str = "none"  # made during training: "none" | "noisy_self" | rollout.ONLINE (rollout.py)
     #                          | "k_samples" (RL: k samples per prompt, rlstep.py)
     reward: str | None = None  # what scores them: None | "annotator" (--annotator) | "reward" (--reward's spec)
-    data: str = "pairs"  # what each --data row gives: "pairs" (prompt, chosen, rejected) | "responses" (prompt, one)
+    data: str = "pairs"  # what each --data row must give (nanoalign.data.NEEDS): "pairs" (prompt, chosen, rejected)
+    #                      | "responses" (prompt, chosen)
     #                      | "prompts" (only the prompt is used)
 
 
@@ -247,15 +248,13 @@ def main(args):
     check_finite(model, args.model)  # a NaN checkpoint: named here, not as a NaN loss at step 1
 
     # ------------------------------------------------------------------------------------------------------- data
-    examples, skipped = load_examples(args.data, args.data_format, args.image_root, strict=args.strict)
+    # what a row must hold is the table's data column: pairs, responses (a chosen), or prompts (only the prompt is
+    # read; the responses are made during training); rows short of it are counted skips (nanoalign/data.py)
+    examples, skipped = load_examples(args.data, args.data_format, args.image_root, strict=args.strict,
+                                      needs=algo.data, who=f"--algo {args.algo}")
     tu.print0(f"data: {len(examples)} examples from {args.data} ({args.data_format}); {skipped.total()} rows skipped")
     if skipped.total():
         tu.print0(str(skipped))
-    if algo.responses == "bdhs" and not all(ex.chosen.strip() for ex in examples):
-        raise SystemExit(f"error: --algo {args.algo} needs a reference answer in every row of {args.data}")
-    if algo.data == "pairs" and any(ex.rejected is None for ex in examples):
-        raise ValueError(f"--algo {args.algo} needs pairs, but {args.data} ({args.data_format}) has rows "
-                         "without a rejected response")
     gamma = args.gamma if algo.weights == "ddpo" else None  # DDPO's token weights, set once at encoding
     encoded, _ = encode_all(examples, processor, args.image_root, args.template, args.max_len, gamma, args.strict,
                             log=tu.print0)
@@ -478,9 +477,9 @@ def main(args):
             # online: the policy's samples, ordered by the annotator (reward stage), or BDHS; rows [chosen | rejected..]
             if online:
                 images = [open_image(examples[it.index], args.image_root) for it in items]
-                gen = rollout.step_generator(args.seed, step, micro, rank, device)
+                gens = [rollout.prompt_generator(args.seed, step, examples[it.index].id, device) for it in items]
                 b, items, st = rollout.online(algo.responses, model, items, [examples[it.index] for it in items],
-                                              images, processor, annotator, online_settings, gen)
+                                              images, processor, annotator, online_settings, gens)
                 ostats.update(st)
             # reference: per-token reference log-probs of every response row (online + LoRA: adapters off)
             ref = None
@@ -501,8 +500,8 @@ def main(args):
                 raise SystemExit(f"error: non-finite loss {float(loss.detach())} at step {step + 1}, "
                                  f"micro-step {micro}, rank {rank}, examples {[examples[i].id for i in idx]}; stopping "
                                  f"before the optimizer step (last checkpoint: {last_save or 'none'})")
-            if online and st["placeholder"]:  # no pair left on this rank: the forward runs for FSDP, weighted 0
-                loss = loss * 0.0
+            if online:  # the mean over the pairs kept on every rank (a placeholder batch: weight 0, for FSDP)
+                loss, metrics = pair_mean_over_ranks(loss, metrics, 0 if st["placeholder"] else len(items))
             (loss / args.grad_accum).backward()
             sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) / args.grad_accum
             for k, v in metrics.items():

@@ -36,7 +36,8 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from nanoalign.data import Example, example_token_weights, image_source, load_image
+from nanoalign.data import Example, image_source, load_image
+from nanoalign.ddpo import example_token_weights
 from nanoalign.image import ImageError, exif_transpose_default, image_size
 from nanoalign.tokenizer import IMAGE_TOKEN, build_prompt
 
@@ -204,6 +205,8 @@ def encode_example(index: int, ex: Example, processor, image_root: str | None, t
     size = _image_size(ex, image_root)
     tok = processor.tokenizer
     labelled = rejected_ids = rejected_off = None
+    if ex.chosen is None:  # the prompt only (data of an algorithm that makes its responses): no response ids
+        return Encoded(index, _prompt_only_ids(processor, ex, size, template, max_len), [], None, None, None, size)
     if processor.resolve_template(template) == "checkpoint":
         h_humans, h_answers = [h for h, _ in ex.history], [a for _, a in ex.history]
         if ex.rejected is None:  # SFT: every answer from `chosen` on is trained, later questions are context
@@ -252,6 +255,23 @@ def encode_example(index: int, ex: Example, processor, image_root: str | None, t
         if rejected_ids == chosen_ids:
             raise Unusable("identical_after_truncation", f"{ex.id}: chosen == rejected within --max-len {max_len}")
     return Encoded(index, prompt_ids, chosen_ids, rejected_ids, chosen_w, rejected_w, size, labelled)
+
+
+def _prompt_only_ids(processor, ex: Example, size, template: str, max_len: int) -> list[int]:
+    """The prompt ids encode_example gives the example's pairs (the chat template rendered up to its generation
+    prompt, or a named template's prompt), image expanded; Unusable when they leave no room for a response."""
+    if processor.resolve_template(template) == "checkpoint":
+        try:
+            pieces = processor.render_conversation([h for h, _ in ex.history] + [ex.prompt],
+                                                   [a for _, a in ex.history], size is not None)
+        except ValueError as e:
+            raise Unusable("chat_template_error", str(e)) from None
+        ids = _expand_image(processor, processor.tokenizer.encode("".join(t for t, _ in pieces)), size)
+    else:
+        ids = encode_prompt(processor, ex.prompt, size, template, ex.history)
+    if len(ids) >= max_len:
+        raise Unusable("prompt_too_long", f"{ex.id}: image + prompt are {len(ids)} tokens >= --max-len {max_len}")
+    return ids
 
 
 def encode_all(examples, processor, image_root, template, max_len, gamma=None, strict=False, log=print):

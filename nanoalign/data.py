@@ -1,6 +1,6 @@
-"""Data: one loader per published format -> `Example` records, counted skip reasons, DDPO token weights.
+"""Data: one loader per published format -> `Example` records, counted skip reasons (DDPO weights: ddpo.py).
 
-`load_examples(path, fmt, image_root=None, strict=False) -> (examples, SkipCounts)` with fmt one of
+`load_examples(path, fmt, image_root=None, strict=False, needs="responses") -> (examples, SkipCounts)` with fmt one of
 
   rlhfv       RLHF-V parquet (openbmb/RLHF-V-Dataset): `image` {bytes, path} struct, `text` a JSON string with
               question / chosen / rejected. prompt = "<image>\\n" + question. Needs pyarrow.
@@ -21,8 +21,7 @@
               before prompt; segments are [[start, end), ...] character spans of the response; every other key is
               kept in extra.
 
-Conversations (povid, llava) must alternate human, gpt, human, gpt, ... ("user" / "assistant" are accepted as
-role names), else `turns_not_alternating`.
+Conversations (povid, llava) must alternate human, gpt, ... ("user" / "assistant" too), else `turns_not_alternating`.
 
 `<image>` placeholder: an example with an image holds `<image>` exactly once over all its human turns (a text-only
 one none); rlhfv, vlfeedback and prefs put "<image>\\n" in front of the first question when it is absent (their text
@@ -37,23 +36,27 @@ time only existence, the pixel count (nanoalign.image.MAX_IMAGE_PIXELS, else `im
 header check (`Image.open(...).verify()`) are done; pixels are decoded later by `load_image`
 (nanoalign.image.open_image, the one opener of every entry point).
 
-Text files must be UTF-8: a JSONL line that is not is skipped (`not_utf8`, naming the line); a JSON list that is not
-stops with its file, line and byte.
+Text files must be UTF-8: a JSONL line that is not is `not_utf8`; a JSON list that is not stops, naming line and byte.
+
+What a row must give is `needs` (NEEDS; train.py's ALGOS `data` column): "pairs" (prompt, chosen, rejected),
+"responses" (prompt, chosen; a rejected kept when present), "prompts" (the prompt only, the responses neither read nor
+checked: each format gives the prompt, history included, its pairs would have, one example per row; a `prefs` row
+may be {image, prompt, [history], [id]}). A row short of them is skipped (`prompt_only`, `no_rejected`); a file with
+no such row stops with one line naming `who` and the fields. Row ids (`id`, rlhfv `idx`) must be unique: a later row
+with an id seen is `duplicate_id` (the reference cache and BDHS's resume key by id). Rows are named 1-based: "line N"
+of a JSONL file, "item N" of a JSON list, "row N" of a parquet table.
 
 Bad rows are skipped and counted per reason (SKIP_REASONS); strict=True raises ValueError naming file, row and reason
 at the first bad row; a file with no usable example raises ValueError with the counts.
 """
 from __future__ import annotations
 
-import difflib
 import io
 import json
 import os
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
-
-import torch
 
 from nanoalign.image import ImageError, image_size, open_image
 
@@ -80,7 +83,12 @@ SKIP_REASONS = {
     "nonnumeric_rating": "missing or non-numeric rating (completion left out)",
     "rating_tie": "tied ratings (pair skipped)",
     "bad_segments": "segment spans not [start, end) inside the response",
+    "prompt_only": "no chosen response (a prompt-only row; this algorithm trains on the data's responses)",
+    "no_rejected": "no rejected response (this algorithm trains on the data's pairs)",
+    "duplicate_id": "id already used by an earlier row (the first is kept)",
 }
+# what each kind of algorithm (train.py's ALGOS `data` column) takes from a row, besides the prompt and image
+NEEDS = {"pairs": ("chosen", "rejected"), "responses": ("chosen",), "prompts": ()}
 NOT_FATAL = {"rating_tie"}  # reasons that strict mode does not turn into errors
 
 
@@ -89,7 +97,7 @@ class Example:
     id: str
     image: Any  # path str (resolved), bytes, PIL.Image, or None for text-only
     prompt: str  # holds "<image>" once iff there is an image
-    chosen: str
+    chosen: str | None  # None when only the prompt is read (needs="prompts")
     rejected: str | None = None  # None for SFT rows
     chosen_segments: list[tuple[int, int]] | None = None  # character spans [start, end) of chosen
     rejected_segments: list[tuple[int, int]] | None = None
@@ -110,8 +118,7 @@ class SkipCounts(Counter):
 
     def add(self, reason: str, row: str) -> None:
         self[reason] += 1
-        self.rows.setdefault(reason, [])
-        if len(self.rows[reason]) < 5:
+        if len(self.rows.setdefault(reason, [])) < 5:
             self.rows[reason].append(row)
 
     def total(self) -> int:
@@ -133,12 +140,25 @@ class _BadRow(Exception):
 class _Ctx:
     """Per-file state: where images live, the counts, strict mode."""
 
-    def __init__(self, path: str, image_root: str | None, strict: bool, verify_images: bool):
-        self.path, self.strict, self.verify = path, strict, verify_images
+    def __init__(self, path: str, image_root: str | None, strict: bool, verify_images: bool, needs: str):
+        self.path, self.strict, self.verify, self.needs = path, strict, verify_images, needs
         self.explicit_root = image_root is not None
         self.root = os.path.realpath(image_root if image_root is not None else os.path.dirname(os.path.abspath(path)))
         self.counts = SkipCounts()
         self.checked: dict[str, _BadRow | None] = {}  # image path -> verify result (rows often share images)
+
+    def responses(self, row: dict, keys=("chosen", "rejected")) -> tuple[str | None, str | None]:
+        """The row's (chosen, rejected) as the run reads them: (None, None) under needs="prompts" (not read, not
+        checked); raises _BadRow prompt_only / no_rejected when a response it needs is absent (None or no key),
+        missing_field when one is not a string."""
+        if self.needs == "prompts":
+            return None, None
+        c, r = (_text(row, k) if row.get(k) is not None else None for k in keys)
+        if c is None:
+            raise _BadRow("prompt_only", f"no {keys[0]!r}")
+        if r is None and "rejected" in NEEDS[self.needs]:
+            raise _BadRow("no_rejected", f"no {keys[1]!r}")
+        return c, r
 
     def skip(self, row: str, reason: str, detail: str = "") -> None:
         if self.strict and reason not in NOT_FATAL:
@@ -235,7 +255,8 @@ def _text(row: dict, key: str) -> str:
 def _check_pair(prompt: str, has_image: bool, chosen: str, rejected: str | None, prepend: bool = False,
                 history: list | tuple = (), later: list | tuple = ()) -> tuple[str, list[tuple[str, str]]]:
     """Validate an example's text; returns (prompt, history), the first human turn prefixed with "<image>\\n" when
-    `prepend` and the image has no tag. history / later: (human, assistant) exchanges before / after. Raises _BadRow."""
+    `prepend` and the image has no tag. history / later: (human, assistant) exchanges before / after. chosen None:
+    only the prompt is read (its tags and history), later answers not checked. Raises _BadRow."""
     history = [tuple(t) for t in history]
     humans = [h for h, _ in history] + [prompt] + [h for h, _ in later]
     n = sum(h.count(IMAGE_TOKEN) for h in humans)
@@ -249,9 +270,13 @@ def _check_pair(prompt: str, has_image: bool, chosen: str, rejected: str | None,
         raise _BadRow("no_image_token")
     if n > 1 or (n == 1 and not has_image):
         raise _BadRow("extra_image_token", f"{n} x <image>, image {'present' if has_image else 'absent'}")
-    answers = [chosen] + ([rejected] if rejected is not None else []) + [a for _, a in history] + [a for _, a in later]
+    answers = [a for _, a in history]  # the prompt's answers; the responses too unless only the prompt is read
+    if chosen is not None:
+        answers += [chosen] + ([rejected] if rejected is not None else []) + [a for _, a in later]
     if any(IMAGE_TOKEN in a for a in answers):  # it would become an image token with no image features
         raise _BadRow("image_token_in_response")
+    if chosen is None:
+        return prompt, history
     if not chosen.strip() or any(not a.strip() for _, a in later):
         raise _BadRow("empty_chosen")
     if rejected is not None:
@@ -264,7 +289,7 @@ def _check_pair(prompt: str, has_image: bool, chosen: str, rejected: str | None,
 
 def _segments(row: dict, key: str, text: str) -> list[tuple[int, int]] | None:
     v = row.get(key)
-    if v is None:
+    if v is None or text is None:
         return None
     try:
         spans = [(int(s), int(e)) for s, e in v]
@@ -279,10 +304,11 @@ def _segments(row: dict, key: str, text: str) -> list[tuple[int, int]] | None:
 HUMAN_ROLES, ASSISTANT_ROLES = ("human", "user"), ("gpt", "assistant")
 
 
-def _conversation(conv: Any, key: str = "conversations") -> list[tuple[str, str]]:
+def _conversation(conv: Any, key: str = "conversations", open_end: bool = False) -> list[tuple[str, str | None]]:
     """LLaVA-style [{from: human, value}, {from: gpt, value}, ...] -> [(human, assistant), ...]. Raises _BadRow:
     missing_field for a turn of the wrong shape or no assistant turn, turns_not_alternating when the roles are not
-    human, assistant, human, assistant, ... (an answer before its question would be trained on the wrong one)."""
+    human, assistant, human, assistant, ... (an answer before its question would be trained on the wrong one).
+    open_end (only the prompt is read): a last unanswered question is allowed, its answer None."""
     if not isinstance(conv, list):
         raise _BadRow("missing_field", f"{key} is not a list")
     roles, values = [], []
@@ -291,14 +317,16 @@ def _conversation(conv: Any, key: str = "conversations") -> list[tuple[str, str]
             raise _BadRow("missing_field", f"{key}[{k}] is not {{from: str, value: str}}")
         roles.append("human" if t["from"] in HUMAN_ROLES else "gpt" if t["from"] in ASSISTANT_ROLES else t["from"])
         values.append(t["value"])
-    if "gpt" not in roles or "human" not in roles:
+    if ("gpt" not in roles and not open_end) or "human" not in roles:
         raise _BadRow("missing_field", f"{key} lacks a human or gpt turn")
     for k, r in enumerate(roles):
         want = "human" if k % 2 == 0 else "gpt"
         if r != want:
             raise _BadRow("turns_not_alternating", f"{key}[{k}] is {conv[k]['from']!r}, expected {want}")
     if len(roles) % 2:
-        raise _BadRow("turns_not_alternating", f"{key} ends with an unanswered human turn")
+        if not open_end:
+            raise _BadRow("turns_not_alternating", f"{key} ends with an unanswered human turn")
+        values.append(None)
     return list(zip(values[0::2], values[1::2]))
 
 
@@ -340,7 +368,7 @@ def _read_json_list(ctx: _Ctx) -> list[tuple[str, Any]]:
         raise ValueError(f"{ctx.path}: not valid JSON (line {e.lineno}: {e.msg}){hint}") from None
     if not isinstance(data, list):
         raise ValueError(f"{ctx.path}: expected a JSON list of rows, found {type(data).__name__}")
-    return [(f"row {i}", r) for i, r in enumerate(data)]
+    return [(f"item {i}", r) for i, r in enumerate(data, 1)]
 
 
 def _read_jsonl(ctx: _Ctx) -> list[tuple[str, Any]]:
@@ -370,11 +398,11 @@ def _read_parquet(ctx: _Ctx) -> list[tuple[str, Any]]:
         table = pq.read_table(ctx.path)
     except Exception as e:
         raise ValueError(f"{ctx.path}: not a readable parquet file ({type(e).__name__}: {e})") from None
-    return [(f"row {i}", r) for i, r in enumerate(table.to_pylist())]
+    return [(f"row {i}", r) for i, r in enumerate(table.to_pylist(), 1)]
 
 
 # ---------------------------------------------------------------------------------------------------- formats
-# each parser: (ctx, row_label, row) -> list[Example]; raises _BadRow for a bad row
+# each parser: (ctx, row_label, row: dict) -> list[Example]; raises _BadRow for a bad row
 
 def _parse_rlhfv(ctx, label, row):
     img = row.get("image")
@@ -393,27 +421,24 @@ def _parse_rlhfv(ctx, label, row):
         raise _BadRow("malformed_json", f"text: {e.msg}") from None
     if not isinstance(text, dict):
         raise _BadRow("missing_field", "text is not a JSON object")
-    q, c, r = _text(text, "question"), _text(text, "chosen"), _text(text, "rejected")
+    q, (c, r) = _text(text, "question"), ctx.responses(text)
     prompt, _ = _check_pair(q, True, c, r, prepend=True)
     extra = {k: row[k] for k in ("ds_name", "origin_dataset", "origin_split", "image_path") if k in row}
     return [Example(str(row.get("idx", label)), data, prompt, c, r, extra=extra)]
 
 
 def _parse_povid(ctx, label, row):
-    if not isinstance(row, dict):
-        raise _BadRow("missing_field", "row is not an object")
     chosen = _conversation(row.get("conversations"))
     rejected = _conversation(row.get("rejected_conversations"), "rejected_conversations")
-    history, prompt, c, r = _split_pair(chosen, rejected)
+    history, prompt, c, r = _split_pair(chosen, rejected)  # the same prompt whatever the run reads
+    c, r = (None, None) if ctx.needs == "prompts" else (c, r)
     image = ctx.image_path(row.get("image"))
     prompt, history = _check_pair(prompt, True, c, r, history=history)
     return [Example(str(row.get("id", label)), image, prompt, c, r, history=history)]
 
 
 def _parse_llava(ctx, label, row):
-    if not isinstance(row, dict):
-        raise _BadRow("missing_field", "row is not an object")
-    conv = _conversation(row.get("conversations"))
+    conv = _conversation(row.get("conversations"), open_end=ctx.needs == "prompts")
     image = ctx.image_path(row["image"]) if row.get("image") is not None else None
     later_tags = [k for k, (h, _) in enumerate(conv) if k and IMAGE_TOKEN in h]
     if image is not None and IMAGE_TOKEN not in conv[0][0] and len(later_tags) == 1:
@@ -421,6 +446,11 @@ def _parse_llava(ctx, label, row):
         h = conv[k][0].replace(IMAGE_TOKEN + "\n", "", 1) if IMAGE_TOKEN + "\n" in conv[k][0] else \
             conv[k][0].replace(IMAGE_TOKEN, "", 1)
         conv = [(IMAGE_TOKEN + "\n" + conv[0][0], conv[0][1])] + conv[1:k] + [(h.strip(), conv[k][1])] + conv[k + 1:]
+    if ctx.needs == "prompts":  # the first question only, checked over the whole conversation's tags
+        prompt, _ = _check_pair(conv[0][0], image is not None, None, None, later=conv[1:])
+        return [Example(str(row.get("id", label)), image, prompt, None)]
+    if ctx.needs == "pairs":
+        raise _BadRow("no_rejected", "llava rows hold one answer per question")
     prompt, _ = _check_pair(conv[0][0], image is not None, conv[0][1], None, later=conv[1:])
     return [Example(str(row.get("id", label)), image, prompt, conv[0][1], None, later_turns=conv[1:])]
 
@@ -440,26 +470,26 @@ def _rating(completion: dict) -> float | None:
 
 
 def _parse_vlfeedback(ctx, label, row):
-    if not isinstance(row, dict):
-        raise _BadRow("missing_field", "row is not an object")
     prompt, comps = _text(row, "prompt"), row.get("completions")
+    image = ctx.image_path(row.get("img_path"))
+    if ctx.needs == "prompts":  # one example per row; the completions are not read
+        return [Example(str(row.get("id", label)), image, _check_pair(prompt, True, None, None, prepend=True)[0], None)]
     if not isinstance(comps, list):
         raise _BadRow("missing_field", "completions is not a list")
-    image = ctx.image_path(row.get("img_path"))
     scored = []
     for k, c in enumerate(comps):
         s = _rating(c) if isinstance(c, dict) else None
         if s is None:
-            ctx.skip(f"{label} completion {k}", "nonnumeric_rating")
+            ctx.skip(f"{label} completions[{k}]", "nonnumeric_rating")
         elif not isinstance(c.get("response"), str):
-            ctx.skip(f"{label} completion {k}", "missing_field", "response is not a string")
+            ctx.skip(f"{label} completions[{k}]", "missing_field", "response is not a string")
         else:
             scored.append((k, s, c))
     out = []
     for i in range(len(scored)):
         for j in range(i + 1, len(scored)):
             (ki, si, _), (kj, sj, _) = scored[i], scored[j]
-            pair = f"{label} pair ({ki},{kj})"
+            pair = f"{label} completions[{ki}] vs [{kj}]"
             if si == sj:
                 ctx.skip(pair, "rating_tie")
                 continue
@@ -479,9 +509,7 @@ PREFS_KEYS = ("id", "image", "prompt", "chosen", "rejected", "chosen_segments", 
 
 
 def _parse_prefs(ctx, label, row):
-    if not isinstance(row, dict):
-        raise _BadRow("missing_field", "row is not an object")
-    prompt, chosen, rejected = _text(row, "prompt"), _text(row, "chosen"), _text(row, "rejected")
+    prompt, (chosen, rejected) = _text(row, "prompt"), ctx.responses(row)
     history = row.get("history") or []
     if not isinstance(history, list) or not all(isinstance(t, (list, tuple)) and len(t) == 2 and
                                                 all(isinstance(x, str) for x in t) for t in history):
@@ -493,94 +521,55 @@ def _parse_prefs(ctx, label, row):
     return [Example(str(row.get("id", label)), image, prompt, chosen, rejected, cs, rs, extra, history)]
 
 
-_FORMATS = {"rlhfv": (_read_parquet, _parse_rlhfv), "povid": (_read_json_list, _parse_povid),
-            "vlfeedback": (_read_jsonl, _parse_vlfeedback), "llava": (_read_json_list, _parse_llava),
-            "prefs": (_read_jsonl, _parse_prefs)}
+_FORMATS = {  # format -> (reader, parser, the key of a row's id)
+    "rlhfv": (_read_parquet, _parse_rlhfv, "idx"), "povid": (_read_json_list, _parse_povid, "id"),
+    "vlfeedback": (_read_jsonl, _parse_vlfeedback, "id"), "llava": (_read_json_list, _parse_llava, "id"),
+    "prefs": (_read_jsonl, _parse_prefs, "id")}
 
 
 def load_examples(path: str, fmt: str, image_root: str | None = None, strict: bool = False,
-                  verify_images: bool = True) -> tuple[list[Example], SkipCounts]:
-    """Read a data file of format `fmt` (see the module docstring) -> (examples, skip counts)."""
+                  verify_images: bool = True, needs: str = "responses", who: str = "this run"
+                  ) -> tuple[list[Example], SkipCounts]:
+    """Read a data file of format `fmt` (see the module docstring) -> (examples, skip counts). needs: a key of NEEDS,
+    what each row must give; who: what needs it, for the message of a file without any such row (e.g. "--algo dpo").
+    Raises ValueError (bad file, no usable row), FileNotFoundError."""
     if fmt not in _FORMATS:
         raise ValueError(f"unknown data format {fmt!r}; expected one of {', '.join(FORMATS)}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data file {path} not found")
     if image_root is not None and not os.path.isdir(image_root):
         raise FileNotFoundError(f"image root {image_root} is not a directory")
-    ctx = _Ctx(path, image_root, strict, verify_images)
-    read, parse = _FORMATS[fmt]
+    if needs not in NEEDS:
+        raise ValueError(f"needs must be one of {', '.join(NEEDS)}, got {needs!r}")
+    ctx = _Ctx(path, image_root, strict, verify_images, needs)
+    read, parse, id_key = _FORMATS[fmt]
     rows = read(ctx)
     examples: list[Example] = []
+    seen: dict[str, str] = {}  # row id -> label of the row that used it first
     for label, row in rows:
         try:
             if isinstance(row, _BadRow):
                 raise row
-            examples.extend(parse(ctx, label, row))
+            if not isinstance(row, dict):
+                raise _BadRow("missing_field", "row is not an object")
+            new = parse(ctx, label, row)
+            rid = row.get(id_key) if new else None
+            if rid is not None:
+                if str(rid) in seen:
+                    raise _BadRow("duplicate_id", f"{id_key} {rid!r} is also {seen[str(rid)]}'s")
+                seen[str(rid)] = label
+            examples.extend(new)
         except _BadRow as e:
             ctx.skip(label, e.reason, e.detail)
         except (KeyError, TypeError, AttributeError) as e:  # a row of the wrong shape
             ctx.skip(label, "missing_field", f"{type(e).__name__}: {e}")
     if not examples:
         counts = ", ".join(f"{r}={n}" for r, n in sorted(ctx.counts.items())) or "the file has no rows"
+        if ctx.counts["prompt_only"] or ctx.counts["no_rejected"]:
+            raise ValueError(f"{path}: {who} needs {', '.join(('prompt',) + NEEDS[needs])} in each row; none of its "
+                             f"{len(rows)} rows (format {fmt}) has them (skipped: {counts})")
         raise ValueError(f"{path}: no usable example in {len(rows)} rows (format {fmt}); skipped: {counts}")
     return examples, ctx.counts
-
-
-# ---------------------------------------------------------------------------------------------------- DDPO weights
-
-def ddpo_token_weights(chosen_ids: list[int], rejected_ids: list[int], gamma: float, min_match: int = 3,
-                       autojunk: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token DDPO weights of the two responses from a token-level diff (RLHF-V rule).
-
-    RLHF-V (Yu et al. 2024, shared/papers/001_b3fc2a759b82d26f.txt, Eq. 5) scores a response as
-        log pi(y|x) = (1/N) [ sum_{y_i in y_u} log p(y_i|.) + gamma * sum_{y_i in y_c} log p(y_i|.) ],
-        N = |y_u| + gamma |y_c|,
-    y_c = tokens of corrected segments, y_u = unchanged tokens. With w_i = gamma on y_c and 1 on y_u this is
-    sum_i w_i log p_i / sum_i w_i (the "average" form; the sum form drops the division -- the caller's flag).
-
-    The corrected segments are not stored in the data; as in RLHF-V's public code (thunlp/Muffin) they are found by
-    diffing the token ids: difflib.SequenceMatcher(None, rejected, chosen) (autojunk as difflib's default), matching
-    blocks shorter than `min_match` tokens dropped, the gaps between the remaining blocks (and before the first /
-    after the last) are modified spans; a gap non-empty on both sides gets weight gamma on its tokens on both sides,
-    a pure insertion or deletion keeps weight 1. Ids are the response tokens only.
-    Returns (w_chosen (len(chosen_ids),), w_rejected (len(rejected_ids),)) float32.
-    """
-    rej, cho = list(rejected_ids), list(chosen_ids)
-    w_c, w_r = torch.ones(len(cho)), torch.ones(len(rej))
-    blocks = difflib.SequenceMatcher(None, rej, cho, autojunk=autojunk).get_matching_blocks()
-    kept = [b for b in blocks[:-1] if b.size >= min_match] + [blocks[-1]]  # last = (len(rej), len(cho), 0)
-    r0 = c0 = 0
-    for b in kept:
-        if b.a > r0 and b.b > c0:  # gap non-empty on both sides: a modified span
-            w_r[r0:b.a] = gamma
-            w_c[c0:b.b] = gamma
-        r0, c0 = b.a + b.size, b.b + b.size
-    return w_c, w_r
-
-
-def span_token_weights(offsets: list[tuple[int, int]], spans: list[tuple[int, int]] | None,
-                       gamma: float) -> torch.Tensor:
-    """Weights (len(offsets),) float32 from explicit character spans: a token whose character range
-    [start, end) (from the tokenizer's encoding of the response) overlaps any span [s, e) gets gamma, others 1.
-    Zero-width tokens (special tokens) keep 1."""
-    w = torch.ones(len(offsets))
-    for i, (a, b) in enumerate(offsets):
-        if b > a and any(a < e and s < b for s, e in spans or ()):
-            w[i] = gamma
-    return w
-
-
-def example_token_weights(example: Example, chosen_ids: list[int], rejected_ids: list[int], gamma: float,
-                          chosen_offsets: list[tuple[int, int]] | None = None,
-                          rejected_offsets: list[tuple[int, int]] | None = None,
-                          min_match: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
-    """DDPO weights for one pair: from the example's character spans when it has them (and offsets are given),
-    else from the token diff. A side without spans in a pair that has them keeps weight 1."""
-    has_spans = example.chosen_segments is not None or example.rejected_segments is not None
-    if has_spans and chosen_offsets is not None and rejected_offsets is not None:
-        return (span_token_weights(chosen_offsets, example.chosen_segments, gamma),
-                span_token_weights(rejected_offsets, example.rejected_segments, gamma))
-    return ddpo_token_weights(chosen_ids, rejected_ids, gamma, min_match)
 
 
 def write_prefs(path: str, examples: list[Example]) -> None:

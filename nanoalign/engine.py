@@ -51,7 +51,8 @@ def sample_next(logits, temperature: float = 0.0, top_p: float = 1.0, generator:
     """logits (B,V) fp32 -> token ids (B,). temperature 0: argmax. Otherwise nucleus sampling (Holtzman et al. 2020,
     "The Curious Case of Neural Text Degeneration", arXiv:1904.09751): p = softmax(logits / temperature), restricted
     to the smallest set of most likely tokens whose mass reaches top_p (the most likely token always stays), then one
-    draw per row from `generator` (torch.multinomial renormalises the kept mass)."""
+    draw per row from `generator` (torch.multinomial renormalises the kept mass); a list of B generators: row b draws
+    from generator[b] alone, so its samples do not depend on the other rows of the batch (online rollouts)."""
     if temperature <= 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits / temperature, dim=-1)
@@ -60,6 +61,8 @@ def sample_next(logits, temperature: float = 0.0, top_p: float = 1.0, generator:
         before = p_sorted.cumsum(-1) - p_sorted  # mass of the strictly more likely tokens
         p_sorted = p_sorted.masked_fill(before >= top_p, 0.0)  # the first token always survives
         probs = torch.zeros_like(probs).scatter_(-1, idx, p_sorted)
+    if isinstance(generator, (list, tuple)):
+        return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generator)])
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -287,7 +290,8 @@ def decode(model, cache: KVCache, last, max_new_tokens: int, temperature: float 
         cache = cache.fork(torch.arange(B), capacity=need)
     hidden = last
     for step in range(max_new_tokens):
-        tok = sample_next(model.logits(hidden).float(), temperature, top_p, generator)  # (A,)
+        gen = [generator[b] for b in active] if isinstance(generator, (list, tuple)) else generator  # per row
+        tok = sample_next(model.logits(hidden).float(), temperature, top_p, gen)  # (A,)
         done = torch.tensor([ended[b] for b in active], device=tok.device)  # rows that ended before this step
         still = []
         for j, b in enumerate(active):

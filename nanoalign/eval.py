@@ -20,7 +20,8 @@ same check as training: nanoalign.data.resolve_image_path), missing / unreadable
 nanoalign.image.open_image, as training opens them), images absent from the annotations, generation / judge errors
 are counted per kind in `bad_input` and printed. What the task needs is checked before any generation: some usable
 example, CHAIR's --annotations file, MMHal's --judge ("error: ...", exit 2). After the run, a model for which nothing
-was evaluated, or more than --max-failed (default 0.1) of its rows failed (FAILED_KINDS), makes the exit status 2,
+was evaluated, or more than --max-failed (default 0.1) of its rows failed (FAILED_KINDS, and answers the metric cannot
+parse: POPE's yes/no, MMHal's rating, `unparseable` in the table), makes the exit status 2,
 with the counted reasons on stderr (the table and summaries are still written). A checkpoint that cannot be loaded
 stops the run (exit 2).
 """
@@ -66,8 +67,17 @@ def image_path(image_root, name, bad):
         return str(Path(os.path.realpath(image_root), str(name)))
 
 
+def malformed(bad, path, label, why):
+    """Count a malformed row; the first few are named on stderr ("line N" of a JSONL file, "item N" of a JSON list,
+    from 1, as training's data loader names rows)."""
+    if bad["malformed_row"] < 5:
+        print(f"warning: {path}: {label}: {why} (malformed_row)", file=sys.stderr)
+    bad["malformed_row"] += 1
+
+
 def read_rows(path, bad):
-    """JSON list or JSONL file -> list of dict rows; undecodable lines / non-dict rows counted as malformed_row."""
+    """JSON list or JSONL file -> list of (label, dict row), label "line N" / "item N" (from 1); undecodable lines /
+    non-dict rows counted as malformed_row."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--data file not found: {path}")
@@ -80,20 +90,23 @@ def read_rows(path, bad):
                          "re-save the file as UTF-8") from None
     if text.lstrip().startswith("["):
         try:
-            rows = json.loads(text)
+            rows = [(f"item {i}", r) for i, r in enumerate(json.loads(text), 1)]
         except json.JSONDecodeError as e:
             raise ValueError(f"--data {path}: not valid JSON ({e})") from None
     else:
         rows = []
-        for line in text.splitlines():
+        for n, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    bad["malformed_row"] += 1
-    good = [r for r in rows if isinstance(r, dict)]
-    if len(good) < len(rows):
-        bad["malformed_row"] += len(rows) - len(good)
+                    rows.append((f"line {n}", json.loads(line)))
+                except json.JSONDecodeError as e:
+                    malformed(bad, path, f"line {n}", f"not JSON ({e.msg})")
+    good = []
+    for label, r in rows:
+        if isinstance(r, dict):
+            good.append((label, r))
+        else:
+            malformed(bad, path, label, f"a {type(r).__name__}, not an object")
     return good
 
 
@@ -102,10 +115,10 @@ def load_pope(paths, image_root, bad):
     question_id key = "<file stem>:<question_id>" (the three split files reuse the same ids)."""
     out = []
     for path in paths:
-        for r in read_rows(path, bad):
+        for row, r in read_rows(path, bad):
             label = str(r.get("label", "")).strip().lower()
             if any(k not in r for k in ("question_id", "image", "text")) or label not in ("yes", "no"):
-                bad["malformed_row"] += 1
+                malformed(bad, path, row, "needs question_id, image, text and a yes/no label")
                 continue
             image = image_path(image_root, r["image"], bad)
             if image is None:
@@ -137,10 +150,10 @@ def load_chair(paths, image_root, annotations, bad, synonyms=None):
     by_name = {Path(fn).name: i for i, fn in file_names.items()}
     out = []
     for path in paths:
-        for r in read_rows(path, bad):
+        for row, r in read_rows(path, bad):
             image_id, image = r.get("image_id"), r.get("image")
             if image_id is None and image is None:
-                bad["malformed_row"] += 1
+                malformed(bad, path, row, "needs image_id or image")
                 continue
             if image_id is None:
                 image_id = by_name.get(Path(str(image)).name)
@@ -169,14 +182,14 @@ def load_mmhal(paths, image_root, bad):
     question_type) -> examples. The image is the first candidate file that exists under image_root."""
     out = []
     for path in paths:
-        for i, r in enumerate(read_rows(path, bad)):
+        for i, (row, r) in enumerate(read_rows(path, bad)):
             cands = [r.get("image"), r.get("image_path")]
             if r.get("image_src"):
                 cands.append(str(r["image_src"]).rstrip("/").split("/")[-1])
             if r.get("image_id") is not None:
                 cands.append(f"{r['image_id']}.jpg")
             if "question" not in r or "gt_answer" not in r or not any(cands):
-                bad["malformed_row"] += 1
+                malformed(bad, path, row, "needs question, gt_answer and an image")
                 continue
             escapes = Counter()
             cands = [p for p in (image_path(image_root, c, escapes) for c in cands if c) if p is not None]
@@ -347,20 +360,20 @@ def summarize(task, rows, synonyms=None):
             s.update(chair_s=None, chair_i=None, recall=None)
         s["n"] = len(rows)
         s["n_scored"] = len(scored)
-        s["mean_length"] = sum(len(r["answer"].split()) for r in rows) / len(rows) if rows else 0.0
+        s["mean_length"] = M._ratio(sum(len(r["answer"].split()) for r in rows), len(rows))
         return s
     return M.mmhal_summary(rows)
 
 
 def markdown_table(summaries, task):
-    """[(name, summary)] -> side-by-side markdown table (ratios in %)."""
+    """[(name, summary)] -> side-by-side markdown table (ratios in %; "n/a": a ratio over zero rows)."""
     cols = TABLE_COLUMNS[task]
     lines = ["| model | n | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
     for name, s in summaries:
         cells = []
         for c in cols:
             v = s.get(c)
-            cells.append("-" if v is None else f"{100 * v:.2f}" if c in _PERCENT else
+            cells.append("n/a" if v is None else f"{100 * v:.2f}" if c in _PERCENT else
                          f"{v:.2f}" if isinstance(v, float) else str(v))
         lines.append(f"| {name} | {s.get('n', 0)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -527,7 +540,10 @@ def main(argv=None):
         if s["bad_input"]:
             print(f"{name}: bad input {s['bad_input']}", file=sys.stderr)
         failed = {k: v for k, v in s["bad_input"].items() if k in FAILED_KINDS}
-        n_ok, n_failed = s["n_evaluated"], sum(failed.values())
+        if s.get("unparseable"):  # an answer (POPE yes/no, MMHal's judge rating) the metric cannot score
+            failed["unparseable"] = s["unparseable"]
+        n_failed = sum(failed.values())
+        n_ok = s["n_evaluated"] - failed.get("unparseable", 0)
         if n_ok == 0 or n_failed > args.max_failed * (n_ok + n_failed):
             print(f"error: {name}: {n_ok} example(s) evaluated, {n_failed} row(s) failed "
                   f"({', '.join(f'{k}={v}' for k, v in failed.items()) or 'none counted'}) > --max-failed "

@@ -213,9 +213,11 @@ class Evaluator:
             return {"pref_accuracy": sum(r["accuracy"] for r in rows) / n, "pref_margin": sum(r["margin"] for r in rows) / n}
         s = E.summarize(self.task, rows, self.synonyms)
         if self.task == "pope":
-            return {f"pope_{k}": s[k] for k in ("accuracy", "f1", "precision", "recall", "yes_ratio")}
-        return {"chair_i": s["chair_i"], "chair_s": s["chair_s"], "chair_recall": s["recall"],
-                "chair_length": s["mean_length"]}
+            out = {f"pope_{k}": s[k] for k in ("accuracy", "f1", "precision", "recall", "yes_ratio")}
+        else:
+            out = {"chair_i": s["chair_i"], "chair_s": s["chair_s"], "chair_recall": s["recall"],
+                   "chair_length": s["mean_length"]}
+        return {k: v for k, v in out.items() if v is not None}  # None: a ratio over zero rows, not logged
 
     # ------------------------------------------------------------------------------------------------------ best
     def improved(self, metrics: dict) -> bool:

@@ -22,6 +22,10 @@ MMHal-Bench (Sun et al. 2023, LLaVA-RLHF): a judge rates each answer 0..6 ("Rati
     score = mean rating,  hallucination_rate = fraction of rated answers with rating < 3.
   The judge is any callable `judge(image, prompt) -> str`; with the image given it is the Apple paper's
   MMHal-Bench-V(ision) idea (App. B.3). JUDGE_PROMPT is written here, in our words, with MMHal's 0..6 scale.
+
+A ratio whose denominator is zero (precision without a "yes" answer, CHAIR_i without a mention, any metric over no
+row) is None ("n/a" in eval's table, null in summary.json), never 0; f1 is computed as 2 TP / (2 TP + FP + FN)
+(equal to 2 P R / (P + R) where both exist, 0 when there are positives but no hit).
 """
 import json
 import re
@@ -40,24 +44,29 @@ def parse_yes_no(text):
     return None
 
 
+def _ratio(a, b):
+    """a / b, or None when b is 0 (a metric over zero rows is undefined, shown "n/a", never 0)."""
+    return a / b if b else None
+
+
 def pope_metrics(preds, labels):
-    """preds: list of "yes"/"no"/None (None = unparseable), labels: list of "yes"/"no" -> dict of metrics."""
+    """preds: list of "yes"/"no"/None (None = unparseable), labels: list of "yes"/"no" -> dict of metrics: n,
+    accuracy, precision, recall, f1, yes_ratio (None where their denominator is 0), unparseable (a count; an
+    unparseable answer is wrong for accuracy and recall, and no "yes")."""
     if len(preds) != len(labels):
         raise ValueError(f"pope_metrics: {len(preds)} predictions but {len(labels)} labels")
     tp = sum(p == "yes" and l == "yes" for p, l in zip(preds, labels))
     fp = sum(p == "yes" and l == "no" for p, l in zip(preds, labels))
     tn = sum(p == "no" and l == "no" for p, l in zip(preds, labels))
     n, pos = len(labels), sum(l == "yes" for l in labels)
-    n_yes = tp + fp
-    precision = tp / n_yes if n_yes else 0.0
-    recall = tp / pos if pos else 0.0
-    return {
+    n_yes, fn = tp + fp, pos - tp
+    return {  # a ratio over zero rows is None ("n/a"), not 0
         "n": n,
-        "accuracy": (tp + tn) / n if n else 0.0,
-        "precision": precision,
-        "recall": recall,
-        "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
-        "yes_ratio": n_yes / n if n else 0.0,
+        "accuracy": _ratio(tp + tn, n),
+        "precision": _ratio(tp, n_yes),
+        "recall": _ratio(tp, pos),
+        "f1": _ratio(2 * tp, 2 * tp + fp + fn),  # = 2PR / (P + R); 0 when there are positives but no hit
+        "yes_ratio": _ratio(n_yes, n),
         "unparseable": sum(p is None for p in preds),
     }
 
@@ -320,10 +329,10 @@ def chair_scores(captions, gt_objects, synonyms=None):
     n = len(captions)
     return {
         "n": n,
-        "chair_s": n_cap_hall / n if n else 0.0,
-        "chair_i": n_hall / n_ment if n_ment else 0.0,
-        "recall": covered / n_gt if n_gt else 0.0,
-        "mean_length": n_words / n if n else 0.0,
+        "chair_s": _ratio(n_cap_hall, n),  # None ("n/a") over no caption / no mention / no object
+        "chair_i": _ratio(n_hall, n_ment),
+        "recall": _ratio(covered, n_gt),
+        "mean_length": _ratio(n_words, n),
         "mentions": n_ment,
         "hallucinated_mentions": n_hall,
         "per_caption": per_caption,
@@ -440,8 +449,8 @@ def mmhal_summary(rows):
 
     def agg(rs):
         n = len(rs)
-        return {"n": n, "score": sum(r["rating"] for r in rs) / n if n else 0.0,
-                "hallucination_rate": sum(r["rating"] < 3 for r in rs) / n if n else 0.0}
+        return {"n": n, "score": _ratio(sum(r["rating"] for r in rs), n),
+                "hallucination_rate": _ratio(sum(r["rating"] < 3 for r in rs), n)}
     out = agg(rated)
     out.update(n=len(rows), n_rated=len(rated), unparseable=len(rows) - len(rated))
     types = Counter(r.get("question_type") for r in rated if r.get("question_type"))

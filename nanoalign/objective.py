@@ -56,3 +56,23 @@ def preference(loss_type: str, policy, b: dict, ref: torch.Tensor, P: int, devic
         for k, v in m.items():
             metrics[k] = metrics.get(k, 0) + v.float().mean() / len(rejected_sets)
     return loss, metrics
+
+
+def pair_mean_over_ranks(loss: torch.Tensor, metrics: dict, n_pairs: int) -> tuple[torch.Tensor, dict]:
+    """This rank's share of the mean over the pairs kept on every rank. Every rank must call it (one all_reduce).
+
+    loss (scalar) and metrics (0-d tensors): this rank's means over its n_pairs pairs (n_pairs = 0: a placeholder
+    batch that only keeps the rank in FSDP's collectives). Why: each rank annotates its own online pairs and ties /
+    unparseable verdicts drop a different number on each, while FSDP averages the gradients over ranks (and train.py
+    logs the mean over ranks), so a per-rank mean would weight one pair of a rank that kept 1 as much as all four of
+    a rank that kept 4. With N = sum over ranks of n_pairs, each rank returns its mean * n_pairs * world / N: the
+    average over ranks is then (sum over every rank's pairs of the pair losses) / N, the global mean, for the loss,
+    its gradients and the metrics alike. N = 0 (no pair on any rank): zeros (the graph kept, for the backward).
+    Departure: with --grad-accum > 1 each micro-step is its own global mean, weighted 1 / grad_accum."""
+    world, n = 1, torch.tensor([float(n_pairs)])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        world = dist.get_world_size()
+        n = n if dist.get_backend() == "gloo" else n.to(loss.device)
+        dist.all_reduce(n)
+    share = n_pairs * world / max(float(n.item()), 1.0)
+    return loss * share, {k: v * share for k, v in metrics.items()}

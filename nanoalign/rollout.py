@@ -13,10 +13,13 @@ the generation engine (nanoalign.engine.sample: batched, KV-cached, eval mode, n
   bdhs     Online-BDHS (Eq. 5): a BDHS rejected response (nanoalign.bdhs) made with the current policy, the data's
            chosen (reference) answer as the chosen; with a data rejected the batch is [chosen | rejected | bdhs] and
            the objective's loss is the mean of the two DPO losses, without one [chosen | bdhs].
-The random draws of a micro-step come from `step_generator(seed, step, micro, rank)`, a function of the run's seed
-and position only: a resumed run draws what the uninterrupted run drew (the sampling RNG state is implied by the
-saved step, so nothing more needs saving). Departure: under N ranks each rank samples its own P prompts with its own
-generator, so the sampled pairs (and losses) of an online run differ between 1 and N ranks; offline pairs do not.
+The random draws of a prompt come from its own generator, `prompt_generator(seed, step, example id)` (its samples,
+Mixed-DPO's coin, its BDHS seed), a function of the run's seed, the step and the example only: a resumed run draws
+what the uninterrupted run drew (the sampling RNG state is implied by the saved step, so nothing more needs saving),
+and a prompt draws the same whichever rank, micro-step or batch row it lands on (the engine draws each row from its
+own generator), so 1 rank and N ranks with the same global batch make the same responses and pairs, up to the
+floating-point rounding of batched forwards of different shapes (tests/test_online_ranks.py). An example drawn twice
+in one step (a global batch larger than the data) gets the same responses twice.
 """
 import hashlib
 import time
@@ -79,9 +82,10 @@ class OnlineSettings:
     embedder: object = None  # BDHS's sentence embedder (anything with .encode(list[str]) -> (n, E))
 
 
-def step_generator(seed: int, step: int, micro: int, rank: int, device="cpu") -> torch.Generator:
-    """The generator of one micro-step's random draws on one rank: seeded from (seed, step, micro, rank) only."""
-    h = hashlib.sha256(f"{seed}/{step}/{micro}/{rank}".encode()).digest()
+def prompt_generator(seed: int, step: int, example_id: str, device="cpu") -> torch.Generator:
+    """The generator of one prompt's random draws at one step: seeded from (seed, step, example id) only, not from
+    the rank or the batch, so the prompt's samples do not depend on how the global batch is split over ranks."""
+    h = hashlib.sha256(f"{seed}/{step}/{example_id}".encode()).digest()
     return torch.Generator(device=device).manual_seed(int.from_bytes(h[:7], "little"))
 
 
@@ -96,10 +100,11 @@ def prompt_batch(items: list, images: list, processor) -> dict:
 
 
 def online(kind: str, policy, items: list, examples: list, images: list, processor, annotator,
-           settings: OnlineSettings, generator: torch.Generator) -> tuple[dict, list, Counter]:
+           settings: OnlineSettings, generators: list) -> tuple[dict, list, Counter]:
     """The rollout + annotation stages of an online algorithm (kind in ONLINE) for P encoded items.
 
-    examples / images: the items' nanoalign.data.Example and PIL image (or None), aligned with items.
+    examples / images: the items' nanoalign.data.Example and PIL image (or None), aligned with items; generators:
+    one torch.Generator per item (prompt_generator), the source of all of that prompt's random draws.
     Returns (b, kept, stats): b the collated batch [chosen | rejected] (bdhs: [chosen | (data rejected |) bdhs]) of
     the kept items (each a copy; pairs whose annotation was dropped are left out), vision_always set. When no pair is
     left, b holds the first item's pair as a placeholder and stats["placeholder"] = 1: the caller weights its loss
@@ -108,10 +113,11 @@ def online(kind: str, policy, items: list, examples: list, images: list, process
     """
     stats = Counter()
     if kind == "bdhs":
-        kept = _bdhs_items(policy, items, examples, images, processor, settings, generator, stats)
+        kept = _bdhs_items(policy, items, examples, images, processor, settings, generators, stats)
         sides = ["chosen", "rejected", "bdhs"] if all(it.rejected_ids for it in items) else ["chosen", "bdhs"]
     else:
-        kept = _sampled_items(kind, policy, items, examples, images, processor, annotator, settings, generator, stats)
+        kept = _sampled_items(kind, policy, items, examples, images, processor, annotator, settings, generators,
+                              stats)
         sides = ["chosen", "rejected"]
     for it in kept:
         stats["chosen_len"] += len(it.chosen_ids)
@@ -119,23 +125,26 @@ def online(kind: str, policy, items: list, examples: list, images: list, process
     if not kept:
         stats["placeholder"] = 1
         it = replace(items[0])
+        fill = it.chosen_ids or [processor.tokenizer.eos_id or 0]  # a prompt-only item has no response of its own
+        it.chosen_ids, it.chosen_w, it.chosen_labelled = list(fill), None, None
         if kind == "bdhs":
-            it.bdhs_ids, it.bdhs_w = list(it.chosen_ids), None
+            it.bdhs_ids, it.bdhs_w = list(fill), None
         else:
-            it.rejected_ids, it.rejected_w = list(it.rejected_ids or it.chosen_ids), None
+            it.rejected_ids, it.rejected_w = list(it.rejected_ids or fill), None
         kept = [it]
     pos = {it.index: i for i, it in enumerate(items)}
     b = collate(kept, sides, processor, [images[pos[k.index]] for k in kept], vision_always=True)
     return b, kept, stats
 
 
-def _sampled_items(kind, policy, items, examples, images, processor, annotator, settings, generator, stats):
+def _sampled_items(kind, policy, items, examples, images, processor, annotator, settings, generators, stats):
     """Online-DPO / Mixed-DPO pairs: copies of the items with chosen_ids / rejected_ids set from two samples of the
     current policy, ordered by the annotator (Mixed-DPO: the data's pair kept with probability alpha)."""
     P = len(items)
-    if kind == "mixed":  # the coins come from their own stream, so alpha 0 samples exactly what online-dpo samples
-        coins = torch.rand(P, generator=torch.Generator().manual_seed(generator.initial_seed() ^ 0x5DEECE66D))
-        offline = (coins < settings.alpha).tolist()
+    if kind == "mixed":  # each coin from a stream of its own, so alpha 0 samples exactly what online-dpo samples
+        coins = [torch.rand(1, generator=torch.Generator().manual_seed(g.initial_seed() ^ 0x5DEECE66D)).item()
+                 for g in generators]
+        offline = [c < settings.alpha for c in coins]
     else:
         offline = [False] * P
     out = {i: replace(items[i]) for i in range(P) if offline[i]}
@@ -145,8 +154,8 @@ def _sampled_items(kind, policy, items, examples, images, processor, annotator, 
         t0 = time.time()
         r = sample(policy, prompt_batch([items[i] for i in todo], [images[i] for i in todo], processor),
                    n_per_prompt=2, temperature=settings.temperature, top_p=settings.top_p,
-                   max_new_tokens=settings.max_new_tokens, end_ids=processor.end_ids, generator=generator,
-                   pad_id=processor.pad_id)
+                   max_new_tokens=settings.max_new_tokens, end_ids=processor.end_ids,
+                   generator=[generators[i] for i in todo for _ in range(2)], pad_id=processor.pad_id)  # per row
         stats["rollout_s"] += time.time() - t0
         stats["rollout_tokens"] += sum(len(x) for x in r.ids)
         ids = [(r.ids[2 * k], r.ids[2 * k + 1]) for k in range(len(todo))]
@@ -170,11 +179,11 @@ def _sampled_items(kind, policy, items, examples, images, processor, annotator, 
     return [out[i] for i in sorted(out)]
 
 
-def _bdhs_items(policy, items, examples, images, processor, settings, generator, stats):
+def _bdhs_items(policy, items, examples, images, processor, settings, generators, stats):
     """Online-BDHS: copies of the items with bdhs_ids, the BDHS rejected response of the current policy."""
     from nanoalign.bdhs import BDHSSettings, bdhs_rejected
     bs = settings.bdhs or BDHSSettings()
-    seeds = torch.randint(0, 2 ** 31 - 1, (len(items),), generator=generator).tolist()
+    seeds = [int(torch.randint(0, 2 ** 31 - 1, (1,), generator=g, device=g.device)) for g in generators]
     t0 = time.time()
     res = bdhs_rejected(policy, processor, list(images), [ex.prompt for ex in examples],
                         [ex.chosen for ex in examples], bs, embedder=settings.embedder or BowEmbedder(),

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from nanoalign import data as D
+from nanoalign import ddpo
 
 
 @pytest.fixture
@@ -47,7 +48,7 @@ PREF_ROWS = [
     '{"image": "good.png", "prompt": ',                                     # line 10: malformed_json
     _pref(chosen_segments=[[5, 2]]),                                        # line 11: bad_segments
     _pref(prompt="<image> and <image>"),                                    # line 12: extra_image_token
-    {"image": "good.png", "prompt": "<image>\nq", "chosen": "x"},           # line 13: missing_field
+    {"image": "good.png", "prompt": "<image>\nq", "chosen": "x"},           # line 13: no_rejected (pairs)
     _pref(image=None),                                                      # line 14: extra_image_token
     _pref(image=["good.png", "gray.png"]),                                  # line 15: multi_image
     _pref(chosen="It says <image> here."),                                  # line 16: image_token_in_response
@@ -57,7 +58,7 @@ PREF_ROWS = [
 
 def test_prefs_every_skip_reason(tmp_path, root):
     path = _jsonl(tmp_path / "prefs.jsonl", PREF_ROWS)
-    exs, counts = D.load_examples(path, "prefs", image_root=str(root))
+    exs, counts = D.load_examples(path, "prefs", image_root=str(root), needs="pairs")
     assert [e.id for e in exs] == ["ok1", "ok2", "notag", "one"]
     assert exs[2].prompt == "<image>\nWhat is this?" and exs[3].image == exs[0].image
     e = exs[0]
@@ -67,7 +68,7 @@ def test_prefs_every_skip_reason(tmp_path, root):
     assert exs[1].image is None and exs[1].chosen_segments is None
     assert dict(counts) == {"missing_image": 1, "unreadable_image": 1, "empty_chosen": 1, "empty_rejected": 1,
                             "chosen_equals_rejected": 1, "path_escape": 1, "malformed_json": 1,
-                            "bad_segments": 1, "extra_image_token": 2, "missing_field": 1, "multi_image": 1,
+                            "bad_segments": 1, "extra_image_token": 2, "no_rejected": 1, "multi_image": 1,
                             "image_token_in_response": 1}
     assert counts.rows["malformed_json"] == ["line 10"] and counts.rows["path_escape"] == ["line 9"]
     assert counts.rows["multi_image"] == ["line 15"] and counts.rows["image_token_in_response"] == ["line 16"]
@@ -177,12 +178,13 @@ def test_povid_multi_turn(tmp_path, root):
 
 
 def test_not_utf8(tmp_path, root):
-    good = json.dumps(_pref(id="ok")).encode()
+    good, good2 = json.dumps(_pref(id="ok")).encode(), json.dumps(_pref(id="ok2")).encode()
     bad = json.dumps(_pref(id="latin1", chosen="caf\u00e9")).encode().replace(b"\\u00e9", b"\xe9")
     assert b"\xe9" in bad
-    (tmp_path / "p.jsonl").write_bytes(b"\xef\xbb\xbf" + good + b"\n" + bad + b"\n" + good + b"\n")  # BOM, latin-1
+    (tmp_path / "p.jsonl").write_bytes(b"\xef\xbb\xbf" + good + b"\n" + bad + b"\n" + good2 + b"\n")  # BOM, latin-1
     exs, counts = D.load_examples(str(tmp_path / "p.jsonl"), "prefs", image_root=str(root))
-    assert [e.id for e in exs] == ["ok", "ok"] and dict(counts) == {"not_utf8": 1} and counts.rows["not_utf8"] == ["line 2"]
+    assert [e.id for e in exs] == ["ok", "ok2"] and dict(counts) == {"not_utf8": 1}
+    assert counts.rows["not_utf8"] == ["line 2"]
     with pytest.raises(ValueError, match=r"p\.jsonl: line 2: line is not UTF-8 text \[not_utf8\]"):
         D.load_examples(str(tmp_path / "p.jsonl"), "prefs", image_root=str(root), strict=True)
     conv = json.dumps([{"image": "good.png", "conversations": _turns(("<image>\nq", "caf\u00e9"))}], indent=1)
@@ -257,7 +259,7 @@ def test_vlfeedback_pairs(tmp_path, root):
     ok = _jsonl(tmp_path / "ties.jsonl", [{**row, "completions": [row["completions"][i] for i in (0, 1, 3)]}])
     exs, counts = D.load_examples(ok, "vlfeedback", image_root=str(root), strict=True)
     assert len(exs) == 2 and counts["rating_tie"] == 1
-    with pytest.raises(ValueError, match=r"line 1 completion 2: missing or non-numeric rating"):
+    with pytest.raises(ValueError, match=r"line 1 completions\[2\]: missing or non-numeric rating"):
         D.load_examples(_jsonl(tmp_path / "nn.jsonl", [row]), "vlfeedback", image_root=str(root), strict=True)
 
 
@@ -296,8 +298,8 @@ def test_rlhfv(tmp_path, monkeypatch):
         with pytest.raises(ImportError, match="pip install pyarrow"):
             D.load_examples(str(path), "rlhfv")
         # the row parsing itself, fed the rows pyarrow would give
-        monkeypatch.setitem(D._FORMATS, "rlhfv", (lambda ctx: [(f"row {i}", r) for i, r in enumerate(_rlhfv_rows())],
-                                                  D._FORMATS["rlhfv"][1]))
+        monkeypatch.setitem(D._FORMATS, "rlhfv", (lambda ctx: [(f"row {i}", r) for i, r in enumerate(_rlhfv_rows(), 1)],
+                                                  *D._FORMATS["rlhfv"][1:]))
         _check_rlhfv(*D.load_examples(str(path), "rlhfv"))
         return
     pq.write_table(pa.Table.from_pylist(_rlhfv_rows()), str(path))
@@ -323,29 +325,29 @@ def test_ddpo_diff_hand_worked():
     # sides non-empty) -> gamma; [] vs [30] pure insertion -> 1; [50,51] vs [] pure deletion -> 1
     chosen = [1, 2, 3, 4, 20, 21, 5, 6, 7, 8, 30, 9, 10, 11]
     rejected = [1, 2, 3, 4, 40, 5, 6, 7, 8, 9, 10, 11, 50, 51]
-    wc, wr = D.ddpo_token_weights(chosen, rejected, g)
+    wc, wr = ddpo.ddpo_token_weights(chosen, rejected, g)
     assert wc.tolist() == [1, 1, 1, 1, g, g, 1, 1, 1, 1, 1, 1, 1, 1]
     assert wr.tolist() == [1, 1, 1, 1, g, 1, 1, 1, 1, 1, 1, 1, 1, 1]
     # a 2-token match (60, 61) inside a modified region is dropped (min_match=3): the whole region is modified
     chosen = [1, 2, 3, 4, 20, 60, 61, 21, 5, 6, 7, 8]
     rejected = [1, 2, 3, 4, 40, 60, 61, 41, 5, 6, 7, 8]
-    wc, wr = D.ddpo_token_weights(chosen, rejected, g)
+    wc, wr = ddpo.ddpo_token_weights(chosen, rejected, g)
     assert wc.tolist() == [1, 1, 1, 1, g, g, g, g, 1, 1, 1, 1] == wr.tolist()
-    wc, wr = D.ddpo_token_weights(chosen, rejected, g, min_match=2)
+    wc, wr = ddpo.ddpo_token_weights(chosen, rejected, g, min_match=2)
     assert wc.tolist() == [1, 1, 1, 1, g, 1, 1, g, 1, 1, 1, 1] == wr.tolist()
     # a leading modification and different lengths; identical sequences -> all ones
-    wc, wr = D.ddpo_token_weights([7, 8, 1, 2, 3], [9, 1, 2, 3], 2.0)
+    wc, wr = ddpo.ddpo_token_weights([7, 8, 1, 2, 3], [9, 1, 2, 3], 2.0)
     assert wc.tolist() == [2, 2, 1, 1, 1] and wr.tolist() == [2, 1, 1, 1]
-    wc, wr = D.ddpo_token_weights([1, 2, 3], [1, 2, 3], 2.0)
+    wc, wr = ddpo.ddpo_token_weights([1, 2, 3], [1, 2, 3], 2.0)
     assert wc.tolist() == [1, 1, 1] and wr.tolist() == [1, 1, 1]
     assert wc.dtype == torch.float32
 
 
 def test_span_token_weights():
     # "a red cat": tokens "a" (0,1), " red" (1,5), " cat" (5,9), a special token (0,0); span "red" = [2,5)
-    w = D.span_token_weights([(0, 1), (1, 5), (5, 9), (0, 0)], [(2, 5)], 3.0)
+    w = ddpo.span_token_weights([(0, 1), (1, 5), (5, 9), (0, 0)], [(2, 5)], 3.0)
     assert w.tolist() == [1, 3, 1, 1]
-    assert D.span_token_weights([(0, 1), (1, 5)], None, 3.0).tolist() == [1, 1]
+    assert ddpo.span_token_weights([(0, 1), (1, 5)], None, 3.0).tolist() == [1, 1]
     # with offsets from a real `tokenizers` encoding
     from tokenizers import Tokenizer, models, pre_tokenizers
     vocab = {w: i for i, w in enumerate(["[UNK]", "there", "are", "two", "three", "dogs", "cats", "."])}
@@ -354,14 +356,14 @@ def test_span_token_weights():
     text = "there are three dogs ."
     start = text.index("three dogs")
     enc = tok.encode(text)
-    w = D.span_token_weights(enc.offsets, [(start, start + len("three dogs"))], 5.0)
+    w = ddpo.span_token_weights(enc.offsets, [(start, start + len("three dogs"))], 5.0)
     assert enc.tokens == ["there", "are", "three", "dogs", "."] and w.tolist() == [1, 1, 5, 5, 1]
     # example_token_weights picks the spans when the example has them, else the diff
     ex = D.Example("s", None, "q", text, "there are two cats .", chosen_segments=[(start, start + 10)],
                    rejected_segments=[(10, 18)])
     rej = tok.encode(ex.rejected)
-    wc, wr = D.example_token_weights(ex, enc.ids, rej.ids, 5.0, enc.offsets, rej.offsets)
+    wc, wr = ddpo.example_token_weights(ex, enc.ids, rej.ids, 5.0, enc.offsets, rej.offsets)
     assert wc.tolist() == [1, 1, 5, 5, 1] and wr.tolist() == [1, 1, 5, 5, 1]
     ex.chosen_segments = ex.rejected_segments = None
-    wc, wr = D.example_token_weights(ex, [1, 2, 3, 4, 5, 6], [1, 2, 3, 9, 5, 6], 5.0, min_match=2)
+    wc, wr = ddpo.example_token_weights(ex, [1, 2, 3, 4, 5, 6], [1, 2, 3, 9, 5, 6], 5.0, min_match=2)
     assert wc.tolist() == [1, 1, 1, 5, 1, 1] and wr.tolist() == [1, 1, 1, 5, 1, 1]

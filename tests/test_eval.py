@@ -222,10 +222,13 @@ def test_cli_single_model_pope_and_errors(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(E, "model_generate_fn", lambda d, max_new, bs, template="vicuna_v1": FakeGen(answers))
     args = ["--model", str(tmp_path / "m"), "--task", "pope", "--data", *map(str, files), "--image-root",
             str(imgs), "--out", str(tmp_path / "out"), "--limit", "4", "--no-progress"]
-    # 3 malformed rows of 7 attempted (4 evaluated) > the default share 0.1: the table is written, the exit is 2
+    # 3 malformed rows + 1 unparseable answer of 7 attempted (3 scored) > the default share 0.1: the table is
+    # written, the exit is 2
     assert E.main(args) == 2
-    assert "error: m: 4 example(s) evaluated, 3 row(s) failed (malformed_row=3)" in capsys.readouterr().err
-    rc = E.main(args + ["--max-failed", "0.5"])
+    assert "error: m: 3 example(s) evaluated, 4 row(s) failed (malformed_row=3, unparseable=1)" in \
+        capsys.readouterr().err
+    assert E.main(args + ["--max-failed", "0.5"]) == 2  # 4 / 7 > 0.5
+    rc = E.main(args + ["--max-failed", "0.6"])
     assert rc == 0
     s = json.loads((tmp_path / "out" / "summary.json").read_text())
     # first 4 valid random rows: dog yes/yes, cat no/no, car unparseable/yes, bus yes/no

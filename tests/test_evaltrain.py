@@ -47,22 +47,27 @@ def test_eval_keys_on_the_right_steps_and_step0_equals_the_eval_cli(heldout, tmp
         "--eval-task", "pope", "--eval-every", 2, "--eval-image-root", d / "img", "--eval-max-new-tokens", 4)
     ev = _evals(tmp_path / "pope")
     assert sorted(s for s, e in ev.items() if e) == [0, 2, 4, 5]  # before, every 2, after the last
-    assert set(ev[2]) == {f"eval/pope_{k}" for k in ("accuracy", "f1", "precision", "recall", "yes_ratio")}
+    # a ratio over zero rows (precision without a "yes" answer) is not logged
+    assert {"eval/pope_accuracy", "eval/pope_yes_ratio"} <= set(ev[2]) <= \
+        {f"eval/pope_{k}" for k in ("accuracy", "f1", "precision", "recall", "yes_ratio")}
     # the initial policy through the CLI evaluator (its own loading, batching and prompt path)
     from nanoalign import eval as E
     rc = E.main(["--model", str(d / "ckpt"), "--task", "pope", "--data", str(d / "pope.jsonl"), "--image-root",
                  str(d / "img"), "--out", str(tmp_path / "cli"), "--max-new-tokens", "4", "--no-progress"])
     cli = json.loads((tmp_path / "cli" / "summary.json").read_text())
     assert rc in (0, 2)
-    for k in ("accuracy", "f1", "yes_ratio"):
-        assert ev[0][f"eval/pope_{k}"] == pytest.approx(cli[k])
+    for k in ("accuracy", "f1", "precision", "recall", "yes_ratio"):
+        if cli[k] is None:  # n/a in the CLI's table: absent from the training log
+            assert f"eval/pope_{k}" not in ev[0]
+        else:
+            assert ev[0][f"eval/pope_{k}"] == pytest.approx(cli[k])
 
 
 def test_chair_during_training_and_keep_best(heldout, tmp_path):
     d = heldout
     run(d, tmp_path / "c", "--algo", "dpo", "--max-steps", 2, "--lr", 1e-3, "--eval-data", d / "chair.jsonl",
         "--eval-task", "chair", "--eval-annotations", d / "ann.json", "--eval-image-root", d / "img",
-        "--eval-max-new-tokens", 12, "--keep-best", "chair_i")
+        "--eval-max-new-tokens", 12, "--keep-best", "chair_s")
     ev = _evals(tmp_path / "c")
     assert sorted(s for s, e in ev.items() if e) == [0, 2]
     from nanoalign import eval as E
@@ -73,6 +78,9 @@ def test_chair_during_training_and_keep_best(heldout, tmp_path):
     assert ev[0]["eval/chair_length"] == pytest.approx(cli["mean_length"]) and cli["mean_length"] > 0
     if cli["chair_i"] is not None:
         assert ev[0]["eval/chair_i"] == pytest.approx(cli["chair_i"])
+    else:  # no object named: CHAIR_i is n/a (the CLI's null), not logged, never 0
+        assert "eval/chair_i" not in ev[0]
+    assert ev[0]["eval/chair_s"] == pytest.approx(cli["chair_s"])
     assert (tmp_path / "c" / "best" / "model.safetensors").is_file()
 
 

@@ -157,7 +157,7 @@ def test_online_lora_run(world, tmp_path, by_length):  # noqa: F811
 
 
 def test_data_and_annotator_checks(world, tmp_path):  # noqa: F811
-    with pytest.raises(ValueError, match="needs pairs"):  # ValueError: train.py's __main__ prints it, exit 2
+    with pytest.raises(ValueError, match="--algo mixed-dpo needs prompt, chosen, rejected in each row"):  # exit 2
         run(world, tmp_path, "--algo", "mixed-dpo", "--annotator", "oracle", "--max-steps", 1, data="llava.json",
             fmt="llava")
     with pytest.raises(SystemExit, match="needs --annotator"):
@@ -176,7 +176,7 @@ def test_data_and_annotator_checks(world, tmp_path):  # noqa: F811
 
 def test_two_ranks_run_online(world, tmp_path):  # noqa: F811
     """online-dpo and mixed-dpo under torchrun (FSDP2, gloo); mixed at alpha 1 gives 1 rank's losses exactly (the
-    offline pairs do not depend on the rank split); online pairs are sampled per rank (see nanoalign/rollout.py)."""
+    offline pairs do not depend on the rank split); online-dpo's 1-rank equality: tests/test_online_ranks.py."""
     one = run(world, tmp_path / "one", "--algo", "dpo", "--max-steps", 3, "--lr", 1e-3)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     common = [os.path.join(REPO, "train.py"), "--model", str(world / "ckpt"), "--data", str(world / "prefs.jsonl"),

@@ -220,7 +220,7 @@ def test_nan_loss_stops_before_the_step_and_keeps_checkpoint(world, tmp_path, mo
 def test_bad_input(world, tmp_path):
     with pytest.raises(ValueError, match="no example left to train on.*prompt_too_long"):
         run(world, tmp_path, "--algo", "dpo", "--max-steps", 1, "--max-len", 10)
-    with pytest.raises(ValueError, match="needs pairs"):
+    with pytest.raises(ValueError, match="--algo dpo needs prompt, chosen, rejected in each row"):
         run(world, tmp_path, "--algo", "dpo", "--max-steps", 1, data="llava.json", fmt="llava")
 
 

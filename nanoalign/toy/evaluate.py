@@ -126,6 +126,8 @@ def table(before, after):
     for k in COLUMNS:
         if k in before and k in after:
             pct = k != "mean_length"
-            f = (lambda v: f"{100 * v:.1f}") if pct else (lambda v: f"{v:.1f}")
-            lines.append(f"| {k} | {f(before[k])} | {f(after[k])} | {f(after[k] - before[k])} |")
+            f = (lambda v: "n/a" if v is None else f"{100 * v:.1f}") if pct else \
+                (lambda v: "n/a" if v is None else f"{v:.1f}")  # None: a ratio over zero rows (metrics.py)
+            change = None if before[k] is None or after[k] is None else after[k] - before[k]
+            lines.append(f"| {k} | {f(before[k])} | {f(after[k])} | {f(change)} |")
     return "\n".join(lines)

@@ -44,4 +44,5 @@ def test_missing_tokenizer_and_wrong_data_kind(world, tmp_path):
     assert r.returncode == 2 and len(error_lines(r.stderr)) == 1 and "no tokenizer.json" in r.stderr, r.stderr
     r = cli(world, tmp_path / "o2", "--algo", "dpo", "--max-steps", 1, "--data", world / "llava.json",
             "--data-format", "llava")
-    assert r.returncode == 2 and len(error_lines(r.stderr)) == 1 and "needs pairs" in r.stderr, r.stderr
+    assert r.returncode == 2 and len(error_lines(r.stderr)) == 1 and "needs prompt, chosen, rejected" in r.stderr, \
+        r.stderr
