@@ -126,7 +126,8 @@ def parse_args(argv=None, toy_algo=None):
     g.add_argument("--freeze-vision", action="store_true", help="freeze the vision tower")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute decoder activations in backward")
     g.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="dtype of the weights (and of AdamW's "
-                   "state); bf16/fp16 halve the weights' memory, the loss and log-prob sums stay fp32")
+                   "state); bf16/fp16 halve the weights' memory, the loss and log-prob sums stay fp32; fp16 only "
+                   "with --lora-rank (fp32 adapters, dynamic loss scaling; docs/scaling.md)")
     g.add_argument("--amp", action="store_true", help="mixed precision: bf16 compute (torch.autocast "
                    "on 1 process; FSDP's param_dtype bf16, reduce fp32 under torchrun; FSDP on CUDA always does)")
     g = p.add_argument_group("preference losses")

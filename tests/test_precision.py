@@ -18,6 +18,7 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from test_rl_train import rewards_file, run as run_rl  # noqa: E402,F401
 from test_train import run, run_two_ranks, world  # noqa: E402,F401
 
 transformers = pytest.importorskip("transformers")
@@ -111,3 +112,20 @@ def test_two_ranks_fsdp(world, fp32, tmp_path, flags, ref, dtype, saved):  # noq
     recs = run_two_ranks(argv, tmp_path)
     close(recs, fp32[ref], dtype)
     assert loaded_dtype(tmp_path / "final") == saved
+
+
+def test_rl_step_under_amp_and_fp16_refused(world, tmp_path, rewards_file):  # noqa: F811
+    """RL's objective runs under --amp's autocast on one process too (it was fp32 there before): the first step's
+    samples are the fp32 run's (sampling is outside autocast), its KL is 0 and its loss and grad norm are within bf16
+    tolerance (absolute, of the grad norm's scale: GRPO's step-1 loss is 0). fp16 RL, which has no loss scaling, is
+    refused with one line."""
+    rl = ["--algo", "grpo", "--max-steps", 1, "--reward", f"{rewards_file}:length", "--k", 2, "--max-new-tokens", 6,
+          "--lr", 1e-3, "--reward-norm", 0]
+    a = run_rl(world, tmp_path / "fp32", *rl)[0]
+    b = run_rl(world, tmp_path / "amp", *rl, "--amp")[0]
+    assert b["reward_mean"] == a["reward_mean"] and b["resp_len"] == a["resp_len"]  # the same samples
+    assert b["kl"] == pytest.approx(0.0, abs=1e-4)
+    assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=tol(torch.bfloat16))
+    assert b["grad_norm"] != a["grad_norm"]  # computed in bf16
+    with pytest.raises(ValueError, match="--dtype fp16: --algo grpo's update has no loss scaling"):
+        run_rl(world, tmp_path / "fp16", *rl, "--dtype", "fp16", "--lora-rank", 4)
