@@ -127,7 +127,8 @@ def parse_args(argv=None, toy_algo=None):
     g.add_argument("--freeze-vision", action="store_true", help="freeze the vision tower")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute decoder activations in backward")
     g.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="dtype of the weights (and of AdamW's "
-                   "state); bf16/fp16 halve the weights' memory, the loss and log-prob sums stay fp32")
+                   "state); bf16/fp16 halve the weights' memory, the loss and log-prob sums stay fp32; fp16 only "
+                   "with --lora-rank (fp32 adapters, dynamic loss scaling; docs/scaling.md)")
     g.add_argument("--amp", action="store_true", help="mixed precision: bf16 compute (torch.autocast "
                    "on 1 process; FSDP's param_dtype bf16, reduce fp32 under torchrun; FSDP on CUDA always does)")
     g = p.add_argument_group("preference losses")
@@ -239,8 +240,18 @@ def main(args):
         dist.barrier()
         args.model = str(resolve_model(args.model, args.revision))
     dtype = DTYPES[args.dtype]  # the weights' dtype; --amp: fp32 weights, bf16 compute
+    if args.amp and dtype != torch.float32:
+        raise ValueError(f"--amp keeps fp32 weights and computes in bf16; it does not combine with --dtype {args.dtype}"
+                         " (drop --amp: bf16/fp16 weights already compute in their dtype)")
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if args.amp and not distributed else \
         nullcontext()
+    # fp16 (5 exponent bits): gradients under 6e-8 flush to zero, so the loss is scaled before backward and the
+    # gradients unscaled before clipping (dynamic: halved on overflow, that step skipped). bf16 has fp32's exponent
+    # range and needs none; the scaler is then a no-op.
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    if dtype == torch.float16 and algo.responses == "k_samples":
+        raise ValueError(f"--dtype fp16: --algo {args.algo}'s update has no loss scaling (fp16 gradients under 6e-8 "
+                         "would flush to zero); use --dtype bf16 or --amp")
     model, processor = load_pretrained(args.model, dtype=dtype)
     if processor is None:
         raise ValueError(f"{args.model}: no tokenizer.json, cannot tokenize the data")
@@ -309,7 +320,8 @@ def main(args):
     model.train()
     if args.lora_rank > 0:
         apply_lora(model, rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
-                   target_modules=args.lora_targets.split(","), prefix="language_model")
+                   target_modules=args.lora_targets.split(","), prefix="language_model",
+                   dtype=torch.float32 if dtype == torch.float16 else None)  # fp16: fp32 adapters, see below
     if args.freeze_vision:
         model.vision_tower.requires_grad_(False)
     for name in tu.unused_parameters(model):  # never in the forward (LLaVA's last CLIP layer): never trained
@@ -353,6 +365,10 @@ def main(args):
 
     # --------------------------------------------------------------------------------------------------- optimizer
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if any(p.dtype == torch.float16 for _, p in trainable):  # AdamW's state and update in fp16: NaN at step 1
+        raise ValueError("--dtype fp16 trains only LoRA adapters (kept fp32 on the fp16 base): AdamW on fp16 weights "
+                         "gives NaN (its eps 1e-8 and squared gradients underflow in fp16); for full fine-tuning use "
+                         "--dtype bf16, or --amp (fp32 weights, bf16 compute)")
     projector = [p for n, p in trainable if n.startswith("multi_modal_projector.")]
     others = [p for n, p in trainable if not n.startswith("multi_modal_projector.")]
     groups = [{"params": others, "lr": args.lr}]
@@ -431,7 +447,8 @@ def main(args):
             t1 = time.time()
             for epoch in range(args.ppo_epochs if algo.loss == "ppo" else 1):
                 for roll in rolls:
-                    loss, metrics = rlstep.rl_objective(algo.loss, model, roll, args, device, head)
+                    with amp:  # --amp on one process: bf16 matmuls, as in the preference step below
+                        loss, metrics = rlstep.rl_objective(algo.loss, model, roll, args, device, head)
                     if not torch.isfinite(loss):
                         raise SystemExit(f"error: non-finite loss at step {step + 1}, rank {rank}")
                     (loss / args.grad_accum).backward()
@@ -502,17 +519,26 @@ def main(args):
                                  f"before the optimizer step (last checkpoint: {last_save or 'none'})")
             if online:  # the mean over the pairs kept on every rank (a placeholder batch: weight 0, for FSDP)
                 loss, metrics = pair_mean_over_ranks(loss, metrics, 0 if st["placeholder"] else len(items))
-            (loss / args.grad_accum).backward()
+            scaler.scale(loss / args.grad_accum).backward()  # fp16: times the loss scale; else unchanged
             sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) / args.grad_accum
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v) / args.grad_accum
             n_tokens += int(b["attention_mask"].sum())
+        scaler.unscale_(optimizer)  # fp16: the true gradients again, before the norm and clipping
         if head is not None:
             rlstep.allreduce_grads(head)
+            scaler.unscale_(head_optimizer)
             torch.nn.utils.clip_grad_norm_(head.parameters(), args.clip or float("inf"))
         grad_norm = tu.clip_grad_norm(model, args.clip)
         lr = scheduler.get_last_lr()[0]  # the rate this step uses
         where = f"step {step + 1}, rank {rank}, examples {step_ids} (last checkpoint: {last_save or 'none'})"
+        if not math.isfinite(grad_norm) and scaler.is_enabled() and scaler.get_scale() > 1:
+            # the global norm: every rank skips alike and sets the same halved scale (not its own shard's verdict)
+            scaler.update(scaler.get_scale() / 2)
+            tu.print0(f"fp16 loss scale overflow at {where}: step skipped, scale now {scaler.get_scale():g}")
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            continue
         if not math.isfinite(grad_norm):
             if not args.skip_nonfinite:
                 raise SystemExit(f"error: non-finite gradient norm {grad_norm} at {where}; stopping before the "
@@ -523,7 +549,8 @@ def main(args):
             continue
         skip = online and tu.all_mean(float(ostats["online"] + ostats["offline"])) == 0  # no pair on any rank
         if not skip:
-            optimizer.step()
+            scaler.step(optimizer)  # optimizer.step() (fp16: on the unscaled gradients)
+        scaler.update()  # fp16: the scale doubles after 2000 steps without overflow
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         bad = tu.nonfinite_parameters(model)
@@ -538,6 +565,8 @@ def main(args):
         rec = {"step": step + 1, **{k: tu.all_mean(v) for k, v in sums.items()}, "lr": lr,
                "grad_norm": grad_norm, "tokens_per_s": tu.all_mean(n_tokens / (time.time() - t0)) * world,
                "peak_mem_mb": tu.peak_memory_mb(), "time_s": time.time() - t0}
+        if scaler.is_enabled():
+            rec["loss_scale"] = scaler.get_scale()  # the scale the next step uses
         if online:
             total = {k: tu.all_mean(float(ostats[k])) * world for k in rollout.STAT_KEYS}  # same keys on all ranks
             rec.update(rollout.online_metrics(total, rec, args.beta, world))

@@ -12,8 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from nanoalign.bdhs import (BDHSSettings, bdhs_rejected, choose_pivot, flip_yes_no, load_embedder, main,
-                            plan_branches, sentence_spans, similarity_table, split_sentences)
+from nanoalign.bdhs import (BDHSSettings, bdhs_rejected, choose_pivot, flip_yes_no, load_embedder, plan_branches,
+                            sentence_spans, split_sentences)
+from nanoalign.bdhs_cli import main, similarity_table
 from nanoalign.checkpoint import load_pretrained
 from nanoalign.data import load_examples
 from nanoalign.engine import generate
