@@ -509,7 +509,7 @@ def main(args):
                    "peak_mem_mb": tu.peak_memory_mb(), "time_s": time.time() - t0}
             if skipped:
                 rec["skipped"] = f"{skipped} of {epochs * n_mb} updates: non-finite gradients (--skip-nonfinite)"
-            end_step(rec, step)
+            last_save = end_step(rec, step) or last_save
             continue
         for micro in range(args.grad_accum):
             # batch: P examples, rows [chosen | rejected] (sft: [chosen]); vision_always: a text-only batch still runs

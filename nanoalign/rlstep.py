@@ -3,8 +3,9 @@
 One RL step (train.py): for each micro-batch of P prompts, `make_rollout` samples k responses per prompt with the
 policy (nanoalign.engine.sample: batched, KV-cached, on a plain or FSDP2-sharded policy), scores them with the
 `--reward` function (nanoalign.reward.load_reward), scores their tokens under the frozen reference and computes the
-advantages (formulas: nanoalign/rl.py); then `rl_objective` is the loss of one update (PPO: --ppo-epochs updates per
-batch of rollouts). Rows of a rollout batch: B = P * k, rollout j of prompt i is row i * k + j (rl.group's order).
+advantages (formulas: nanoalign/rl.py); then `rl_objective` is the loss of one update (rloo, grpo: one update per
+batch of rollouts; PPO: --ppo-epochs passes over it, each split by `minibatches` into --ppo-minibatches optimizer
+steps). Rows of a rollout batch: B = P * k, rollout j of prompt i is row i * k + j (rl.group's order).
 Log-probs of sampled tokens come from the fused op (nanoalign.ops.token_logprobs): never (B, T, V) logits.
 
 Departures (also in train.py's --help): a sampled `<image>` token ends the response and is dropped (the model cannot
