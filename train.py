@@ -485,7 +485,7 @@ def main(args):
                         loss, metrics = rlstep.rl_objective(algo.loss, model, piece, args, device, head)
                         if not torch.isfinite(loss):
                             raise tu.Stop(f"error: non-finite loss {float(loss.detach())} at {where}; stopping "
-                                             "before the optimizer step")
+                                          "before the optimizer step")
                         (loss / share).backward()
                         if epoch == 0:  # the metrics of the first pass (PPO: its first minibatch before it moved)
                             for k, v in {"loss": loss.detach(), **metrics}.items():
@@ -546,9 +546,9 @@ def main(args):
                                               sft_weight=args.sft_weight,
                                               average=args.ddpo_average and algo.weights == "ddpo")
             if not torch.isfinite(loss):
-                raise tu.Stop(f"error: non-finite loss {float(loss.detach())} at step {step + 1}, "
-                                 f"micro-step {micro}, rank {rank}, examples {[examples[i].id for i in idx]}; stopping "
-                                 f"before the optimizer step (last checkpoint: {last_save or 'none'})")
+                raise tu.Stop(f"error: non-finite loss {float(loss.detach())} at step {step + 1}, micro-step {micro}, "
+                              f"rank {rank}, examples {[examples[encoded[i].index].id for i in idx]}; stopping "
+                              f"before the optimizer step (last checkpoint: {last_save or 'none'})")
             if online and st["placeholder"]:  # no pair left on this rank: the forward runs for FSDP, weighted 0
                 loss = loss * 0.0
             (loss / args.grad_accum).backward()

@@ -157,3 +157,22 @@ def test_skip_nonfinite_rl(world, tmp_path, monkeypatch):
     assert math.isnan(recs[1]["grad_norm"]) and math.isfinite(recs[2]["grad_norm"])
     from nanoalign.checkpoint import load_state_dict
     assert all(torch.isfinite(v).all() for v in load_state_dict(tmp_path / "final").values())
+
+
+def test_nonfinite_rl_loss_stops(world, tmp_path, monkeypatch):
+    """A non-finite RL loss (here ppo's second update) -> the run stops before its optimizer step naming step,
+    update, rank and example ids; nothing is saved."""
+    from nanoalign import rlstep
+    (tmp_path / "rewards_mod.py").write_text(REWARD_MOD)
+    real, calls = rlstep.rl_objective, {"n": 0}
+
+    def poisoned(*a, **kw):
+        calls["n"] += 1
+        loss, m = real(*a, **kw)
+        return (loss * float("nan") if calls["n"] == 2 else loss), m
+    monkeypatch.setattr(rlstep, "rl_objective", poisoned)
+    with pytest.raises(SystemExit, match=r"^error: non-finite loss nan at step 1 \(update 2 of 2\), rank 0, examples "
+                                         r"\['\d+', '\d+'\] \(last checkpoint: none\); stopping before the optimizer"):
+        main(world, tmp_path / "o", "--algo", "ppo", "--max-steps", 2, "--ppo-epochs", 2, *RL,
+             "--reward", f"{tmp_path / 'rewards_mod.py'}:length")
+    assert not (tmp_path / "o" / "final").exists()
