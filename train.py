@@ -156,7 +156,10 @@ def parse_args(argv=None, toy_algo=None):
                    "reward mean/std (0 = no normalization)")
     g.add_argument("--grpo-loss", default="grpo", choices=rl.AGGREGATIONS, help="GRPO loss aggregation")
     g.add_argument("--clip-ratio", type=float, default=0.2, help="PPO/GRPO ratio clip epsilon")
-    g.add_argument("--ppo-epochs", type=int, default=4, help="PPO updates per batch of rollouts")
+    g.add_argument("--ppo-epochs", type=int, default=4, help="PPO passes over each batch of rollouts")
+    g.add_argument("--ppo-minibatches", type=int, default=1, help="PPO: each pass split into M minibatches of "
+                   "rollouts, one optimizer step each (TRL's num_mini_batches); M divides --batch-size x --k x "
+                   "--grad-accum (a rank's rollouts per step)")
     g.add_argument("--vf-coef", type=float, default=0.1, help="PPO value-loss weight")
     g.add_argument("--clip-value", type=float, default=0.2, help="PPO value clip (reward units)")
     g.add_argument("--gamma-ppo", type=float, default=1.0, help="PPO/GAE discount")
@@ -341,6 +344,10 @@ def main(args):
         else:
             resumed, _ = load_pretrained(resume_from, dtype=dtype)
             model.load_state_dict(resumed.state_dict())
+        if head is not None:  # the reward model's / PPO's value head, as trained up to the checkpoint
+            if state["head"] is None:
+                raise ValueError(f"{resume_from}: the training state holds no head for --algo {args.algo}")
+            head.load_state_dict(state["head"])
         tu.print0(f"resuming from {resume_from} (step {state['step']})")
 
     # -------------------------------------------------------------------------------------------------------- FSDP
@@ -378,7 +385,7 @@ def main(args):
     tu.init_optimizer_state(optimizer)  # every parameter has a state to save and load, used this step or not
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: tu.cosine_with_warmup(s, max_steps, args.warmup_steps, args.min_lr_ratio))
-    head_optimizer = None  # the head's own AdamW: FSDP's optimizer state dict knows only the model's parameters
+    head_optimizer = head_schedule = None  # the head's own AdamW: FSDP's optimizer state knows only the model's
     if head is not None:
         head_optimizer = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
         head_schedule = torch.optim.lr_scheduler.LambdaLR(head_optimizer, scheduler.lr_lambdas[0])
@@ -386,6 +393,11 @@ def main(args):
     if state is not None:
         tu.load_optimizer_state(model, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if head is not None:
+            head_optimizer.load_state_dict(state["head_optimizer"])
+            head_schedule.load_state_dict(state["head_scheduler"])
+        if evaluator is not None:  # best/ is replaced only by a better eval than the run's best so far
+            evaluator.best = state["values"].get("eval_best")
         tu.set_rng_state(state["rng"])
         start_step = state["step"]
     n_params = sum(p.numel() for _, p in trainable)
@@ -410,10 +422,21 @@ def main(args):
 
     reward_norm = (0.0, 1.0)
     if algo.loss == "rloo" and args.reward_norm > 0:  # Appendix A: reward mean/std over the data, before training
-        reward_norm = rlstep.reward_stats_before_training(
-            model, reward_fn, encoded, examples, lambda it: open_image(examples[it.index], args.image_root),
-            processor, args, device, args.reward_norm)
+        if state is not None and "reward_norm" in state["values"]:  # measured with the initial policy: kept in the
+            reward_norm = tuple(state["values"]["reward_norm"])  # training state, never re-measured on --resume
+        else:
+            reward_norm = rlstep.reward_stats_before_training(
+                model, reward_fn, encoded, examples, lambda it: open_image(examples[it.index], args.image_root),
+                processor, args, device, args.reward_norm)
         tu.print0(f"reward normalization: mean {reward_norm[0]:.4f}, std {reward_norm[1]:.4f}")
+
+    def save(name: str, step: int, keep: int | None = None) -> Path:
+        """A checkpoint with the whole training state: what a later step depends on, for an exact --resume."""
+        values = {"reward_norm": list(reward_norm)}
+        if evaluator is not None:
+            values["eval_best"] = evaluator.best
+        return tu.save_checkpoint(out, name, model, model_config, processor, lora_layers, optimizer, scheduler, step,
+                                  args, keep, head, head_optimizer, head_schedule, values)
 
     # ------------------------------------------------------------------------------------------------------ loop
     records = []  # this run's metrics.jsonl records, for the summary
@@ -424,13 +447,34 @@ def main(args):
             tu.save_checkpoint(out, "best", model, model_config, processor, lora_layers, step=0)
     progress = tu.Progress(max_steps, start_step)
     last_save = None
+
+    def end_step(rec: dict, step: int) -> Path | None:
+        """Every branch's end of a step: evaluation, the metrics line, the progress bar, the --save-every
+        checkpoint (-> its path, else None)."""
+        if evaluator is not None and evaluator.due(step + 1, max_steps):
+            rec.update(evaluator.run(model, step + 1))
+            if evaluator.improved(rec):
+                tu.save_checkpoint(out, "best", model, model_config, processor, lora_layers, step=step + 1)
+        log.write(rec)
+        records.append(rec)
+        if wandb is not None:
+            wandb.log(rec, step=step + 1)
+        if step == start_step:
+            tu.print0(f"first step: {rec['time_s']:.1f}s; {max_steps - start_step} steps take about "
+                      f"{rec['time_s'] * (max_steps - start_step) / 60:.1f} min (+ evaluations)")
+        progress.update(tu.step_postfix(rec))
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < max_steps:
+            return save(f"{tu.STEP_PREFIX}{step + 1:06d}", step + 1, args.keep)
+        return None
+
     for step in range(start_step, max_steps):
         t0 = time.time()
         sums, n_tokens, step_ids, ostats = {}, 0, [], Counter()
-        if algo.responses == "k_samples":  # RL: rollouts of every micro-step, then --ppo-epochs updates (rloo, grpo: 1)
-            rolls = []
+        if algo.responses == "k_samples":  # RL: rollouts of every micro-step, then the updates (ppo: --ppo-epochs
+            rolls = []  # passes over them, each in --ppo-minibatches optimizer steps; rloo, grpo: 1 update)
             for micro in range(args.grad_accum):
                 idx = batch_indices(step, micro)  # chunk micro*world + rank: 1 rank and N ranks sample alike
+                step_ids += [examples[encoded[i].index].id for i in idx]
                 gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 1009 + micro * world + rank)
                 rolls.append(rlstep.make_rollout(
                     algo.loss, model, reference, reward_fn, [encoded[i] for i in idx],
@@ -445,45 +489,49 @@ def main(args):
                 raise SystemExit(f"error: collapse guard at step {step + 1} ({'; '.join(warnings)}); stopping "
                                  f"before its update (last good checkpoint: {last_save or 'none'})")
             t1 = time.time()
-            for epoch in range(args.ppo_epochs if algo.loss == "ppo" else 1):
-                for roll in rolls:
-                    with amp:  # --amp on one process: bf16 matmuls, as in the preference step below
-                        loss, metrics = rlstep.rl_objective(algo.loss, model, roll, args, device, head)
-                    if not torch.isfinite(loss):
-                        raise SystemExit(f"error: non-finite loss at step {step + 1}, rank {rank}")
-                    (loss / args.grad_accum).backward()
-                    if epoch == 0:  # the metrics of the rollout's first update (PPO: before it moved)
-                        for k, v in {"loss": loss.detach(), **metrics}.items():
-                            sums[k] = sums.get(k, 0.0) + float(v) / args.grad_accum
-                        n_tokens += int(roll["b"]["attention_mask"].sum())
-                if head is not None:
-                    rlstep.allreduce_grads(head)
-                    torch.nn.utils.clip_grad_norm_(head.parameters(), args.clip or float("inf"))
-                grad_norm = tu.clip_grad_norm(model, args.clip)
-                for opt in (optimizer, head_optimizer):
-                    if opt is not None:
-                        opt.step()
-                        opt.zero_grad(set_to_none=True)
+            epochs, n_mb = (args.ppo_epochs, args.ppo_minibatches) if algo.loss == "ppo" else (1, 1)
+            skipped = 0
+            for epoch in range(epochs):
+                for mb, pieces in enumerate(rlstep.minibatches(rolls, n_mb)):
+                    where = (f"step {step + 1}" + (f" (update {epoch * n_mb + mb + 1} of {epochs * n_mb})" if
+                                                   epochs * n_mb > 1 else "") +
+                             f", rank {rank}, examples {step_ids} (last checkpoint: {last_save or 'none'})")
+                    for piece, share in pieces:  # share: minibatch rows / piece rows (M = 1: --grad-accum)
+                        with amp:  # --amp on one process: bf16 matmuls, as in the preference step below
+                            loss, metrics = rlstep.rl_objective(algo.loss, model, piece, args, device, head)
+                        if not torch.isfinite(loss):
+                            raise tu.Stop(f"error: non-finite loss {float(loss.detach())} at {where}; stopping "
+                                          "before the optimizer step")
+                        (loss / share).backward()
+                        if epoch == 0:  # the metrics of the first pass (PPO: its first minibatch before it moved)
+                            for k, v in {"loss": loss.detach(), **metrics}.items():
+                                sums[k] = sums.get(k, 0.0) + float(v) / (share * n_mb)
+                            n_tokens += int(piece["b"]["attention_mask"].sum())
+                    norm = tu.optimizer_step(model, optimizer, head, head_optimizer, args.clip, where,
+                                             args.skip_nonfinite)
+                    if norm is None:  # --skip-nonfinite: this update skipped, the others of the step go on
+                        skipped += 1
+                    else:
+                        grad_norm = norm  # the step's last update's
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
             if head is not None:
                 head_schedule.step()
             sums.update({k: v for k, v in rm.items() if k not in ("rollout_tokens", "rollout_s")})
-            rec = {"step": step + 1, **{k: tu.all_mean(v) for k, v in sums.items()}, "lr": lr, "grad_norm": grad_norm,
+            rec = {"step": step + 1, **{k: tu.all_mean(v) for k, v in sums.items()}, "lr": lr,
+                   "grad_norm": grad_norm if skipped < epochs * n_mb else float("nan"),
                    "rollout_tokens_per_s": tu.all_mean(rm["rollout_tokens"] * len(rolls) / (t1 - t0)) * world,
                    "train_tokens_per_s": tu.all_mean(n_tokens / (time.time() - t1)) * world,
                    "peak_mem_mb": tu.peak_memory_mb(), "time_s": time.time() - t0}
-            log.write(rec)
-            progress.update(f"reward {rec['reward_mean']:.4f} kl {rec['kl']:.3f}")
-            if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < max_steps:
-                last_save = tu.save_checkpoint(out, f"{tu.STEP_PREFIX}{step + 1:06d}", model, model_config,
-                                               processor, lora_layers, optimizer, scheduler, step + 1, args, args.keep)
+            if skipped:
+                rec["skipped"] = f"{skipped} of {epochs * n_mb} updates: non-finite gradients (--skip-nonfinite)"
+            last_save = end_step(rec, step) or last_save
             continue
         for micro in range(args.grad_accum):
             # batch: P examples, rows [chosen | rejected] (sft: [chosen]); vision_always: a text-only batch still runs
             # the vision tower on a blank image (zero gradients), so 1 rank and N FSDP ranks update it alike
             idx = batch_indices(step, micro)
-            step_ids += [examples[i].id for i in idx]
+            step_ids += [examples[encoded[i].index].id for i in idx]
             items = [encoded[i] for i in idx]
             b = collate(items, sides, processor, [open_image(examples[it.index], args.image_root) for it in items],
                         vision_always=True)
@@ -514,9 +562,9 @@ def main(args):
                                               sft_weight=args.sft_weight,
                                               average=args.ddpo_average and algo.weights == "ddpo")
             if not torch.isfinite(loss):
-                raise SystemExit(f"error: non-finite loss {float(loss.detach())} at step {step + 1}, "
-                                 f"micro-step {micro}, rank {rank}, examples {[examples[i].id for i in idx]}; stopping "
-                                 f"before the optimizer step (last checkpoint: {last_save or 'none'})")
+                raise tu.Stop(f"error: non-finite loss {float(loss.detach())} at step {step + 1}, micro-step {micro}, "
+                              f"rank {rank}, examples {[examples[encoded[i].index].id for i in idx]}; stopping "
+                              f"before the optimizer step (last checkpoint: {last_save or 'none'})")
             if online:  # the mean over the pairs kept on every rank (a placeholder batch: weight 0, for FSDP)
                 loss, metrics = pair_mean_over_ranks(loss, metrics, 0 if st["placeholder"] else len(items))
             scaler.scale(loss / args.grad_accum).backward()  # fp16: times the loss scale; else unchanged
@@ -524,43 +572,16 @@ def main(args):
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v) / args.grad_accum
             n_tokens += int(b["attention_mask"].sum())
-        scaler.unscale_(optimizer)  # fp16: the true gradients again, before the norm and clipping
-        if head is not None:
-            rlstep.allreduce_grads(head)
-            scaler.unscale_(head_optimizer)
-            torch.nn.utils.clip_grad_norm_(head.parameters(), args.clip or float("inf"))
-        grad_norm = tu.clip_grad_norm(model, args.clip)
-        lr = scheduler.get_last_lr()[0]  # the rate this step uses
-        where = f"step {step + 1}, rank {rank}, examples {step_ids} (last checkpoint: {last_save or 'none'})"
-        if not math.isfinite(grad_norm) and scaler.is_enabled() and scaler.get_scale() > 1:
-            # the global norm: every rank skips alike and sets the same halved scale (not its own shard's verdict)
-            scaler.update(scaler.get_scale() / 2)
-            tu.print0(f"fp16 loss scale overflow at {where}: step skipped, scale now {scaler.get_scale():g}")
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            continue
-        if not math.isfinite(grad_norm):
-            if not args.skip_nonfinite:
-                raise SystemExit(f"error: non-finite gradient norm {grad_norm} at {where}; stopping before the "
-                                 "optimizer step (--skip-nonfinite skips such steps)")
-            tu.print0(f"warning: non-finite gradient norm at {where}: step skipped (--skip-nonfinite)")
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            continue
         skip = online and tu.all_mean(float(ostats["online"] + ostats["offline"])) == 0  # no pair on any rank
-        if not skip:
-            scaler.step(optimizer)  # optimizer.step() (fp16: on the unscaled gradients)
-        scaler.update()  # fp16: the scale doubles after 2000 steps without overflow
+        where = f"step {step + 1}, rank {rank}, examples {step_ids} (last checkpoint: {last_save or 'none'})"
+        grad_norm = tu.optimizer_step(model, optimizer, head, head_optimizer, args.clip, where, args.skip_nonfinite,
+                                      apply=not skip, scaler=scaler)  # None: skipped (fp16 overflow, --skip-nonfinite)
+        lr = scheduler.get_last_lr()[0]  # the rate this step uses
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        bad = tu.nonfinite_parameters(model)
-        if bad:
-            raise SystemExit(f"error: non-finite parameters after the optimizer step at {where}: {bad[:3]}"
-                             f"{f' ... ({len(bad)} in all)' if len(bad) > 3 else ''}; nothing saved")
         if head is not None:
-            head_optimizer.step()
             head_schedule.step()
-            head_optimizer.zero_grad(set_to_none=True)
+        if grad_norm is None:
+            continue
 
         rec = {"step": step + 1, **{k: tu.all_mean(v) for k, v in sums.items()}, "lr": lr,
                "grad_norm": grad_norm, "tokens_per_s": tu.all_mean(n_tokens / (time.time() - t0)) * world,
@@ -576,26 +597,11 @@ def main(args):
                 tu.print0(f"step {step + 1}: {rec['skipped']}")
         if algo.data == "pairs":
             rec["resp_len"] = tu.all_mean(float((b["labels"] != -100).sum(1).float().mean()))
-        if evaluator is not None and evaluator.due(step + 1, max_steps):
-            rec.update(evaluator.run(model, step + 1))
-            if evaluator.improved(rec):
-                tu.save_checkpoint(out, "best", model, model_config, processor, lora_layers, step=step + 1)
-        log.write(rec)
-        records.append(rec)
-        if wandb is not None:
-            wandb.log(rec, step=step + 1)
-        if step == start_step:
-            tu.print0(f"first step: {rec['time_s']:.1f}s; {max_steps - start_step} steps take about "
-                      f"{rec['time_s'] * (max_steps - start_step) / 60:.1f} min (+ evaluations)")
-        progress.update(tu.step_postfix(rec))
-        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < max_steps:
-            last_save = tu.save_checkpoint(out, f"{tu.STEP_PREFIX}{step + 1:06d}", model, model_config, processor,
-                                           lora_layers, optimizer, scheduler, step + 1, args, args.keep)
+        last_save = end_step(rec, step) or last_save
     progress.close()
 
     # -------------------------------------------------------------------------------------------------------- save
-    final = tu.save_checkpoint(out, "final", model, model_config, processor, lora_layers, optimizer, scheduler,
-                               max_steps, args)
+    final = save("final", max_steps)
     if algo.loss == "bt" and rank == 0:  # the head beside the checkpoint (the folder still loads as llava-hf)
         save_reward_head(final, head, processor.tokenizer, args.template, train_data=args.data)
     tu.print0(f"saved {final}")
@@ -630,6 +636,9 @@ if __name__ == "__main__":
         if os.environ.get("NANOALIGN_DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except tu.Stop as e:  # a non-finite loss, gradient or parameter: its one line, exit 2
+        print(e, file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback
         print("\n" + runs.interrupted_line(_args.out, sys.argv), file=sys.stderr)  # after the progress bar

@@ -3,8 +3,9 @@
 One RL step (train.py): for each micro-batch of P prompts, `make_rollout` samples k responses per prompt with the
 policy (nanoalign.engine.sample: batched, KV-cached, on a plain or FSDP2-sharded policy), scores them with the
 `--reward` function (nanoalign.reward.load_reward), scores their tokens under the frozen reference and computes the
-advantages (formulas: nanoalign/rl.py); then `rl_objective` is the loss of one update (PPO: --ppo-epochs updates per
-batch of rollouts). Rows of a rollout batch: B = P * k, rollout j of prompt i is row i * k + j (rl.group's order).
+advantages (formulas: nanoalign/rl.py); then `rl_objective` is the loss of one update (rloo, grpo: one update per
+batch of rollouts; PPO: --ppo-epochs passes over it, each split by `minibatches` into --ppo-minibatches optimizer
+steps). Rows of a rollout batch: B = P * k, rollout j of prompt i is row i * k + j (rl.group's order).
 Log-probs of sampled tokens come from the fused op (nanoalign.ops.token_logprobs): never (B, T, V) logits.
 
 Departures (also in train.py's --help): a sampled `<image>` token ends the response and is dropped (the model cannot
@@ -17,28 +18,16 @@ import time
 from dataclasses import replace
 
 import torch
-import torch.distributed as dist
 
 from nanoalign import engine
 from nanoalign import rl
-from nanoalign.batch import collate
+from nanoalign.batch import collate, select_rows
 from nanoalign.forward import forward
 from nanoalign.ops import token_logprobs
 from nanoalign.reward import bradley_terry_loss, sequence_rewards
 
 
 # ------------------------------------------------------------------------------------------------- shared helpers
-def allreduce_grads(module) -> None:
-    """Mean of a plain (not FSDP-sharded) module's gradients over the ranks (the RM head, PPO's value head): FSDP
-    reduces only its own units' gradients."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return
-    for p in module.parameters():
-        if p.grad is not None:
-            dist.all_reduce(p.grad)
-            p.grad /= dist.get_world_size()
-
-
 def policy_logps(model, b: dict, device, value_head=None):
     """logps (B, T) of b's labelled tokens (0 elsewhere), mask (B, T) bool, values (B, T) float32 or None.
     values[t] = V of the state whose next token is labels[t] (head on the hidden state at t)."""
@@ -143,6 +132,46 @@ def reward_stats_before_training(policy, reward_fn, encoded, examples, images_of
         rep = lambda xs: [x for x in xs for _ in range(args.k)]  # noqa: E731
         rewards.append(reward_fn(rep([examples[it.index] for it in items]), rep(ims), texts))
     return rl.reward_stats(torch.cat(rewards))
+
+
+# ------------------------------------------------------------------------------------------------- minibatches
+ROW_KEYS = ("rewards", "advantages", "old_logps", "ref_logps", "mask", "returns", "old_values")  # (B,) / (B, T)
+
+
+def slice_rollout(roll: dict, rows: slice) -> dict:
+    """The rollout (make_rollout's dict) restricted to the rows `rows` (a slice): the batch cut by
+    nanoalign.batch.select_rows (images kept whole), every per-row tensor cut alike; metrics dropped."""
+    out = {k: (v[rows] if v is not None else None) for k, v in roll.items() if k in ROW_KEYS}
+    out["b"] = select_rows(roll["b"], rows, vision_always=True)
+    return out
+
+
+def minibatches(rolls: list[dict], m: int) -> list[list[tuple[dict, float]]]:
+    """PPO's minibatches: the rank's rollout rows of one step (rolls in order, the grad-accum micro-batches of
+    make_rollout; rows concatenated, R in all) split into m contiguous blocks of R / m rows, one optimizer step each
+    (TRL's PPOTrainer num_mini_batches, OpenRLHF's micro-batches of the replay buffer). Each block is a list of
+    (piece, share): piece = the rows of one roll inside the block (the roll itself when it lies whole in the block;
+    else `slice_rollout`), share = block rows / piece rows; the caller backpropagates loss(piece) / share, so a block's
+    gradient is the row-weighted mean of its pieces' (exact for per-sequence means; for PPO's token mean the same
+    approximation as --grad-accum). m = 1: every roll whole with share = len(rolls), today's one update per epoch.
+    Departure: the blocks are the same in every epoch, in row order (TRL and OpenRLHF shuffle the rows each epoch).
+    ValueError when m < 1 or m does not divide R."""
+    sizes = [r["rewards"].shape[0] for r in rolls]  # rows of each roll (P * k)
+    total = sum(sizes)
+    if m < 1 or total % m:
+        raise ValueError(f"--ppo-minibatches {m}: must be >= 1 and divide the rank's {total} rollouts of a step")
+    size = total // m
+    blocks = []
+    for j in range(m):
+        lo, hi, pieces, start = j * size, (j + 1) * size, [], 0
+        for roll, n in zip(rolls, sizes):
+            a, b = max(lo, start), min(hi, start + n)  # the block's rows inside this roll, in global row numbers
+            if a < b:
+                whole = (a, b) == (start, start + n)
+                pieces.append((roll if whole else slice_rollout(roll, slice(a - start, b - start)), size / (b - a)))
+            start += n
+        blocks.append(pieces)
+    return blocks
 
 
 # --------------------------------------------------------------------------------------------------- objective

@@ -52,6 +52,7 @@ ARG_RULES = {
     "reward_norm": (lambda v: v >= 0, "must be >= 0"),
     "clip_ratio": (lambda v: _FINITE(v) and v > 0, "must be a finite number > 0"),
     "ppo_epochs": (lambda v: v >= 1, "must be >= 1"),
+    "ppo_minibatches": (lambda v: v >= 1, "must be >= 1 (minibatches per PPO epoch)"),
     "vf_coef": (lambda v: _FINITE(v) and v >= 0, "must be a finite number >= 0"),
     "clip_value": (lambda v: _FINITE(v) and v > 0, "must be a finite number > 0"),
     "gamma_ppo": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
@@ -69,6 +70,10 @@ def check_args(parser, args) -> None:
         parser.error("--beta 0: ipo's target margin is 1/(2 beta); beta must be > 0")
     if getattr(args, "algo", None) in ("rloo", "grpo") and args.k < 2:
         parser.error(f"--k {args.k}: {args.algo} compares each sample with the others of its prompt; k must be >= 2")
+    if getattr(args, "algo", None) == "ppo" and (args.batch_size * args.k * args.grad_accum) % args.ppo_minibatches:
+        parser.error(f"--ppo-minibatches {args.ppo_minibatches}: must divide a rank's rollouts per step, --batch-size "
+                     f"x --k x --grad-accum = {args.batch_size} x {args.k} x {args.grad_accum} = "
+                     f"{args.batch_size * args.k * args.grad_accum}")
 
 
 _LOCKS: dict[str, int] = {}

@@ -5,8 +5,12 @@ Checkpoint folder (one per save, `OUT/step-000123`, and `OUT/final`):
     config.json, model.safetensors, tokenizer.json, preprocessor_config.json   -- llava-hf layout, loads in transformers
                                                                                   (LoRA runs: adapters merged in)
     adapter/adapter_config.json, adapter/adapter_model.safetensors             -- LoRA runs only, PEFT layout
-    train_state.json         step, scheduler, optimizer param groups and non-tensor state, args, world size
-    train_state.safetensors  optimizer tensors (full, unsharded: `optimizer.<i>.<name>`), RNG states (`rng.<rank>.<k>`)
+    train_state.json         step, scheduler, optimizer param groups and non-tensor state, args, world size; the
+                             head's optimizer and scheduler the same way; `values`: plain numbers a step depends on
+                             (RLOO's reward mean/std measured before step 1, the best eval metric so far)
+    train_state.safetensors  optimizer tensors (full, unsharded: `optimizer.<i>.<name>`), RNG states (`rng.<rank>.<k>`),
+                             the head beside the model (the reward model's or PPO's value head: `head.<name>`) and its
+                             AdamW's tensors (`head_optimizer.<i>.<name>`)
 Nothing is unpickled: a `train_state.pt` (the old pickle format, or a planted one) is refused with one line.
 The folder is written under a temporary name and renamed at the end, so a crash mid-save leaves the previous
 checkpoint whole; only the newest `keep` step folders are kept.
@@ -140,13 +144,13 @@ def init_optimizer_state(optimizer) -> None:
                     st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
-def nonfinite_parameters(model) -> list[str]:
+def nonfinite_parameters(model, prefix: str = "") -> list[str]:
     """(collective) `rank R: name` for every parameter (this rank's FSDP shard) holding a NaN or inf, every rank's."""
     mine = []
     for n, p in model.named_parameters():
         t = p.to_local() if hasattr(p, "to_local") else p
         if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
-            mine.append(f"rank {rank()}: {n}")
+            mine.append(f"rank {rank()}: {prefix}{n}")
     if not dist.is_initialized():
         return mine
     flag = torch.tensor([float(len(mine))])
@@ -156,6 +160,80 @@ def nonfinite_parameters(model) -> list[str]:
     out = [None] * world_size()
     dist.all_gather_object(out, mine)
     return [x for part in out for x in part]
+
+
+class Stop(SystemExit):
+    """A run stopped on purpose, with one line (str(e)): a non-finite loss, gradient or parameter. A SystemExit, so
+    it ends every rank's run; train.py's command line prints the line and exits with code 2, as for bad input."""
+
+
+def allreduce_grads(module) -> None:
+    """Mean of a plain (not FSDP-sharded) module's gradients over the ranks (the RM head, PPO's value head): FSDP
+    reduces only its own units' gradients."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    for p in module.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= dist.get_world_size()
+
+
+def optimizer_step(model, optimizer, head, head_optimizer, clip: float, where: str, skip_nonfinite: bool = False,
+                   apply: bool = True, scaler=None) -> float | None:
+    """(collective) One update after the backward passes, with the post-step check; every branch of train.py's loop
+    (preference, reward model, RL: each PPO minibatch) steps through here.
+
+    The head (a plain module beside the model: the reward model's or PPO's value head; None for the others) gets its
+    gradients averaged over the ranks and clipped to `clip` on its own (0 = no clipping); the model's are clipped to
+    `clip` (global norm, FSDP shards included). Then:
+      a non-finite gradient norm (model or head): Stop (exit code 2) naming `where` (step, rank, example ids) before
+        any parameter moves; with skip_nonfinite a warning, the gradients are dropped and None is returned (the
+        caller skips the update);
+      optimizer.step() and head_optimizer.step() (not when apply is False: a step with nothing to learn), grads zeroed;
+      a non-finite parameter afterwards (model or head, any rank): Stop naming `where` and the parameters; nothing is
+        saved (save_checkpoint also refuses such weights).
+    scaler: a torch.amp.GradScaler (--dtype fp16: dynamic loss scaling; disabled otherwise, then a no-op). Enabled,
+    the gradients are unscaled before the norms, and a non-finite norm while the scale is above 1 is an overflow,
+    not a fault: the update is skipped with a line and the scale halved (decided on the global norm, so every rank
+    agrees), returning None.
+    Returns the model's gradient norm before clipping (float), or None for a skipped update. Scheduler steps are the
+    caller's (one per training step, however many updates it makes)."""
+    opts = [o for o in (optimizer, head_optimizer) if o is not None]
+    scaling = scaler is not None and scaler.is_enabled()
+    for o in opts if scaling else []:
+        scaler.unscale_(o)  # the true gradients again, before the norms and clipping
+    head_norm = 0.0
+    if head is not None:
+        allreduce_grads(head)
+        head_norm = float(torch.nn.utils.clip_grad_norm_(head.parameters(), clip if clip > 0 else float("inf")))
+    grad_norm = clip_grad_norm(model, clip)
+    bad = [f"{name} {v}" for name, v in (("gradient norm", grad_norm), ("head gradient norm", head_norm))
+           if not math.isfinite(v)]
+    if bad and scaling and scaler.get_scale() > 1:  # fp16 overflow: skip, halve the scale, go on
+        scaler.update(scaler.get_scale() / 2)
+        print0(f"fp16 loss scale overflow at {where}: step skipped, scale now {scaler.get_scale():g}")
+        for o in opts:
+            o.zero_grad(set_to_none=True)
+        return None
+    if bad:
+        if not skip_nonfinite:
+            raise Stop(f"error: non-finite {', '.join(bad)} at {where}; stopping before the optimizer step "
+                             "(--skip-nonfinite skips such steps)")
+        print0(f"warning: non-finite {', '.join(bad)} at {where}: update skipped (--skip-nonfinite)")
+        for o in opts:
+            o.zero_grad(set_to_none=True)
+        return None
+    for o in opts:
+        if apply:
+            scaler.step(o) if scaling else o.step()  # the scaler steps only on finite, unscaled gradients
+        o.zero_grad(set_to_none=True)
+    if scaling:
+        scaler.update()  # the scale doubles after 2000 steps without overflow
+    bad = nonfinite_parameters(model) + (nonfinite_parameters(head, "head.") if head is not None else [])
+    if bad:
+        raise Stop(f"error: non-finite parameters after the optimizer step at {where}: {_short(bad)}; "
+                         "nothing saved")
+    return grad_norm
 
 
 # ------------------------------------------------------------------------------------------------ state dicts
@@ -214,32 +292,45 @@ TRAIN_STATE = "train_state.json"  # + train_state.safetensors beside it
 
 
 def save_checkpoint(out_dir: Path, name: str, model, model_config, processor, lora_layers: dict, optimizer=None,
-                    scheduler=None, step: int = 0, args=None, keep: int | None = None) -> Path:
+                    scheduler=None, step: int = 0, args=None, keep: int | None = None, head=None, head_optimizer=None,
+                    head_scheduler=None, values: dict | None = None) -> Path:
     """Write OUT/name atomically (collective: every rank must call it; rank 0 writes).
 
-    Refuses (SystemExit, every rank) to save non-finite weights, and a full disk ends in one line naming the path and
-    the space needed; the partial folder is removed and the previous checkpoint is left as it was."""
+    With an optimizer the folder also holds the training state (train_state.json + .safetensors): the optimizer and
+    scheduler, every rank's RNG state, and when given the head (a plain module beside the model: the reward model's
+    or PPO's value head, the same on every rank), its optimizer and scheduler, and `values` (plain JSON numbers a
+    later step depends on). Everything `--resume` needs to continue bit for bit.
+    Refuses (Stop, every rank) to save non-finite weights (the head's included), and a full disk ends in one
+    line naming the path and the space needed; the partial folder is removed and the previous checkpoint is left as
+    it was."""
     sd = full_state_dict(model)
-    bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    head_sd = {k: v.detach().cpu() for k, v in head.state_dict().items()} if head is not None else {}
+    bad = [k for k, v in [*sd.items(), *(("head." + k, v) for k, v in head_sd.items())]
+           if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
-        raise SystemExit(f"error: not saving {out_dir / name}: non-finite weights in {_short(bad)}")
-    opt = optimizer_state(model, optimizer) if optimizer is not None else None
-    rngs = rng_states()
+        raise Stop(f"error: not saving {out_dir / name}: non-finite weights in {_short(bad)}")
+    state = None
+    if optimizer is not None:
+        state = {"step": step, "optimizer": optimizer_state(model, optimizer), "rng": rng_states(),
+                 "scheduler": scheduler.state_dict() if scheduler else None,
+                 "args": vars(args) if args is not None else None, "head": head_sd or None,
+                 "head_optimizer": head_optimizer.state_dict() if head_optimizer is not None else None,
+                 "head_scheduler": head_scheduler.state_dict() if head_scheduler is not None else None,
+                 "values": values or {}}
     path = out_dir / name
     err = None
     if rank() == 0:
         tmp = out_dir / f".{name}.tmp-{os.getpid()}"
         try:
-            _write_checkpoint(tmp, path, sd, model, model_config, processor, lora_layers, opt, scheduler, step,
-                              rngs, args)
+            _write_checkpoint(tmp, path, sd, model, model_config, processor, lora_layers, state)
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
             if e.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
             need = sum(v.numel() * v.element_size() for v in sd.values())
-            if opt is not None:
-                need += sum(t.numel() * t.element_size() for st in opt["state"].values() for t in st.values()
-                            if torch.is_tensor(t))
+            if state is not None:
+                need += sum(t.numel() * t.element_size() for st in state["optimizer"]["state"].values()
+                            for t in st.values() if torch.is_tensor(t))
             free = shutil.disk_usage(out_dir).free
             err = (f"error: no space left on the device of {out_dir} while saving {path}: the checkpoint needs about "
                    f"{need / 2**20:.0f} MiB, {free / 2**20:.0f} MiB are free (previous checkpoint: "
@@ -261,7 +352,7 @@ def _short(names, n=3) -> str:
     return ", ".join(names[:n]) + (f" ... ({len(names)} in all)" if len(names) > n else "")
 
 
-def _write_checkpoint(tmp, path, sd, model, model_config, processor, lora_layers, opt, scheduler, step, rngs, args):
+def _write_checkpoint(tmp, path, sd, model, model_config, processor, lora_layers, state):
     out_dir = path.parent
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -270,9 +361,8 @@ def _write_checkpoint(tmp, path, sd, model, model_config, processor, lora_layers
     save_state_dict(model_config, merge_lora_state_dict(sd, scaling), processor, tmp)
     if lora_layers:
         save_lora_adapter(model, str(tmp / "adapter"), state_dict=sd)
-    if opt is not None:
-        write_train_state(tmp, step, opt, scheduler.state_dict() if scheduler else None, rngs,
-                          vars(args) if args is not None else None)
+    if state is not None:
+        write_train_state(tmp, state)
     if path.exists():
         old = out_dir / f".{path.name}.old-{os.getpid()}"
         os.replace(path, old)
@@ -282,24 +372,47 @@ def _write_checkpoint(tmp, path, sd, model, model_config, processor, lora_layers
         os.replace(tmp, path)
 
 
-def write_train_state(folder: Path, step: int, opt: dict, scheduler: dict | None, rngs: list, args: dict | None):
-    """train_state.json (plain types) + train_state.safetensors (tensors) in `folder`; no pickle."""
-    tensors, entries = {}, []
+def _flatten_optimizer(prefix: str, opt: dict, tensors: dict) -> dict:
+    """An optimizer state dict -> its JSON part; its tensors go into `tensors` as `prefix.<i>.<name>`."""
+    entries = []
     for i, (key, st) in enumerate(opt["state"].items()):
         entry = {"key": key, "tensors": [], "values": {}}
         for k, v in st.items():
             if torch.is_tensor(v):
-                tensors[f"optimizer.{i}.{k}"] = v.detach().cpu().contiguous()
+                tensors[f"{prefix}.{i}.{k}"] = v.detach().cpu().contiguous()
                 entry["tensors"].append(k)
             else:
                 entry["values"][k] = v
         entries.append(entry)
-    for r, st in enumerate(rngs):
+    return {"state": entries, "param_groups": opt["param_groups"]}
+
+
+def _unflatten_optimizer(prefix: str, meta: dict, tensors: dict) -> dict:
+    state = {}
+    for i, e in enumerate(meta["state"]):
+        st = dict(e["values"])
+        st.update({k: tensors[f"{prefix}.{i}.{k}"] for k in e["tensors"]})
+        state[e["key"]] = st
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def write_train_state(folder: Path, state: dict) -> None:
+    """train_state.json (plain types) + train_state.safetensors (tensors) in `folder`; no pickle. state: the dict
+    save_checkpoint builds (and load_train_state returns): step, optimizer, scheduler, rng, args, head,
+    head_optimizer, head_scheduler, values."""
+    tensors = {}
+    for r, st in enumerate(state["rng"]):
         for k, v in st.items():
             tensors[f"rng.{r}.{k}"] = v.cpu().contiguous()
-    meta = {"format": "nanoalign-train-state-1", "step": step, "world": len(rngs),
-            "rng": [sorted(st) for st in rngs], "scheduler": scheduler,
-            "optimizer": {"state": entries, "param_groups": opt["param_groups"]}, "args": args}
+    for k, v in (state.get("head") or {}).items():
+        tensors[f"head.{k}"] = v.detach().cpu().contiguous()
+    head_opt = state.get("head_optimizer")
+    meta = {"format": "nanoalign-train-state-1", "step": state["step"], "world": len(state["rng"]),
+            "rng": [sorted(st) for st in state["rng"]], "scheduler": state.get("scheduler"),
+            "optimizer": _flatten_optimizer("optimizer", state["optimizer"], tensors), "args": state.get("args"),
+            "head": sorted(state["head"]) if state.get("head") else None,
+            "head_optimizer": _flatten_optimizer("head_optimizer", head_opt, tensors) if head_opt else None,
+            "head_scheduler": state.get("head_scheduler"), "values": state.get("values") or {}}
     save_file(tensors, str(folder / "train_state.safetensors"))
     (folder / TRAIN_STATE).write_text(json.dumps(meta, default=str))
 
@@ -312,8 +425,9 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 
 
 def load_train_state(ckpt: Path) -> dict:
-    """-> {"step", "optimizer" (a state dict for load_optimizer_state), "scheduler", "rng", "args", "world"}.
-    ValueError with one line for a pickle, a missing or damaged file."""
+    """-> {"step", "optimizer" (a state dict for load_optimizer_state), "scheduler", "rng", "args", "world", "head"
+    (the head's tensors by name, or None), "head_optimizer" (a torch state dict, or None), "head_scheduler",
+    "values" (a dict)}. ValueError with one line for a pickle, a missing or damaged file."""
     f, tf = ckpt / TRAIN_STATE, ckpt / "train_state.safetensors"
     if not f.is_file():
         if (ckpt / "train_state.pt").is_file():
@@ -323,14 +437,14 @@ def load_train_state(ckpt: Path) -> dict:
     try:
         meta = json.loads(f.read_text())
         tensors = load_file(str(tf))
-        state = {}
-        for i, e in enumerate(meta["optimizer"]["state"]):
-            st = dict(e["values"])
-            st.update({k: tensors[f"optimizer.{i}.{k}"] for k in e["tensors"]})
-            state[e["key"]] = st
         rng = [{k: tensors[f"rng.{r}.{k}"] for k in keys} for r, keys in enumerate(meta["rng"])]
-        return {"step": int(meta["step"]), "optimizer": {"state": state, "param_groups": meta["optimizer"]["param_groups"]},
-                "scheduler": meta["scheduler"], "rng": rng, "args": meta.get("args"), "world": meta.get("world")}
+        head = {k: tensors[f"head.{k}"] for k in meta["head"]} if meta.get("head") else None
+        head_opt = meta.get("head_optimizer")
+        return {"step": int(meta["step"]), "optimizer": _unflatten_optimizer("optimizer", meta["optimizer"], tensors),
+                "scheduler": meta["scheduler"], "rng": rng, "args": meta.get("args"), "world": meta.get("world"),
+                "head": head, "head_optimizer": _unflatten_optimizer("head_optimizer", head_opt, tensors)
+                if head_opt else None, "head_scheduler": meta.get("head_scheduler"),
+                "values": meta.get("values") or {}}
     except Exception as e:  # JSON, safetensors or a missing key: the file is damaged
         msg = (str(e).splitlines() or [type(e).__name__])[0]
         raise ValueError(f"{ckpt}: cannot read the training state ({type(e).__name__}: {msg})") from None
@@ -411,10 +525,10 @@ def step_postfix(rec: dict) -> str:
     reward and KL (RL, when logged), tokens/s, and the newest eval metrics."""
     parts = [f"loss {rec['loss']:.4f}"]
     for key, label, fmt in (("accuracy", "acc", ".2f"), ("margin", "margin", ".3f"), ("reward", "reward", ".3f"),
-                            ("kl", "kl", ".4f")):
+                            ("reward_mean", "reward", ".3f"), ("kl", "kl", ".4f")):
         if isinstance(rec.get(key), (int, float)):
             parts.append(f"{label} {rec[key]:{fmt}}")
-    parts.append(f"{rec.get('tokens_per_s', 0):.0f} tok/s")
+    parts.append(f"{rec.get('tokens_per_s', rec.get('train_tokens_per_s', 0)):.0f} tok/s")
     parts += [f"{k} {v:.3f}" for k, v in rec.items() if k.startswith("eval/") and isinstance(v, (int, float))][:2]
     return " | ".join(parts)
 
@@ -442,11 +556,11 @@ def summary_lines(records: list[dict], *, out: Path, final: Path, seconds: float
     steps = [r for r in records if "loss" in r]
     lines = [f"done: {len(steps)} steps in {seconds / 60:.1f} min"]
     if steps:
-        tps = sum(r.get("tokens_per_s", 0) for r in steps) / len(steps)
+        tps = sum(r.get("tokens_per_s", r.get("train_tokens_per_s", 0)) for r in steps) / len(steps)
         lines[0] += f", {tps:.0f} tokens/s (mean over steps)"
         last = steps[-1]
         lines.append("  final: " + ", ".join(f"{k} {last[k]:.4g}" for k in ("loss", "accuracy", "margin", "reward",
-                                                                            "kl") if k in last))
+                                                                            "reward_mean", "kl") if k in last))
         acc = [r["accuracy"] for r in steps if "accuracy" in r]
         if acc:
             k = min(10, max(1, len(acc) // 10))

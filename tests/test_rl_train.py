@@ -1,7 +1,7 @@
 """train.py's rm, rloo, ppo and grpo end to end on a tiny llava checkpoint made by transformers: 3 steps each, the
 first-step loss against the formulas, 1 rank vs 2 ranks (torchrun, FSDP2 on gloo), RLOO and GRPO raising a reward
 that is a known function of the response, the reward model's head file and its one-line failures, the collapse
-guard."""
+guard, PPO's minibatches (which rollouts go into which, how many optimizer steps, the argument's rules)."""
 import json
 import math
 import os
@@ -120,3 +120,84 @@ def test_rm_trains_saves_head_and_loads_as_llava(world, tmp_path):
     (final / "reward_head.safetensors").unlink()
     with pytest.raises(ValueError, match="no reward_head.safetensors"):
         run(world, tmp_path / "rl2", "--algo", "grpo", "--max-steps", 1, "--reward", f"rm:{final}", *RL_ARGS)
+
+
+# ----------------------------------------------------------------------------------------------- PPO minibatches
+def _fake_roll(first: int, n: int) -> dict:
+    """A rollout of n rows whose rewards are first .. first+n-1 (each row's identity) and a batch of n rows, the
+    even rows showing image 0 or 1 (row_image), the odd rows text-only."""
+    T = 3
+    row_image = torch.tensor([(r // 2) % 2 if r % 2 == 0 else -1 for r in range(n)])
+    b = {"input_ids": torch.arange(n * T).reshape(n, T), "attention_mask": torch.ones(n, T, dtype=torch.long),
+         "labels": torch.arange(n * T).reshape(n, T), "token_weights": torch.ones(n, T), "row_image": row_image,
+         "pixel_values": torch.randn(2, 3, 4, 4), "image_sizes": torch.tensor([[4, 4], [4, 4]]),
+         "image_index": row_image[row_image >= 0]}
+    ids = torch.arange(first, first + n, dtype=torch.float32)
+    return {"b": b, "rewards": ids, "advantages": ids[:, None].repeat(1, T), "old_logps": ids[:, None].repeat(1, T),
+            "ref_logps": None, "mask": torch.ones(n, T, dtype=torch.bool), "metrics": {"reward_mean": 0.0}}
+
+
+def test_minibatches_hand_computed():
+    """Two rolls (grad-accum micro-batches) of 6 rows, rows 0..11 in order. M = 1: both rolls whole, share 2 (=
+    --grad-accum: today's one update). M = 2: one roll per minibatch, share 1. M = 3: blocks of 4 rows = rows 0-3 |
+    4-7 | 8-11, the middle one made of roll 0's last 2 and roll 1's first 2 rows, each share 4 / 2 = 2. M = 12: one
+    row each. M = 5 or 0: refused."""
+    from nanoalign import rlstep
+    rolls = [_fake_roll(0, 6), _fake_roll(6, 6)]
+    rows = lambda blocks: [[p["rewards"].tolist() for p, _ in blk] for blk in blocks]  # noqa: E731
+    shares = lambda blocks: [[s for _, s in blk] for blk in blocks]  # noqa: E731
+    one = rlstep.minibatches(rolls, 1)
+    assert [[p is r for (p, _), r in zip(one[0], rolls)]] == [[True, True]] and shares(one) == [[2.0, 2.0]]
+    two = rlstep.minibatches(rolls, 2)
+    assert rows(two) == [[[0, 1, 2, 3, 4, 5]], [[6, 7, 8, 9, 10, 11]]] and shares(two) == [[1.0], [1.0]]
+    three = rlstep.minibatches(rolls, 3)
+    assert rows(three) == [[[0, 1, 2, 3]], [[4, 5], [6, 7]], [[8, 9, 10, 11]]]
+    assert shares(three) == [[1.0], [2.0, 2.0], [1.0]]
+    assert rows(rlstep.minibatches(rolls, 12)) == [[[float(i)]] for i in range(12)]
+    for m in (5, 0):
+        with pytest.raises(ValueError, match=f"--ppo-minibatches {m}: must be >= 1 and divide the rank's 12"):
+            rlstep.minibatches(rolls, m)
+    # a piece is the roll's rows in every per-row tensor; the images stay whole, image_index follows the rows
+    mid = three[1][0][0]  # roll 0, rows 4-5: row 4 shows image (4 // 2) % 2 = 0, row 5 none
+    assert mid["advantages"][:, 0].tolist() == [4, 5] and mid["old_logps"].shape == (2, 3)
+    assert torch.equal(mid["b"]["input_ids"], rolls[0]["b"]["input_ids"][4:6])
+    assert mid["b"]["image_index"].tolist() == [0] and mid["b"]["pixel_values"].shape[0] == 2
+
+
+def test_ppo_minibatches_optimizer_steps(world, tmp_path, rewards_file, monkeypatch):
+    """--ppo-epochs 2 --ppo-minibatches 2 on a step of 2 prompts x k 2 = 4 rollouts: 4 optimizer steps of the
+    policy and 4 of the value head per training step, each on 2 rollouts (M = 1: 2 steps of 4)."""
+    from nanoalign import rlstep
+    real_step, real_obj = torch.optim.AdamW.step, rlstep.rl_objective
+    counts, rows = {}, []
+
+    def step(self, *a, **kw):
+        key = "head" if len(self.param_groups[0]["params"]) == 2 else "policy"
+        counts[key] = counts.get(key, 0) + 1
+        return real_step(self, *a, **kw)
+
+    def objective(algo_loss, policy, roll, *a, **kw):
+        rows.append(roll["rewards"].shape[0])
+        return real_obj(algo_loss, policy, roll, *a, **kw)
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    monkeypatch.setattr(rlstep, "rl_objective", objective)
+    for m, want in ((2, 4), (1, 2)):
+        counts.clear(), rows.clear()
+        run(world, tmp_path / f"m{m}", "--algo", "ppo", "--max-steps", 1, "--reward", f"{rewards_file}:length",
+            *RL_ARGS, "--ppo-epochs", 2, "--ppo-minibatches", m)
+        assert counts == {"policy": want, "head": want}
+        assert rows == [4 // m] * want
+
+
+@pytest.mark.parametrize("value,reason", [
+    ("0", "must be >= 1"),
+    ("3", "must divide a rank's rollouts per step, --batch-size x --k x --grad-accum = 2 x 2 x 1 = 4")])
+def test_ppo_minibatches_refused(world, tmp_path, capsys, value, reason):
+    """--ppo-minibatches 0, or one that does not divide a rank's rollouts of a step: the parser's one line, exit 2."""
+    argv = ["--model", str(world / "ckpt"), "--data", str(world / "prefs.jsonl"), "--out", str(tmp_path), "--algo",
+            "ppo", "--reward", "oracle", "--batch-size", "2", "--k", "2", "--ppo-minibatches", value]
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(argv)
+    assert e.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"error: --ppo-minibatches {value}: " in last and reason in last, last

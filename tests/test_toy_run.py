@@ -241,7 +241,7 @@ def test_every_train_option_survives_the_command_line_of_the_alignment_run():
               "--noise-step", "100", "--ref-cache", "c", "--max-len", "64", "--strict", "--save-every", "2",
               "--keep", "1", "--resume", "--overwrite", "--allow-changed", "--skip-nonfinite", "--wandb", "w", "--toy-cache", "t", "--toy-seed", "3",
               "--reward", "oracle", "--k", "3", "--temperature", "0.7", "--max-new-tokens", "9", "--reward-norm", "5",
-              "--grpo-loss", "dapo", "--clip-ratio", "0.3", "--ppo-epochs", "2", "--vf-coef", "0.5", "--clip-value",
+              "--grpo-loss", "dapo", "--clip-ratio", "0.3", "--ppo-epochs", "2", "--ppo-minibatches", "3", "--vf-coef", "0.5", "--clip-value",
               "0.5", "--gamma-ppo", "0.99", "--lam", "0.9", "--kl-estimator", "k3", "--no-whiten-rewards",
               "--guard-len-min", "2", "--guard-len-max", "50", "--guard-entropy", "0.1", "--guard-kl", "5",
               "--stop-on-collapse", "--annotator", "oracle", "--annotator-both-orders",

@@ -27,8 +27,9 @@ def test_argument_that_makes_no_sense(world, tmp_path, capsys, flag, value, reas
 @pytest.mark.parametrize("algo,extra,reason", [("ipo", ["--beta", "0"], "beta must be > 0"),
                                                ("grpo", ["--k", "1", "--reward", "oracle"], "k must be >= 2")])
 def test_argument_that_makes_no_sense_for_the_algorithm(world, tmp_path, capsys, algo, extra, reason):
-    """beta 0 is a valid KL coefficient for RL and a constant loss for dpo, but ipo's target 1/(2 beta) is infinite;
-    rloo / grpo compare each sample with the others of its prompt, so k = 1 is refused."""
+    """An argument that makes no sense for the algorithm only (--beta 0 with ipo, whose target 1/(2 beta) is
+    infinite; --k 1 with rloo / grpo, which compare each sample with the others of its prompt) -> refused by the
+    parser with the reason, exit 2."""
     with pytest.raises(SystemExit) as e:
         train.parse_args(argv(world, tmp_path, "--algo", algo, *extra))
     assert e.value.code == 2 and reason in capsys.readouterr().err.strip().splitlines()[-1]
