@@ -194,6 +194,9 @@ def parse_args(argv=None, toy_algo=None):
         from nanoalign.toy.run import train_defaults
         p.set_defaults(**train_defaults(toy_algo or args.algo))
         args = p.parse_args(argv)
+    # options away from their defaults: --resume of a run saved by an older version, which lacks the newer options,
+    # counts a newer option as changed only when it is one of these (runs.changed_settings)
+    args.non_default = sorted(k for k, v in vars(args).items() if v != p.get_default(k))
     if args.beta is None:
         args.beta = ALGOS[args.algo].beta
     if args.min_lr_ratio is None:

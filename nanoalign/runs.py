@@ -23,7 +23,7 @@ from nanoalign import trainutil as tu
 
 # settings that may change across a resume without changing any step's numbers
 RESUME_FREE = {"out", "resume", "overwrite", "allow_changed", "wandb", "save_every", "keep", "strict", "ref_cache",
-               "grad_checkpointing", "toy_cache", "skip_nonfinite"}
+               "grad_checkpointing", "toy_cache", "skip_nonfinite", "non_default"}
 
 # argument -> (test, reason); None (unset) passes every test
 _FINITE = lambda v: math.isfinite(v)
@@ -130,10 +130,13 @@ def _norm(name, v):
 
 
 def changed_settings(saved: dict, now: dict, saved_world, world: int) -> list[str]:
-    """`name: saved -> now` for each setting that differs and breaks exact resumption."""
+    """`name: saved -> now` for each setting that differs and breaks exact resumption. An option the saved run does
+    not know (added by a later version) that is at its default now (not in now["non_default"], train.parse_args)
+    keeps the old behaviour: not a change."""
+    given = set(now["non_default"]) if "non_default" in now else None
     diffs = []
     for k in sorted(set(saved) | set(now)):
-        if k in RESUME_FREE:
+        if k in RESUME_FREE or (k not in saved and given is not None and k not in given):
             continue
         a, b = _norm(k, saved.get(k)), _norm(k, now.get(k))
         if a != b and not (isinstance(a, (int, float)) and isinstance(b, (int, float)) and float(a) == float(b)):

@@ -252,7 +252,8 @@ def test_every_train_option_survives_the_command_line_of_the_alignment_run():
               "--keep-best", "chair_s"]
     for argv in (["--model", "m", "--data", "d"], others):
         a = train.parse_args(argv)
-        assert vars(train.parse_args(base.to_argv(vars(a)))) == vars(a)
+        setting = lambda ns: {k: v for k, v in vars(ns).items() if k != "non_default"}  # a record, not an option
+        assert setting(train.parse_args(base.to_argv(vars(a)))) == setting(a)
     at_default = train.parse_args(["--model", "m0", "--data", "d0"])
     given = {k for k, v in vars(train.parse_args(others)).items() if v != getattr(at_default, k)}
     assert given == set(vars(a))  # the second command line changes every option of train.py

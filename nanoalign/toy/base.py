@@ -101,10 +101,11 @@ def load_model(path):
 
 def to_argv(options):
     """train.py options {name: value} -> its command line: `--name value`, True a bare flag, False and None left out
-    (an option at None or False is at train.py's default)."""
+    (an option at None or False is at train.py's default); non_default (parse_args's record of the options away
+    from their defaults) is not an option and is left out."""
     out = []
     for k, v in options.items():
-        if v is None or v is False:
+        if v is None or v is False or k == "non_default":
             continue
         out += [f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)])
     return out

@@ -78,3 +78,23 @@ def test_partial_saves_removed_at_start(world, tmp_path):
     (tmp_path / ".step-000002.tmp-999" / "model.safetensors").write_bytes(b"\0" * 1000)
     main(world, tmp_path, "--algo", "dpo", "--max-steps", 1)
     assert not list(tmp_path.glob(".*tmp-*"))
+
+
+def test_resume_of_a_run_saved_before_an_option_existed(world, tmp_path):
+    """--resume of a checkpoint written by an older version, whose saved arguments lack a newer option -> the option
+    at its default is no change (it keeps the old behaviour); set away from its default, it is named."""
+    import json
+    base = ["--algo", "dpo", "--max-steps", 3, "--save-every", 1]
+    main(world, tmp_path, *base)
+    import shutil
+    shutil.rmtree(tmp_path / "final")
+    for ckpt in tmp_path.glob("step-*"):  # what an older version wrote: no --ppo-minibatches, no non_default
+        path = ckpt / "train_state.json"
+        state = json.loads(path.read_text())
+        for k in ("ppo_minibatches", "non_default"):
+            state["args"].pop(k, None)
+        path.write_text(json.dumps(state))
+    with pytest.raises(ValueError, match="--ppo-minibatches: None -> 2"):
+        main(world, tmp_path, *base, "--resume", "--ppo-minibatches", 2)
+    main(world, tmp_path, *base, "--resume")
+    assert (tmp_path / "final").is_dir()
