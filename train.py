@@ -283,7 +283,7 @@ def main(args):
     annotator, online_settings = None, None
     if algo.reward == "annotator":
         if args.annotator is None:
-            raise SystemExit(f"error: --algo {args.algo} needs --annotator (oracle[:SCENES], rm:PATH or vlm:PATH)")
+            raise ValueError(f"--algo {args.algo} needs --annotator (oracle[:SCENES], rm:PATH or vlm:PATH)")
         annotator = load_annotator(args.annotator, processor.tokenizer, device, args.annotator_both_orders,
                                    args.template)
     if online:

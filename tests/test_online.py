@@ -160,7 +160,7 @@ def test_data_and_annotator_checks(world, tmp_path):  # noqa: F811
     with pytest.raises(ValueError, match="--algo mixed-dpo needs prompt, chosen, rejected in each row"):  # exit 2
         run(world, tmp_path, "--algo", "mixed-dpo", "--annotator", "oracle", "--max-steps", 1, data="llava.json",
             fmt="llava")
-    with pytest.raises(SystemExit, match="needs --annotator"):
+    with pytest.raises(ValueError, match="needs --annotator"):  # exit 2
         run(world, tmp_path, "--algo", "online-dpo", "--max-steps", 1, data="llava.json", fmt="llava")
     with pytest.raises(ValueError, match=r"^--annotator vlm:.*nowhere"):
         run(world, tmp_path, "--algo", "online-dpo", "--annotator", f"vlm:{tmp_path / 'nowhere'}", "--max-steps", 1)
