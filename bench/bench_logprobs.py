@@ -43,6 +43,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+# This checkout's nanoalign, not whichever one the environment installed (the venv's editable install points at
+# another checkout: run from a worktree, the benchmark used to time that checkout's op).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 V = 32000
 BETA = 0.1
 SCORED_FRACTION = 0.05  # 95% of positions ignored (image + prompt tokens)
