@@ -10,17 +10,17 @@
 // native.py from the L2 size: a square of fp32 filling half the L2 a thread has; 0 = 256 x 256).
 //
 // Design. The (N, V) logits are cut into tiles of ROW_TILE rows x V_BLOCK vocabulary columns. OpenMP threads take
-// whole vocabulary blocks (schedule static: a thread's blocks, hence its partial sums, do not depend on timing; with
-// schedule dynamic two runs differed whenever another process shared the cores, and 5,000 training steps turned that
-// into a different model). For its block a thread runs, per row tile, one single-threaded
+// groups of consecutive vocabulary blocks, first come first served; partial sums belong to groups, not threads, so
+// they do not depend on timing (with per-thread partials and schedule dynamic two runs differed whenever another
+// process shared the cores, and 5,000 training steps turned that into a different model). For its block a thread runs, per row tile, one single-threaded
 // MKL GEMM (at::mm_out, MKL does not thread inside an OpenMP region) into a private ROW_TILE x V_BLOCK fp32 scratch
 // (half the L2 a thread has: 256 x 256 = 256 KB of a 512 KB L2, so it stays in L2; row tiles are balanced, 300 rows
 // as 2 x 150, not 256 + 44), and while that tile is hot it
 //   fwd: takes the row maxima, the online sum of exp (own vectorised exp) and picks the target logit;
-//        per-thread (max, sum) pairs are merged at the end, so lse is exact whatever the split.
+//        per-group (max, sum) pairs are merged at the end, so lse is exact whatever the split.
 //   bwd: overwrites the tile with grad_logits = g * (1[v == y] - exp(logit - lse)) and feeds it to two GEMMs:
 //        grad_w[block] += G^T @ h_tile (written straight into grad_w, the thread owns the block: no atomics) and
-//        grad_h_partial[thread] += G @ w_block (summed over threads at the end).
+//        grad_h_partial[group] += G @ w_block (summed over groups at the end).
 // What it does better than the pure-torch chunked path (nanoalign.ops, chunk of rows x full V):
 //   * no (chunk, V) logits tensor: the torch path writes and re-reads chunk x 32000 fp32 values 4-6 times
 //     (matmul out, max, sub, exp, sum, gather; in backward softmax, scatter, two matmuls), each a pass over
@@ -64,12 +64,19 @@ Tiles tiles_for(int64_t N, int64_t row_tile, int64_t v_block) {
   t.rows = std::max<int64_t>(1, std::min(t.rows, ((N + n_tiles - 1) / n_tiles + 7) / 8 * 8));
   return t;
 }
-// Per-thread fp32 grad_h partials (threads x rows x H) are capped at this size; more rows are done in chunks.
+// Per-group fp32 grad_h partials (groups x rows x H) are capped at this size; more rows are done in chunks.
 // NANOALIGN_NATIVE_PARTIAL_BYTES overrides it (the tests use it to exercise the chunked path at small shapes).
 int64_t partial_bytes() {
   const char* env = std::getenv("NANOALIGN_NATIVE_PARTIAL_BYTES");
   return env != nullptr ? std::max<int64_t>(1, std::atoll(env)) : (256LL << 20);
 }
+// Vocabulary blocks are dealt to threads in GROUPS_PER_THREAD * threads groups of consecutive blocks, first come
+// first served (schedule dynamic): when another process takes a core, the other thread does more groups instead of
+// waiting for it at the end (with schedule static one descheduled thread held the whole op). Every partial result
+// -- the (max, sum) of lse, the grad_h partials -- belongs to a group, not to a thread, and groups are merged in
+// group order, so the numbers are the same whichever thread ran which group (bit for bit; tested under contention).
+constexpr int64_t GROUPS_PER_THREAD = 4;
+int64_t n_groups(int64_t nvb, int nt) { return std::max<int64_t>(1, std::min<int64_t>(nvb, GROUPS_PER_THREAD * nt)); }
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
 // exp(x) for fp32: x = k ln2 + r, |r| <= ln2/2, exp(r) by a degree-6 polynomial (Cephes' coefficients), 2^k from
@@ -237,8 +244,9 @@ std::tuple<at::Tensor, at::Tensor> logprob_rows_fwd(const at::Tensor& h, const a
   at::Tensor yc = y.contiguous();
   const int64_t nvb = (V + V_BLOCK - 1) / V_BLOCK;
   const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nvb)));
-  at::Tensor run_max = at::full({nt, N}, NEG_INF, f32);  // per-thread running max of each row
-  at::Tensor run_sum = at::zeros({nt, N}, f32);          // per-thread sum of exp(logit - run_max)
+  const int64_t ng = n_groups(nvb, nt);
+  at::Tensor run_max = at::full({ng, N}, NEG_INF, f32);  // per-group running max of each row
+  at::Tensor run_sum = at::zeros({ng, N}, f32);          // per-group sum of exp(logit - run_max)
   at::Tensor target = at::empty({N}, f32);               // logit[n, y[n]], written by the block holding y[n]
   at::Tensor scratch = at::empty({nt, ROW_TILE * V_BLOCK}, f32);
   at::Tensor wbuf = w_f32 ? at::Tensor() : at::empty({nt, V_BLOCK * H}, f32);
@@ -250,11 +258,12 @@ std::tuple<at::Tensor, at::Tensor> logprob_rows_fwd(const at::Tensor& h, const a
   {
     const int tid = omp_get_thread_num();
     float* S = scratch.data_ptr<float>() + tid * ROW_TILE * V_BLOCK;
-    float* m_t = run_max.data_ptr<float>() + tid * N;
-    float* s_t = run_sum.data_ptr<float>() + tid * N;
     float* wb_buf = w_f32 ? nullptr : wbuf.data_ptr<float>() + tid * V_BLOCK * H;
-#pragma omp for schedule(static)
-    for (int64_t b = 0; b < nvb; ++b) {
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t grp = 0; grp < ng; ++grp) {
+    float* m_t = run_max.data_ptr<float>() + grp * N;
+    float* s_t = run_sum.data_ptr<float>() + grp * N;
+    for (int64_t b = grp * nvb / ng; b < (grp + 1) * nvb / ng; ++b) {
       const int64_t v0 = b * V_BLOCK, bv = std::min(V_BLOCK, V - v0);
       const float* wb = w_block_f32(wc, w_f32, v0, bv, wb_buf);
       for (int64_t r0 = 0; r0 < N; r0 += ROW_TILE) {
@@ -277,18 +286,19 @@ std::tuple<at::Tensor, at::Tensor> logprob_rows_fwd(const at::Tensor& h, const a
         }
       }
     }
+    }
   }
 
-  // Merge the per-thread (max, sum) pairs: lse = M + log(sum_t s_t exp(m_t - M)).
+  // Merge the per-group (max, sum) pairs in group order: lse = M + log(sum_t s_t exp(m_t - M)).
   const float* mp = run_max.data_ptr<float>();
   const float* sp = run_sum.data_ptr<float>();
   float* lp = lse.data_ptr<float>();
   float* op = logp.data_ptr<float>();
   for (int64_t n = 0; n < N; ++n) {
     float M = NEG_INF;
-    for (int t = 0; t < nt; ++t) M = std::max(M, mp[t * N + n]);
+    for (int64_t t = 0; t < ng; ++t) M = std::max(M, mp[t * N + n]);
     double s = 0.0;
-    for (int t = 0; t < nt; ++t)  // a thread whose max is still -inf holds a sum of 0 (or NaN: propagate it)
+    for (int64_t t = 0; t < ng; ++t)  // a group whose max is still -inf holds a sum of 0 (or NaN: propagate it)
       s += mp[t * N + n] == NEG_INF ? sp[t * N + n] : sp[t * N + n] * std::exp(static_cast<double>(mp[t * N + n] - M));
     lp[n] = M == NEG_INF ? (std::isnan(s) ? static_cast<float>(s) : NEG_INF) : M + static_cast<float>(std::log(s));
     op[n] = tp[n] - lp[n];
@@ -324,8 +334,9 @@ std::tuple<at::Tensor, at::Tensor> logprob_rows_bwd(const at::Tensor& h, const a
   const int64_t nvb = (V + V_BLOCK - 1) / V_BLOCK;
   const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nvb)));
 
-  // Rows are done in chunks so that the per-thread grad_h partials (nt, chunk, H) fit partial_bytes().
-  int64_t chunk = partial_bytes() / (static_cast<int64_t>(nt) * H * 4);
+  const int64_t ng = n_groups(nvb, nt);
+  // Rows are done in chunks so that the per-group grad_h partials (ng, chunk, H) fit partial_bytes().
+  int64_t chunk = partial_bytes() / (ng * H * 4);
   chunk = std::max<int64_t>(ROW_TILE, chunk / ROW_TILE * ROW_TILE);
   chunk = std::min(chunk, N);
   const int64_t n_chunks = (N + chunk - 1) / chunk;
@@ -334,7 +345,7 @@ std::tuple<at::Tensor, at::Tensor> logprob_rows_bwd(const at::Tensor& h, const a
   at::Tensor gw_full = (need_grad_w && !w_f32 && n_chunks > 1) ? at::empty({V, H}, f32) : at::Tensor();
   at::Tensor gw_blocks = (need_grad_w && !w_f32 && n_chunks == 1) ? at::empty({nt, V_BLOCK * H}, f32) : at::Tensor();
   at::Tensor gh32 = at::empty({N, H}, f32);  // grad_h in fp32
-  at::Tensor partial = at::empty({nt, chunk, H}, f32);  // grad_h partial of each thread
+  at::Tensor partial = at::empty({ng, chunk, H}, f32);  // grad_h partial of each group of vocabulary blocks
   at::Tensor scratch = at::empty({nt, ROW_TILE * V_BLOCK}, f32);
   at::Tensor wbuf = w_f32 ? at::Tensor() : at::empty({nt, V_BLOCK * H}, f32);
   const float* hp = h32.data_ptr<float>();
@@ -349,11 +360,12 @@ std::tuple<at::Tensor, at::Tensor> logprob_rows_bwd(const at::Tensor& h, const a
     {
       const int tid = omp_get_thread_num();
       float* S = scratch.data_ptr<float>() + tid * ROW_TILE * V_BLOCK;
-      float* P = partial.data_ptr<float>() + tid * chunk * H;
       float* wb_buf = w_f32 ? nullptr : wbuf.data_ptr<float>() + tid * V_BLOCK * H;
       auto opts = at::TensorOptions().dtype(at::kFloat);
-#pragma omp for schedule(static)
-      for (int64_t b = 0; b < nvb; ++b) {
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t grp = 0; grp < ng; ++grp) {
+      float* P = partial.data_ptr<float>() + grp * chunk * H;
+      for (int64_t b = grp * nvb / ng; b < (grp + 1) * nvb / ng; ++b) {
         const int64_t v0 = b * V_BLOCK, bv = std::min(V_BLOCK, V - v0);
         const float* wb = w_block_f32(wc, w_f32, v0, bv, wb_buf);
         float* gw = nullptr;  // fp32 (bv, H) accumulator of grad_w[v0 : v0 + bv]
@@ -388,8 +400,9 @@ std::tuple<at::Tensor, at::Tensor> logprob_rows_bwd(const at::Tensor& h, const a
         }
         if (need_grad_w && !w_f32 && n_chunks == 1) grad_w.narrow(0, v0, bv).copy_(gw_t);
       }
+      }
     }
-    // grad_h[c0 : c0 + cn] = sum over threads of the partials
+    // grad_h[c0 : c0 + cn] = sum over groups of the partials
     at::Tensor gh_chunk = gh32.narrow(0, c0, cn);
     at::sum_out(gh_chunk, partial.narrow(1, 0, cn), {0});
   }
