@@ -43,6 +43,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+# This checkout's nanoalign, not whichever one the environment installed (the venv's editable install points at
+# another checkout: run from a worktree, the benchmark used to time that checkout's op).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 V = 32000
 BETA = 0.1
 SCORED_FRACTION = 0.05  # 95% of positions ignored (image + prompt tokens)
@@ -188,8 +192,9 @@ def child_loss(provider, H, T, P, ref_path):
     return out
 
 
-def child_ops(H, T, P):
-    """Row primitives on the gathered scored rows, next to a plain matmul of the same rows."""
+def child_ops(H, T, P, first="native"):
+    """Row primitives on the gathered scored rows, next to a plain matmul of the same rows; `first` runs first (the
+    driver alternates it by round)."""
     from nanoalign import native, ops
 
     hidden, weight, labels = make_inputs(H, T, P)
@@ -212,8 +217,8 @@ def child_ops(H, T, P):
 
     out["matmul"], _ = timed(lambda: torch.mm(h, w.T, out=mm_out))
     del mm_out
-    for name, fwd, bwd in (("native", native.logprob_rows_fwd, native.logprob_rows_bwd),
-                           ("torch_chunked", torch_fwd, torch_bwd)):
+    pair = [("native", native.logprob_rows_fwd, native.logprob_rows_bwd), ("torch_chunked", torch_fwd, torch_bwd)]
+    for name, fwd, bwd in (pair if first == "native" else pair[::-1]):
         tf, (_, lse) = timed(lambda: fwd(h, w, y))
         tb, _ = timed(lambda: bwd(h, w, y, lse, g))
         out[name + "_fwd"], out[name + "_bwd"] = tf, tb
@@ -282,7 +287,7 @@ def main():
     if args.child:
         a = json.loads(args.child)
         torch.manual_seed(0)
-        res = child_ops(a["H"], a["T"], a["P"]) if a["provider"] == "ops" else \
+        res = child_ops(a["H"], a["T"], a["P"], a.get("first", "native")) if a["provider"] == "ops" else \
             child_loss(a["provider"], a["H"], a["T"], a["P"], a.get("ref"))
         print("RESULT " + json.dumps(res), flush=True)
         return
@@ -316,7 +321,9 @@ def main():
     if not have_native and "native" in providers:
         providers.remove("native")
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": _cpu_name(),
-            "git": _git_sha(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+            "git": _git_sha(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "native_tiles": list(native.tiles()) if have_native else None,
+            "l2_per_cpu_bytes": native._l2_per_cpu()}
     try:
         import liger_kernel
         meta["liger"] = getattr(liger_kernel, "__version__", None) or _dist_version("liger-kernel")
@@ -325,6 +332,7 @@ def main():
     print(f"# {meta}", flush=True)
 
     ops_pairs = None if not args.ops_pairs else {int(x) for x in args.ops_pairs.split(",") if x.strip()}
+    load_start = _uptime()
     rows = []
     loads = []
     t_all = time.perf_counter()
@@ -341,7 +349,8 @@ def main():
             for r in range(args.reps):
                 order = todo[r % len(todo):] + todo[:r % len(todo)]
                 for p in order:
-                    res = run_child({"provider": p, "H": H, "T": T, "P": P, "ref": ref_path if r == 0 else None})
+                    res = run_child({"provider": p, "H": H, "T": T, "P": P, "ref": ref_path if r == 0 else None,
+                                     "first": "native" if r % 2 == 0 else "torch_chunked"})
                     samples[p].append(res)
                     if "error" in res:
                         print(f"  {p} H={H} T={T} P={P} round {r}: {res['error']}", flush=True)
@@ -354,6 +363,7 @@ def main():
             rows += shape_rows
             rows += speedups(shape_rows)
             write_outputs(rows, meta, notes + [f"(partial: written after H={H} T={T} pairs={P})"], Path(args.out))
+    notes.append(f"`uptime` before the rounds: {load_start}; after: {_uptime()}")
     notes.append(f"total wall time {time.perf_counter() - t_all:.0f} s; load average (1 min) during the rounds: "
                  f"median {statistics.median(loads):.1f}, max {max(loads):.1f} on {os.cpu_count()} CPUs "
                  "(other agents share the machine: prefer the ratios, measured side by side)")
@@ -517,6 +527,13 @@ def _cpu_name():
         if line.startswith("model name"):
             return line.split(":", 1)[1].strip()
     return platform.processor()
+
+
+def _uptime():
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "load average %.2f, %.2f, %.2f" % os.getloadavg()
 
 
 def _git_sha():

@@ -17,13 +17,15 @@ different CPU builds its own copy instead of loading code it cannot run (NANOALI
 -march=native off; NANOALIGN_NATIVE_MARCH=x86-64-v3 etc. picks a target). `available()` never raises: without a
 compiler or when the build fails it warns once and returns False, and callers fall back to the torch chunked path.
 
-Tiles: each thread's logits tile is rows x 256 vocabulary columns of fp32, sized to half of the L2 cache a thread
-has (the L2 size divided by the CPUs sharing it, from /sys/devices/system/cpu/cpu0/cache), so the tile stays in L2
-between its GEMM and the exp pass. NANOALIGN_NATIVE_TILES="rows,vocab" overrides it (benchmarks).
+Tiles: each thread's logits tile is a square of rows x vocabulary columns of fp32 filling half of the L2 cache a
+thread has (the L2 size divided by the CPUs sharing it, from /sys/devices/system/cpu/cpu0/cache): it stays in L2
+between its GEMM and the exp pass, and a square tile re-reads the fewest h and w bytes per logit. 512 KB of L2 gives
+256 x 256, 1 MB 352 x 352, 2 MB 512 x 512. NANOALIGN_NATIVE_TILES="rows,vocab" overrides it (benchmarks).
 """
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import shutil
 import sys
@@ -117,8 +119,9 @@ def _build() -> None:
 
 
 def tiles() -> tuple[int, int]:
-    """(rows, vocabulary columns) of a thread's fp32 logits tile: about half the L2 a thread has, 256 columns wide,
-    rows a multiple of 16 in [32, 512]. From NANOALIGN_NATIVE_TILES="rows,vocab" when set."""
+    """(rows, vocabulary columns) of a thread's fp32 logits tile: a square filling about half the L2 a thread has,
+    side a multiple of 16 in [32, 512] (512 KB of L2 when it is unknown). From NANOALIGN_NATIVE_TILES="rows,vocab"
+    when set."""
     if "tiles" in _STATE:
         return _STATE["tiles"]
     env = os.environ.get("NANOALIGN_NATIVE_TILES", "").strip()
@@ -132,9 +135,8 @@ def tiles() -> tuple[int, int]:
         _STATE["tiles"] = (rows, vocab)
         return _STATE["tiles"]
     l2 = _l2_per_cpu() or 512 * 1024
-    vocab = 256
-    rows = max(32, min(512, (l2 // 2) // (vocab * 4) // 16 * 16))
-    _STATE["tiles"] = (rows, vocab)
+    side = max(32, min(512, math.isqrt(l2 // 2 // 4) // 16 * 16))  # side * side fp32 = half the L2
+    _STATE["tiles"] = (side, side)
     return _STATE["tiles"]
 
 

@@ -229,11 +229,16 @@ def test_build_folder_is_shared_by_checkouts_and_compiling_is_announced(tmp_path
 
 def test_tiles_follow_the_l2_cache(monkeypatch):
     monkeypatch.setattr(native, "_STATE", {})
-    monkeypatch.setattr(native, "_l2_per_cpu", lambda: 1024 * 1024)
-    assert native.tiles() == (512, 256)  # 512 x 256 fp32 = 512 KB, half of 1 MB
+    # a square of fp32 filling half the L2 a thread has, side a multiple of 16 (hand-computed: sqrt(bytes / 2 / 4))
+    for l2, side in ((512 * 1024, 256), (1024 * 1024, 352), (2 * 1024 * 1024, 512), (256 * 1024, 176),
+                     (32 * 1024 * 1024, 512), (8 * 1024, 32)):
+        monkeypatch.setattr(native, "_STATE", {})
+        monkeypatch.setattr(native, "_l2_per_cpu", lambda l2=l2: l2)
+        assert native.tiles() == (side, side), l2
+        assert side * side * 4 <= max(l2 // 2, 32 * 32 * 4)
     monkeypatch.setattr(native, "_STATE", {})
-    monkeypatch.setattr(native, "_l2_per_cpu", lambda: 256 * 1024)  # a hyperthread's half of 512 KB
-    assert native.tiles() == (128, 256)
+    monkeypatch.setattr(native, "_l2_per_cpu", lambda: None)  # unknown: as 512 KB
+    assert native.tiles() == (256, 256)
     monkeypatch.setattr(native, "_STATE", {})
     monkeypatch.setenv("NANOALIGN_NATIVE_TILES", "64,128")
     assert native.tiles() == (64, 128)
@@ -243,11 +248,49 @@ def test_tiles_follow_the_l2_cache(monkeypatch):
         native.tiles()
 
 
-@pytest.mark.parametrize("tiles", [(16, 32), (512, 256), (100, 7)])
-def test_any_tile_shape_gives_the_same_numbers(tiles):
-    h, w, y, g = _inputs(300, 40, 700, torch.float32, seed=6)
+@pytest.mark.parametrize("tiles", [(16, 32), (512, 256), (100, 7), (176, 176), (352, 352), (32, 9), (48, 17)])
+@pytest.mark.parametrize("n,v", [(300, 700), (1, 700), (177, 353), (353, 15)])
+def test_any_tile_shape_gives_the_same_numbers(tiles, n, v):
+    # Rows and vocabulary not multiples of the tile (177 rows in 176-row tiles, 353 words in 352-word blocks), a
+    # single row, vocabulary blocks whose width is not a multiple of the 8-float vectors of the exp (7, 9, 15, 17:
+    # the masked tail alone, one vector plus a tail, ...), tiles larger than the problem.
+    h, w, y, g = _inputs(n, 40, v, torch.float32, seed=6)
     r_logp, r_lse, r_gh, r_gw = _ref(h, w, y, g)
     logp, lse = torch.ops.nanoalign.logprob_rows_fwd(h, w, y, *tiles)
     gh, gw = torch.ops.nanoalign.logprob_rows_bwd(h, w, y, lse, g, True, *tiles)
     assert _rel(logp, r_logp) < 2e-6 and _rel(lse, r_lse) < 2e-6
     assert _rel(gh, r_gh) < 1e-5 and _rel(gw, r_gw) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tiles_of_the_l2_rule_on_odd_shapes(dtype, monkeypatch):
+    # The tile native.tiles() derives for a 1 MB L2 (352 x 352) through the public functions, on rows and vocabulary
+    # just past a multiple of it, and on one row.
+    monkeypatch.setattr(native, "_STATE", dict(native._STATE, tiles=None))
+    monkeypatch.setattr(native, "_l2_per_cpu", lambda: 1024 * 1024)
+    del native._STATE["tiles"]
+    assert native.tiles() == (352, 352)
+    for n, v in ((353, 705), (1, 353), (705, 351)):
+        h, w, y, g = _inputs(n, 24, v, dtype, seed=7)
+        logp, lse = native.logprob_rows_fwd(h, w, y)
+        grad_h, grad_w = native.logprob_rows_bwd(h, w, y, lse, g)
+        r_logp, r_lse, r_gh, r_gw = _ref(h, w, y, g)
+        assert _rel(logp, r_logp) < 2e-6 + 1e-7 * r_lse.abs().max().item() and _rel(lse, r_lse) < 2e-6
+        assert _rel(grad_h, r_gh) < TOL[dtype][1] and _rel(grad_w, r_gw) < TOL[dtype][1]
+
+
+def test_exp_edge_values():
+    # The vectorised exp: a NaN logit gives NaN (not a silent finite number), -inf logits (a row of h of -inf times
+    # a positive w) contribute nothing, and logits near the fp32 exp range (|x| ~ 80-90 after the max shift) stay
+    # finite with a log-sum-exp equal to the reference.
+    w = torch.tensor([[1.0], [2.0], [-1.0], [0.5], [3.0], [1.5], [-2.0], [0.25], [1.0]])  # (9, 1): a tail of 1
+    y = torch.tensor([0, 1, 4])
+    h = torch.tensor([[float("nan")], [45.0], [-30.0]])  # logits up to 135 and down to -90 in one row
+    logp, lse = native.logprob_rows_fwd(h, w, y)
+    assert torch.isnan(logp[0]) and torch.isnan(lse[0])
+    grad_h, grad_w = native.logprob_rows_bwd(h, w, y, lse, torch.ones(3))
+    assert torch.isnan(grad_h[0]).all() and torch.isnan(grad_w).all()  # every word saw the NaN row
+    r = torch.logsumexp(h[1:].double() @ w.double().T, dim=1)
+    assert torch.allclose(lse[1:].double(), r, rtol=1e-6, atol=0)
+    assert torch.allclose(logp[1:].double(), (h[1:].double() @ w.double().T).gather(1, y[1:, None])[:, 0] - r,
+                          rtol=0, atol=1e-4)
