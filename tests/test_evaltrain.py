@@ -115,3 +115,25 @@ def test_bad_eval_options_are_one_line(heldout):
                        (["--eval-data", "x", "--eval-task", "pope", "--keep-best", "chair_i"], "not a metric")):
         with pytest.raises(SystemExit):
             train.parse_args(base + extra)
+
+
+@pytest.mark.parametrize("algo", ["grpo", "online-dpo", "rm"])
+def test_eval_keys_in_every_branch_of_the_loop(heldout, tmp_path, algo):
+    """RL, online and reward-model steps evaluate on the same steps as the preference step (the loop's branches share
+    its end of step); before, an RL run evaluated only at step 0."""
+    d = heldout
+    extra = {"grpo": ["--k", 2, "--max-new-tokens", 4, "--reward-norm", 0, "--reward", "oracle"],
+             "online-dpo": ["--max-new-tokens", 4, "--annotator", "oracle"], "rm": []}[algo]
+    if algo != "rm":  # the toy judge's scenes: every row names its scene (none of the tiny world's words are kinds)
+        rows = [json.loads(line) for line in open(d / "prefs.jsonl")]
+        with open(d / f"prefs_{algo}.jsonl", "w") as f:
+            for r in rows:
+                f.write(json.dumps({**r, "scene": {"objects": []}}) + "\n")
+    data = d / (f"prefs_{algo}.jsonl" if algo != "rm" else "prefs.jsonl")
+    argv = ["--model", str(d / "ckpt"), "--data", str(data), "--image-root", str(d / "img"), "--out",
+            str(tmp_path / algo), "--batch-size", "2", "--algo", algo, "--max-steps", "3", "--eval-data",
+            str(d / "pope.jsonl"), "--eval-task", "pope", "--eval-every", "2", "--eval-image-root", str(d / "img"),
+            "--eval-max-new-tokens", "2", *map(str, extra)]
+    train.main(train.parse_args(argv))
+    ev = _evals(tmp_path / algo)
+    assert sorted(s for s, e in ev.items() if e) == [0, 2, 3]
