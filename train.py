@@ -258,6 +258,9 @@ def main(args):
     if dtype == torch.float16 and algo.responses == "k_samples":
         raise ValueError(f"--dtype fp16: --algo {args.algo}'s update has no loss scaling (fp16 gradients under 6e-8 "
                          "would flush to zero); use --dtype bf16 or --amp")
+    if dtype == torch.float16 and not args.lora_rank:  # refused before any loading or reference scoring
+        raise ValueError("--dtype fp16 trains only LoRA adapters (give --lora-rank; AdamW on fp16 weights gives NaN); "
+                         "for full fine-tuning use --dtype bf16, or --amp (fp32 weights, bf16 compute)")
     model, processor = load_pretrained(args.model, dtype=dtype)
     if processor is None:
         raise ValueError(f"{args.model}: no tokenizer.json, cannot tokenize the data")
@@ -394,11 +397,18 @@ def main(args):
         head_schedule = torch.optim.lr_scheduler.LambdaLR(head_optimizer, scheduler.lr_lambdas[0])
     start_step = 0
     if state is not None:
+        schedules = [s for s in (scheduler, head_schedule) if s is not None]
+        rates = [list(s.base_lrs) for s in schedules]  # this command line's --lr / --projector-lr
         tu.load_optimizer_state(model, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if head is not None:
             head_optimizer.load_state_dict(state["head_optimizer"])
             head_schedule.load_state_dict(state["head_scheduler"])
+        for s, base in zip(schedules, rates):  # the restored state carries the saved rates: --allow-changed with
+            s.base_lrs = base  # another --lr continues the schedule at the new one (unchanged: the same numbers)
+            for g, b, f in zip(s.optimizer.param_groups, base, s.lr_lambdas):
+                g["initial_lr"], g["lr"] = b, b * f(s.last_epoch)
+            s._last_lr = [g["lr"] for g in s.optimizer.param_groups]  # what get_last_lr() (the log) reports
         if evaluator is not None:  # best/ is replaced only by a better eval than the run's best so far
             evaluator.best = state["values"].get("eval_best")
         tu.set_rng_state(state["rng"])
@@ -619,6 +629,8 @@ def main(args):
               f"--out {out / 'eval'}")
         if args.eval_task == "chair":
             ev += f" --annotations {args.eval_annotations}"
+        if algo.loss == "bt":  # a reward model: its held-out accuracy
+            ev = f"python -m nanoalign.eval_rm --model {final} --data HELDOUT_PAIRS.jsonl"
         best = (evaluator.best_name, evaluator.best, out / "best") if evaluator and evaluator.best_name and \
             evaluator.best is not None else None
         print(tu.summary_lines(records, out=out, final=final, seconds=time.time() - t_run, plot=plot,

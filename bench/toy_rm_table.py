@@ -73,6 +73,11 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/rm_table")
     args = p.parse_args(argv)
+    for name in ("train_scenes", "steps", "batch_size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if not args.lr > 0:
+        p.error("--lr must be > 0")
     out = Path(args.out)
     (out / "pairs").mkdir(parents=True, exist_ok=True)
     settings = dict(toy_base.SETTINGS)

@@ -77,6 +77,7 @@ SKIP_REASONS = {
     "turns_not_alternating": "conversation turns are not human, assistant, human, assistant, ...",
     "prompts_differ": "chosen and rejected conversations ask different questions",
     "differs_in_several_turns": "chosen and rejected conversations differ in more than one assistant turn",
+    "empty_prompt": "no image and an empty question: nothing for the model to answer",
     "empty_chosen": "empty chosen",
     "empty_rejected": "empty rejected",
     "chosen_equals_rejected": "chosen identical to rejected",
@@ -270,6 +271,8 @@ def _check_pair(prompt: str, has_image: bool, chosen: str, rejected: str | None,
         raise _BadRow("no_image_token")
     if n > 1 or (n == 1 and not has_image):
         raise _BadRow("extra_image_token", f"{n} x <image>, image {'present' if has_image else 'absent'}")
+    if not has_image and not any(h.replace(IMAGE_TOKEN, "").strip() for h in humans):
+        raise _BadRow("empty_prompt")
     answers = [a for _, a in history]  # the prompt's answers; the responses too unless only the prompt is read
     if chosen is not None:
         answers += [chosen] + ([rejected] if rejected is not None else []) + [a for _, a in later]

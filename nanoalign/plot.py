@@ -172,7 +172,9 @@ def main(argv=None) -> int:
             runs[name] = rows
             algos[name] = str(header.get("config", {}).get("algo", ""))
         out = args.out or str(Path(args.metrics[0]).with_name("curves.png"))
-        only = [k.strip() for k in args.keys.split(",") if k.strip()] if args.keys else None
+        only = [k.strip() for k in args.keys.split(",") if k.strip()] if args.keys is not None else None
+        if only == []:
+            raise ValueError(f"--keys {args.keys!r}: no metric named (comma-separated names, e.g. loss,margin,eval/)")
         titles = plot_runs(runs, out, args.smooth, algos, only)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

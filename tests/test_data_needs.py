@@ -250,3 +250,15 @@ def test_readme_prompt_lines(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "--algo dpo needs prompt, chosen, rejected in each row; none of its 4 rows" in r.stderr
+
+
+@pytest.mark.parametrize("needs", ["prompts", "pairs"])
+def test_a_row_with_nothing_to_answer_is_skipped(tmp_path, root, needs):
+    """No image and a whitespace-only (or tag-only) question -> counted skip empty_prompt; an image with an empty
+    question is a captioning prompt and is kept."""
+    pair = {"chosen": "x", "rejected": "y"} if needs == "pairs" else {}
+    rows = [{"id": "a", "prompt": "", **pair}, {"id": "b", "prompt": "   ", **pair},
+            {"id": "c", "image": "0.png", "prompt": "", **pair}, {"id": "d", "prompt": "ok ?", **pair}]
+    exs, counts = D.load_examples(_jsonl(tmp_path / "e.jsonl", rows), "prefs", str(root), needs=needs)
+    assert [e.id for e in exs] == ["c", "d"] and exs[0].prompt.strip() == "<image>"
+    assert counts["empty_prompt"] == 2

@@ -98,3 +98,18 @@ def test_resume_of_a_run_saved_before_an_option_existed(world, tmp_path):
         main(world, tmp_path, *base, "--resume", "--ppo-minibatches", 2)
     main(world, tmp_path, *base, "--resume")
     assert (tmp_path / "final").is_dir()
+
+
+def test_resume_allow_changed_lr_uses_the_new_rate(world, tmp_path):
+    """--resume --allow-changed --lr X: the steps after the checkpoint run on X's schedule (the fresh run's rate at
+    the same step), not the saved rate (the restored scheduler carried the old base rate)."""
+    import shutil
+    base = ["--algo", "dpo", "--max-steps", 4, "--save-every", 1]
+    main(world, tmp_path / "a", *base, "--lr", 1e-3)
+    shutil.rmtree(tmp_path / "a" / "final")
+    shutil.rmtree(tmp_path / "a" / "step-000003")
+    main(world, tmp_path / "a", *base, "--lr", 1e-4, "--resume", "--allow-changed")
+    main(world, tmp_path / "b", *base, "--lr", 1e-4)
+    lr = lambda d: {r["step"]: r["lr"] for r in steps(d)}  # noqa: E731
+    assert lr(tmp_path / "a")[3] == lr(tmp_path / "b")[3] and lr(tmp_path / "a")[4] == lr(tmp_path / "b")[4]
+    assert lr(tmp_path / "a")[2] == pytest.approx(10 * lr(tmp_path / "b")[2])  # before the resume: the old rate
