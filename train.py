@@ -408,7 +408,6 @@ def main(args):
             s.base_lrs = base  # another --lr continues the schedule at the new one (unchanged: the same numbers)
             for g, b, f in zip(s.optimizer.param_groups, base, s.lr_lambdas):
                 g["initial_lr"], g["lr"] = b, b * f(s.last_epoch)
-            s._last_lr = [g["lr"] for g in s.optimizer.param_groups]  # what get_last_lr() (the log) reports
         if evaluator is not None:  # best/ is replaced only by a better eval than the run's best so far
             evaluator.best = state["values"].get("eval_best")
         tu.set_rng_state(state["rng"])
@@ -526,7 +525,7 @@ def main(args):
                         skipped += 1
                     else:
                         grad_norm = norm  # the step's last update's
-            lr = scheduler.get_last_lr()[0]
+            lr = optimizer.param_groups[0]["lr"]  # the rate this step used
             scheduler.step()
             if head is not None:
                 head_schedule.step()
@@ -589,7 +588,7 @@ def main(args):
         where = f"step {step + 1}, rank {rank}, examples {step_ids} (last checkpoint: {last_save or 'none'})"
         grad_norm = tu.optimizer_step(model, optimizer, head, head_optimizer, args.clip, where, args.skip_nonfinite,
                                       apply=not skip, scaler=scaler)  # None: skipped (fp16 overflow, --skip-nonfinite)
-        lr = scheduler.get_last_lr()[0]  # the rate this step uses
+        lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler's, or a resumed run's)
         scheduler.step()
         if head is not None:
             head_schedule.step()
