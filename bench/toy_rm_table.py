@@ -42,7 +42,7 @@ def read_jsonl_rows(path):
 def family_pairs(family, base, world, out_path, n_scenes, seed):
     """Write the family's pairs for the scenes of world["scenes_train"] to out_path -> number of rows."""
     if Path(out_path).is_file():
-        return sum(1 for _ in open(out_path))
+        return len(read_jsonl_rows(out_path))
     al = ALIGN["default"]
     tmp = Path(str(out_path) + ".all")
     if family == "povid":

@@ -101,8 +101,8 @@ def test_resume_of_a_run_saved_before_an_option_existed(world, tmp_path):
 
 
 def test_resume_allow_changed_lr_uses_the_new_rate(world, tmp_path):
-    """--resume --allow-changed --lr X: the steps after the checkpoint run on X's schedule (the fresh run's rate at
-    the same step), not the saved rate (the restored scheduler carried the old base rate)."""
+    """--resume --allow-changed with another --lr -> the steps after the checkpoint run on the new rate's schedule
+    (the fresh run's rate at the same step), not the saved rate (the restored scheduler carried the old one)."""
     import shutil
     base = ["--algo", "dpo", "--max-steps", 4, "--save-every", 1]
     main(world, tmp_path / "a", *base, "--lr", 1e-3)
