@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from nanoalign import evaltrain, rl, rlstep, rollout, runs
+from nanoalign.cli import Parser, missing_path, spec_path
 from nanoalign import trainutil as tu
 from nanoalign.annotate import load_annotator
 from nanoalign.batch import collate, encode_all, open_image
@@ -77,8 +78,34 @@ ALGOS = {  # rho = [log pi(chosen) - log ref(chosen)] - [log pi(rejected) - log 
 RL = ("rloo", "ppo", "grpo")
 
 
+def _rows(**col) -> list[str]:
+    """Names of the table's rows whose columns hold the given values (a tuple: any of them)."""
+    ok = lambda v, want: v in want if isinstance(want, tuple) else v == want  # noqa: E731
+    return [n for n, a in ALGOS.items() if all(ok(getattr(a, k), w) for k, w in col.items())]
+
+
+PREF = _rows(loss=("dpo", "ipo", "slic"))  # the preference losses (objective.py)
+SAMPLING = _rows(responses=("sampled", "mixed", "k_samples"))  # the policy samples at --temperature (BDHS: its own)
+# options that only some rows read -> those rows; set away from its default for another --algo, an option would do
+# nothing, so parse_args refuses it with one line (the toy's defaults, train_defaults, are applied only where read)
+ONLY_FOR = {
+    "beta": PREF + list(RL), "sft_weight": PREF, "gamma": _rows(weights="ddpo"), "ddpo_average": _rows(weights="ddpo"),
+    "noise_step": _rows(responses="noisy_self"), "ref_cache": _rows(data="pairs", loss=("dpo", "ipo", "slic"),
+                                                                      responses=("none", "noisy_self")),
+    "temperature": SAMPLING, "max_new_tokens": SAMPLING, "top_p": _rows(responses=("sampled", "mixed")),
+    "annotator": _rows(reward="annotator"), "annotator_both_orders": _rows(reward="annotator"),
+    "alpha": _rows(responses="mixed"), "bdhs_embedder": _rows(responses="bdhs"),
+    **{k: list(RL) for k in ("reward", "k", "guard_len_min", "guard_len_max", "guard_entropy", "guard_kl",
+                             "stop_on_collapse")},
+    "reward_norm": ["rloo"], "grpo_loss": ["grpo"], "clip_ratio": ["ppo", "grpo"],
+    **{k: ["ppo"] for k in ("ppo_epochs", "ppo_minibatches", "vf_coef", "clip_value", "gamma_ppo", "lam",
+                            "kl_estimator", "no_whiten_rewards")},
+}
+
+
 # ----------------------------------------------------------------------------------------------------- arguments
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PATHS = ("model", "data", "image_root", "eval_data", "eval_image_root", "eval_annotations", "eval_synonyms")  # must exist
 
 
 class _Help(argparse.RawTextHelpFormatter):
@@ -94,7 +121,7 @@ class _Help(argparse.RawTextHelpFormatter):
 def parse_args(argv=None, toy_algo=None):
     """Command line -> namespace. Without --model/--data (the toy world's run) the toy's settings for the algorithm
     (toy_algo, else --algo; nanoalign.toy.run.train_defaults) are the defaults, so any option given overrides them."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_Help)
+    p = Parser(prog="python train.py", description=__doc__.split("\n\n")[0], formatter_class=_Help)
     g = p.add_argument_group("what to train")
     g.add_argument("--algo", default="ddpo", choices=list(ALGOS), help="the algorithm (default ddpo)")
     g.add_argument("--model", help="llava-hf checkpoint folder (config.json, *.safetensors, tokenizer.json) or a "
@@ -190,15 +217,21 @@ def parse_args(argv=None, toy_algo=None):
     g.add_argument("--toy-seed", type=int, default=0, help="seed of the toy world and its SFT base model")
     evaltrain.add_args(p)
     args = p.parse_args(argv)
-    if args.model is None and args.data is None:
+    p.set_defaults(beta=ALGOS[args.algo].beta)  # the algorithm's own
+    if args.model is None and args.data is None:  # the toy's settings, for the options this --algo reads
         from nanoalign.toy.run import train_defaults
-        p.set_defaults(**train_defaults(toy_algo or args.algo))
-        args = p.parse_args(argv)
+        p.set_defaults(**{k: v for k, v in train_defaults(toy_algo or args.algo).items()
+                          if args.algo in ONLY_FOR.get(k, ALGOS)})
+    args = p.parse_args(argv)
+    for name, algos in ONLY_FOR.items():  # an option this --algo never reads (--eval-task prefs reads --beta)
+        if args.algo not in algos and getattr(args, name) != p.get_default(name) and not (
+                name == "beta" and args.eval_task == "prefs"):
+            v = getattr(args, name)
+            given = f"--{name.replace('_', '-')}" + ("" if v is True else f" {v:g}" if isinstance(v, float) else f" {v}")
+            p.error(f"{given}: used only by --algo {', '.join(algos)}, not by {args.algo}")
     # options away from their defaults: --resume of a run saved by an older version, which lacks the newer options,
     # counts a newer option as changed only when it is one of these (runs.changed_settings)
     args.non_default = sorted(k for k, v in vars(args).items() if v != p.get_default(k))
-    if args.beta is None:
-        args.beta = ALGOS[args.algo].beta
     if args.min_lr_ratio is None:
         args.min_lr_ratio = 1.0 if args.algo in RL else 0.0
     if args.algo in RL and args.reward is None:
@@ -233,6 +266,10 @@ def main(args):
     if cuda:
         torch.cuda.set_device(device)
     torch.manual_seed(args.seed)  # same initial weights/adapters on every rank
+    bad = missing_path([(f"--{k.replace('_', '-')}", getattr(args, k)) for k in PATHS] + [  # one line, before
+        ("--reward", spec_path(args.reward)), ("--annotator", spec_path(args.annotator))], hub_ok=("--model",))
+    if bad:
+        raise ValueError(bad)
     out = Path(args.out)
     if runs.prepare_out(args, world) == "finished":  # lock, refusals, the resume settings check
         tu.print0(f"{out}: this run is finished ({out / 'final'}); nothing to do")
@@ -643,7 +680,7 @@ if __name__ == "__main__":
     try:
         if _args.model is None and _args.data is None:
             from nanoalign.toy.run import default_run
-            default_run(_args, main, parse_args, list(ALGOS))
+            default_run(_args, main, parse_args, ALGOS)
         else:
             main(_args)
     except (ValueError, FileNotFoundError, ImportError) as e:  # bad input: one line, not a traceback

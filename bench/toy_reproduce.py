@@ -51,7 +51,7 @@ def run_one(algo, seed, out, max_steps, toy_cache, toy_seed, settings=None):
         argv += ["--toy-cache", str(toy_cache)]
     args = train.parse_args(argv, toy_algo=algo)  # bdhs: train.py has no such --algo; its pairs align with dpo
     args.algo = algo
-    return toy_run.default_run(args, train.main, train.parse_args, list(train.ALGOS), settings=settings)
+    return toy_run.default_run(args, train.main, train.parse_args, train.ALGOS, settings=settings)
 
 
 def _fmt(vals, pct):

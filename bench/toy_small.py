@@ -13,4 +13,4 @@ SMALL = dict(n_train=200, n_eval=24, vision_steps=10, sft_steps=40, ground_steps
 run.ALIGN["default"] = {"steps": 40, "lr": 1e-4, "batch": 8, "pair_scenes": 40, "samples": 2, "ranked": 3,
                         "temperature": 0.7, "yesno": 2, "sft_weight": 1.0}
 args = train.parse_args(sys.argv[1:])
-run.default_run(args, train.main, train.parse_args, list(train.ALGOS), settings=SMALL)
+run.default_run(args, train.main, train.parse_args, train.ALGOS, settings=SMALL)

@@ -7,7 +7,6 @@ example's seeds come from --seed and its id (example_seed), so the rows do not d
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -60,7 +59,8 @@ def _finished_ids(path: str) -> set:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m nanoalign.bdhs",
+    from nanoalign.cli import Parser, missing_path
+    p = Parser(prog="python -m nanoalign.bdhs",
                                 description="BDHS rejected responses -> preference JSONL (--data-format prefs).")
     p.add_argument("--model", required=True, help="checkpoint directory")
     p.add_argument("--data", required=True, help="data file with reference answers")
@@ -99,9 +99,11 @@ def main(argv=None) -> int:
         return fail("--max-iters and --batch-size must be >= 1, --limit >= 0")
     if args.noise_steps is not None and not 0 <= args.noise_steps < 1000:
         return fail(f"--noise-steps {args.noise_steps}: must be in [0, 1000)")
-    from nanoalign.checkpoint import is_hub_id, load_for_cli
-    if not os.path.isdir(args.model) and not is_hub_id(args.model):  # a hub id org/name is fetched by load_for_cli
-        return fail(f"--model {args.model}: no such directory")
+    from nanoalign.checkpoint import load_for_cli
+    bad = missing_path([("--model", args.model), ("--data", args.data), ("--image-root", args.image_root)],
+                       hub_ok=("--model",))  # a hub id org/name is fetched by load_for_cli
+    if bad:
+        return fail(bad)
     from nanoalign.data import load_examples, load_image
     try:
         examples, skipped = load_examples(args.data, args.data_format, args.image_root)

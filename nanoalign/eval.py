@@ -25,7 +25,6 @@ parse: POPE's yes/no, MMHal's rating, `unparseable` in the table), makes the exi
 with the counted reasons on stderr (the table and summaries are still written). A checkpoint that cannot be loaded
 stops the run (exit 2).
 """
-import argparse
 import json
 import os
 import sys
@@ -437,7 +436,8 @@ def model_names(dirs):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m nanoalign.eval", description=__doc__.split("\n")[0])
+    from nanoalign.cli import Parser, missing_path
+    ap = Parser(prog="python -m nanoalign.eval", description=__doc__.split("\n")[0])
     ap.add_argument("--model", nargs="+", required=True, help="checkpoint folder(s); several give a side-by-side table")
     ap.add_argument("--task", required=True, choices=TASKS)
     ap.add_argument("--data", nargs="+", required=True, help="question file(s): POPE JSONL, CHAIR rows, MMHal JSON")
@@ -463,6 +463,11 @@ def main(argv=None):
     def fail(msg):
         print(f"error: {msg}", file=sys.stderr)
         return 2
+    bad = missing_path([("--model", m) for m in args.model] + [("--data", d) for d in args.data] +
+                       [("--image-root", args.image_root), ("--annotations", args.annotations),
+                        ("--synonyms", args.synonyms), ("--judge", args.judge)], hub_ok=("--model", "--judge"))
+    if bad:  # one line before any model loads
+        return fail(bad)
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         return fail(f"--batch-size {args.batch_size} must be >= 1 and --limit {args.limit} >= 1 (leave --limit out "
                     "for every row)")

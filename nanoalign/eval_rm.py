@@ -14,7 +14,6 @@ Bad input: one line on stderr, exit code 2.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -23,12 +22,13 @@ import torch
 
 from nanoalign.batch import encode_all
 from nanoalign.checkpoint import is_hub_id, resolve_model
+from nanoalign.cli import Parser, missing_path
 from nanoalign.data import FORMATS, load_examples
 from nanoalign.reward import load_reward_model, pair_rewards
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = Parser(prog="python -m nanoalign.eval_rm", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", action="append", required=True, help="reward model folder (repeat for several)")
     p.add_argument("--data", action="append", required=True, help="held-out pairs file (repeat for several)")
     p.add_argument("--data-format", action="append", choices=FORMATS, help="format of each --data (default prefs)")
@@ -59,9 +59,10 @@ def evaluate(args, log=print) -> dict:
     """{"models": [...], "data": [...], "results": [one dict per (model, data)]}; raises ValueError on bad input."""
     data = []
     for path, fmt, root in zip(args.data, args.data_format, args.image_root):
-        examples, skipped = load_examples(path, fmt, root)
-        if any(ex.rejected is None for ex in examples):
-            raise ValueError(f"{path} ({fmt}): rows without a rejected response; reward-model accuracy needs pairs")
+        examples, skipped = load_examples(path, fmt, root, needs="pairs", who="reward-model accuracy")
+        if skipped["no_rejected"]:  # rows named from 1 (line N / item N / row N), as training names them
+            raise ValueError(f"{path} ({fmt}): {skipped['no_rejected']} row(s) without a rejected response, the first "
+                             f"at {skipped.rows['no_rejected'][0]}; reward-model accuracy needs pairs")
         data.append((path, fmt, root, examples[:args.limit] if args.limit else examples, skipped.total()))
     labels = _short_names(args.data)
     out = {"models": [], "data": [{"path": p, "format": f, "label": lab} for (p, f, *_), lab in zip(data, labels)],
@@ -106,6 +107,11 @@ def markdown_table(out: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    bad = missing_path([("--model", m) for m in args.model] + [("--data", d) for d in args.data] +
+                       [("--image-root", r) for r in args.image_root], hub_ok=("--model",))
+    if bad:  # one line before any model loads
+        print(f"error: {bad}", file=sys.stderr)
+        return 2
     try:
         with torch.no_grad():
             out = evaluate(args, log=lambda s: print(s, file=sys.stderr))

@@ -12,8 +12,6 @@ Greedy when temperature == 0; otherwise temperature + top-p sampling from a torc
 """
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 
 import torch
@@ -71,7 +69,8 @@ def generate_text(model, processor, images, prompts, template="auto", max_new_to
 
 # ---------------------------------------------------------------------------------------------------- CLI
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m nanoalign.generate", description="Generate an answer about an image.")
+    from nanoalign.cli import Parser, missing_path
+    p = Parser(prog="python -m nanoalign.generate", description="Generate an answer about an image.")
     p.add_argument("--model", required=True, help="checkpoint dir (config.json, model.safetensors, tokenizer.json)")
     p.add_argument("--image", required=True, help="image file")
     p.add_argument("--prompt", required=True, help="question (with --template raw: the full prompt with <image>)")
@@ -90,9 +89,9 @@ def main(argv=None) -> int:
         print(f"error: {msg}", file=sys.stderr)
         return 2
 
-    from nanoalign.checkpoint import is_hub_id
-    if not os.path.isdir(args.model) and not is_hub_id(args.model):  # a hub id org/name is fetched by load_for_cli
-        return fail(f"--model {args.model}: no such directory")
+    bad = missing_path([("--model", args.model), ("--image", args.image)], hub_ok=("--model",))
+    if bad:  # a hub id org/name is fetched by load_for_cli
+        return fail(bad)
     if args.max_new_tokens < 1:
         return fail(f"--max-new-tokens {args.max_new_tokens}: must be >= 1")
     if not args.temperature >= 0 or args.temperature == float("inf") or not 0 < args.top_p <= 1:  # NaN fails >=

@@ -11,7 +11,6 @@ Needs matplotlib (`pip install nanoalign[plot]`).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -151,7 +150,8 @@ def plot_runs(runs: dict[str, list[dict]], out: str, smooth: int = 1, algos: dic
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from nanoalign.cli import Parser, missing_path
+    p = Parser(prog="python -m nanoalign.plot", description=__doc__.split("\n\n")[0])
     p.add_argument("metrics", nargs="+", help="metrics.jsonl file(s) written by train.py")
     p.add_argument("--out", default=None, help="PNG to write (default: curves.png beside the first file)")
     p.add_argument("--smooth", type=int, default=1, help="moving-average window in steps (default 1: none)")
@@ -161,6 +161,10 @@ def main(argv=None) -> int:
     if args.smooth < 1:
         p.error("--smooth must be >= 1")
     runs, algos = {}, {}
+    bad = missing_path([("metrics", m) for m in args.metrics])
+    if bad:
+        print(f"error: {bad}", file=sys.stderr)
+        return 2
     try:
         names = run_names(args.metrics)
         for name, m in zip(names, args.metrics):

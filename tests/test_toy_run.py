@@ -26,7 +26,7 @@ def _run(tmp_path, out, monkeypatch, algo="ddpo", extra=()):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     args = train.parse_args(["--algo", algo, "--out", str(tmp_path / out), "--toy-cache", str(tmp_path / "cache"),
                              *extra])
-    return run.default_run(args, train.main, train.parse_args, list(train.ALGOS), settings=TINY)
+    return run.default_run(args, train.main, train.parse_args, train.ALGOS, settings=TINY)
 
 
 def test_smoke_pipeline_and_cache(tmp_path, monkeypatch, capsys):
@@ -229,9 +229,10 @@ def test_toy_settings_are_train_py_defaults(monkeypatch):
         train.parse_args(["--algo", "ddpo", "--model", "x"])  # --model without --data
 
 
-def test_every_train_option_survives_the_command_line_of_the_alignment_run():
+def test_every_train_option_survives_the_command_line_of_the_alignment_run(monkeypatch):
     """default_run hands the alignment run every option of the namespace as a command line (base.to_argv): each of
     train.py's options, at its default or at another value, parses back to the same value."""
+    monkeypatch.setattr(train, "ONLY_FOR", {})  # every option at once: not which algorithm reads which (test_cli*)
     others = ["--algo", "povid", "--model", "m", "--data", "d", "--data-format", "llava", "--image-root", "r",
               "--template", "raw", "--out", "o", "--max-steps", "3", "--epochs", "2.5", "--batch-size", "3",
               "--grad-accum", "2", "--lr", "3e-05", "--projector-lr", "0.001", "--weight-decay", "0.1",

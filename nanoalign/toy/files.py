@@ -242,8 +242,8 @@ def _dump_jsonl(path, rows):
 
 
 if __name__ == "__main__":
-    import argparse
-    ap = argparse.ArgumentParser(description="Build the toy world or print its statistics.")
+    from nanoalign.cli import Parser
+    ap = Parser(prog="python -m nanoalign.toy.files", description="Build the toy world or print its statistics.")
     ap.add_argument("--out", default="toyworld")
     ap.add_argument("--n-train", type=int, default=2000)
     ap.add_argument("--n-eval", type=int, default=200)

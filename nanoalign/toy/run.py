@@ -4,7 +4,7 @@
 
 Without --model/--data, train.py parses its options with `train_defaults(algo)` as their defaults (the alignment's
 steps, lr, batch size, beta and sft_weight of ALIGN; any option given on the command line overrides them, even at
-train.py's own default value) and calls `default_run(args, main, parse_args, algos)`:
+train.py's own default value) and calls `default_run(args, main, parse_args, ALGOS)`:
   1. world, tokenizer and SFT base model (nanoalign.toy.base.prepare_base), cached under --toy-cache (default
      ~/.cache/nanoalign/toy/<hash of the settings>);
   2. preference pairs for --algo from ground truth (nanoalign.toy.pairs.build_pairs), written to OUT/pairs.jsonl;
@@ -65,8 +65,8 @@ def train_defaults(algo):
 
 def default_run(args, train_main, parse_args, algos, settings=None):
     """The toy pipeline for `args` (train.py's namespace, parsed with train_defaults(args.algo) as defaults) ->
-    the summary dict, on every rank. train_main / parse_args: train.py's main and parse_args; algos: the names of
-    train.py's algorithm table (plus TOY_ONLY_ALGOS); settings: overrides of
+    the summary dict, on every rank. train_main / parse_args: train.py's main and parse_args; algos: train.py's
+    algorithm table ALGOS (name -> row; TOY_ONLY_ALGOS adds names of its own); settings: overrides of
     nanoalign.toy.base.SETTINGS. Raises ValueError for an unknown algorithm."""
     algo = args.algo
     if algo not in algos and algo not in TOY_ONLY_ALGOS:
@@ -133,8 +133,9 @@ def default_run(args, train_main, parse_args, algos, settings=None):
         # every option of the command line reaches the alignment run (the toy's defaults or the user's values); the
         # toy owns data, model, output and template
         aargs = {k: v for k, v in vars(args).items() if k not in _TOY_OWNED}
-        if aargs.get("annotator") is None:  # online-dpo / mixed-dpo: the toy's judge on the training scenes
-            aargs["annotator"] = f"oracle:{world['scenes_train']}"
+        train_algo = TOY_ONLY_ALGOS.get(algo, algo)
+        if aargs.get("annotator") is None and algos[train_algo].reward == "annotator":  # the toy's judge on the
+            aargs["annotator"] = f"oracle:{world['scenes_train']}"  # training scenes (online-dpo / mixed-dpo)
         aargs.update(algo=TOY_ONLY_ALGOS.get(algo, algo), model=base, data=pairs_path, data_format="prefs", out=out,
                      max_steps=steps, template=settings["template"],
                      warmup_steps=min(5, steps // 4) if args.warmup_steps is None else args.warmup_steps)

@@ -1,0 +1,46 @@
+"""What every command line of nanoalign shares (train.py and each `python -m nanoalign.*`):
+
+    Parser(prog=...)               argparse.ArgumentParser whose errors are one line, exit code 2
+    missing_path(pairs)            the first (option, path) whose path does not exist -> its one line, else None
+    spec_path(spec)                the file or folder a --reward / --annotator spec names (rm:P, vlm:P, oracle:P)
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors (an unknown option, a bad value, a missing required one, parser.error) print
+    one line on stderr, `error: MESSAGE (PROG --help lists the options)`, and exit with code 2, instead of the usage
+    block (dozens of lines for train.py) followed by the error. --help is unchanged."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} ({self.prog} --help lists the options)\n")
+
+
+def spec_path(spec: str | None) -> str | None:
+    """The file or folder a --reward / --annotator spec reads: rm:PATH, vlm:PATH, oracle:SCENES -> that path; a bare
+    `oracle`, module:function or None -> None (a module is found by import), FILE.py:function -> FILE.py."""
+    if not spec:
+        return None
+    for prefix in ("rm:", "vlm:", "oracle:"):
+        if spec.startswith(prefix):
+            return spec[len(prefix):] or None
+    module = spec.rpartition(":")[0]
+    return module if module.endswith(".py") else None
+
+
+def missing_path(pairs, hub_ok: tuple[str, ...] = ()) -> str | None:
+    """pairs: (option, path or None) in the order the command line should be checked -> `no such file or folder: P
+    (--option)` for the first path that does not exist, else None. Options in hub_ok also take a Hugging Face hub id
+    org/name (nanoalign.checkpoint.is_hub_id): such a name is fetched later, not refused here."""
+    for option, path in pairs:
+        if path is None or os.path.exists(path):
+            continue
+        if option in hub_ok:
+            from nanoalign.checkpoint import is_hub_id
+            if is_hub_id(path):
+                continue
+        return f"no such file or folder: {path} ({option})"
+    return None
