@@ -52,8 +52,8 @@ def ours(algo, d: Path, a, tag):
     out = d / f"ours_{algo}_{tag}"
     argv = ["--model", str(d / "ckpt"), "--data", str(d / "prompts.jsonl"), "--image-root", str(d / "img"),
             "--algo", algo, "--max-steps", str(a.steps), "--k", str(a.k), "--max-new-tokens", str(a.max_new),
-            "--batch-size", str(a.prompts), "--reward", f"{d / 'bench_reward.py'}:length", "--reward-norm", "0",
-            "--lr", "1e-4", "--out", str(out)]
+            "--batch-size", str(a.prompts), "--reward", f"{d / 'bench_reward.py'}:length", "--lr", "1e-4",
+            "--out", str(out), *(["--reward-norm", "0"] if algo == "rloo" else [])]
     code = OURS.format(repo=str(REPO))
     subprocess.run([sys.executable, "-c", code, str(out) + ".json", *argv], check=True, cwd=str(REPO),
                    capture_output=True)

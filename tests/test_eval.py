@@ -242,7 +242,8 @@ def test_cli_single_model_pope_and_errors(tmp_path, monkeypatch, capsys):
     assert E.main(["--model", str(tmp_path / "m"), "--task", "mmhal", "--data", str(files[0]),
                    "--image-root", str(imgs), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
-    assert "error: model folder not found" in err and "none.jsonl" in err and "--judge" in err
+    assert f"error: no such file or folder: {tmp_path / 'nope'} (--model)" in err and "--judge" in err
+    assert f"error: no such file or folder: {tmp_path / 'none.jsonl'} (--data)" in err
     (tmp_path / "afile").write_text("x")  # --out a file, --limit 0: one line each, before any generation
     assert E.main(args[:-5] + ["--out", str(tmp_path / "afile")]) == 2
     assert E.main(args[:-5] + ["--out", str(tmp_path / "o2"), "--limit", "0"]) == 2

@@ -86,8 +86,9 @@ def test_bad_input_one_line_exit_2(setup, tmp_path, capsys):
     base = ["--image-root", str(d / "img"), "--data", str(d / "a.jsonl")]
     cases = [
         (["--model", str(d / "ckpt")], "no reward_head.safetensors"),  # a checkpoint without a head
-        (["--model", str(tmp_path / "nope")], "no reward_head.safetensors"),
-        (["--model", str(rms[0][0]), "--data", str(tmp_path / "missing.jsonl")], "missing.jsonl not found"),
+        (["--model", str(tmp_path / "nope")], f"no such file or folder: {tmp_path / 'nope'} (--model)"),
+        (["--model", str(rms[0][0]), "--data", str(tmp_path / "missing.jsonl")],
+         f"no such file or folder: {tmp_path / 'missing.jsonl'} (--data)"),
     ]
     for i, (extra, msg) in enumerate(cases):
         if i == 0:  # the real command line once, in a fresh interpreter; in-process otherwise (imports cost seconds)

@@ -125,8 +125,10 @@ def test_generate_text_stop_strings_and_batching(ckpt_dir, tmp_path):
 def test_cli_errors(ckpt_dir, tmp_path, capsys):
     img = write_image(str(tmp_path / "i.png"), 10, 10)
     cases = [
-        (["--model", str(tmp_path / "nope"), "--image", img, "--prompt", "x"], "no such directory"),
-        (["--model", ckpt_dir, "--image", str(tmp_path / "missing.png"), "--prompt", "x"], "cannot read image"),
+        (["--model", str(tmp_path / "nope"), "--image", img, "--prompt", "x"],
+         f"no such file or folder: {tmp_path / 'nope'} (--model)"),
+        (["--model", ckpt_dir, "--image", str(tmp_path / "missing.png"), "--prompt", "x"],
+         f"no such file or folder: {tmp_path / 'missing.png'} (--image)"),
         (["--model", ckpt_dir, "--image", __file__, "--prompt", "x"], "cannot read image"),
         (["--model", ckpt_dir, "--image", img, "--prompt", "red cat", "--template", "raw"], "has no <image>"),
         (["--model", ckpt_dir, "--image", img, "--prompt", "<image> a <image>"], "exactly one"),

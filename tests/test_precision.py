@@ -120,7 +120,7 @@ def test_rl_step_under_amp_and_fp16_refused(world, tmp_path, rewards_file):  # n
     tolerance (absolute, of the grad norm's scale: GRPO's step-1 loss is 0). fp16 RL, which has no loss scaling, is
     refused with one line."""
     rl = ["--algo", "grpo", "--max-steps", 1, "--reward", f"{rewards_file}:length", "--k", 2, "--max-new-tokens", 6,
-          "--lr", 1e-3, "--reward-norm", 0]
+          "--lr", 1e-3]
     a = run_rl(world, tmp_path / "fp32", *rl)[0]
     b = run_rl(world, tmp_path / "amp", *rl, "--amp")[0]
     assert b["reward_mean"] == a["reward_mean"] and b["resp_len"] == a["resp_len"]  # the same samples

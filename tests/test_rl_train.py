@@ -43,12 +43,13 @@ def run(world, tmp, *extra):
     return [r for r in map(json.loads, open(tmp / "metrics.jsonl")) if "step" in r]
 
 
-RL_ARGS = ["--k", 2, "--max-new-tokens", 6, "--lr", 1e-3, "--reward-norm", 0]
+def rl_args(algo):  # --reward-norm: rloo only (0: no sampling before training)
+    return ["--k", 2, "--max-new-tokens", 6, "--lr", 1e-3, *(["--reward-norm", 0] if algo == "rloo" else [])]
 
 
 @pytest.mark.parametrize("algo", ["rloo", "ppo", "grpo"])
 def test_three_steps(world, tmp_path, rewards_file, algo):
-    recs = run(world, tmp_path, "--algo", algo, "--max-steps", 3, "--reward", f"{rewards_file}:length", *RL_ARGS,
+    recs = run(world, tmp_path, "--algo", algo, "--max-steps", 3, "--reward", f"{rewards_file}:length", *rl_args(algo),
                *(["--ppo-epochs", 2] if algo == "ppo" else []))
     assert [r["step"] for r in recs] == [1, 2, 3]
     for key in ("reward_mean", "reward_std", "kl", "entropy", "resp_len", "rollout_tokens_per_s",
@@ -68,7 +69,8 @@ def test_two_ranks_match_one_rank(world, tmp_path, rewards_file, algo):
     """2 gloo ranks, 1 prompt each == 1 rank, 2 micro-steps of 1 prompt: same samples, losses, rewards."""
     common = ["--model", str(world / "ckpt"), "--data", str(world / "prefs.jsonl"), "--image-root",
               str(world / "img"), "--algo", algo, "--max-steps", "2", "--reward", f"{rewards_file}:length",
-              *map(str, RL_ARGS), "--batch-size", "1", "--ppo-epochs", "2"]
+              *map(str, rl_args(algo)), "--batch-size", "1",
+              *(["--ppo-epochs", "2"] if algo == "ppo" else [])]
     train.main(train.parse_args(common + ["--grad-accum", "2", "--out", str(tmp_path / "one")]))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -89,7 +91,7 @@ def test_reward_of_the_response_rises(world, tmp_path, rewards_file, algo):
     """Reward = minus the number of words: 50 steps make responses shorter (mean reward of the last 10 steps above
     the first 10's)."""
     recs = run(world, tmp_path, "--algo", algo, "--max-steps", 50, "--reward", f"{rewards_file}:short", "--k", 4,
-               "--max-new-tokens", 8, "--lr", 3e-3, "--reward-norm", 4 if algo == "rloo" else 0, "--beta", 0.01)
+               "--max-new-tokens", 8, "--lr", 3e-3, *(["--reward-norm", 4] if algo == "rloo" else []), "--beta", 0.01)
     first = sum(r["reward_mean"] for r in recs[:10]) / 10
     last = sum(r["reward_mean"] for r in recs[-10:]) / 10
     assert last > first + 1.0, (first, last)
@@ -97,12 +99,12 @@ def test_reward_of_the_response_rises(world, tmp_path, rewards_file, algo):
 
 def test_nonfinite_reward_names_the_example(world, tmp_path, rewards_file):
     with pytest.raises(ValueError, match=r"example \S+: non-finite reward nan"):
-        run(world, tmp_path, "--algo", "grpo", "--max-steps", 1, "--reward", f"{rewards_file}:bad", *RL_ARGS)
+        run(world, tmp_path, "--algo", "grpo", "--max-steps", 1, "--reward", f"{rewards_file}:bad", *rl_args("grpo"))
 
 
 def test_collapse_guard_stops(world, tmp_path, rewards_file, capsys):
     with pytest.raises(SystemExit, match="collapse guard at step 1.*response length"):
-        run(world, tmp_path, "--algo", "rloo", "--max-steps", 2, "--reward", f"{rewards_file}:length", *RL_ARGS,
+        run(world, tmp_path, "--algo", "rloo", "--max-steps", 2, "--reward", f"{rewards_file}:length", *rl_args("rloo"),
             "--guard-len-min", 100, "--stop-on-collapse")
 
 
@@ -114,12 +116,12 @@ def test_rm_trains_saves_head_and_loads_as_llava(world, tmp_path):
     hf = transformers.LlavaForConditionalGeneration.from_pretrained(str(final))
     assert hf is not None
     # as an RL reward
-    recs = run(world, tmp_path / "rl", "--algo", "grpo", "--max-steps", 1, "--reward", f"rm:{final}", *RL_ARGS)
+    recs = run(world, tmp_path / "rl", "--algo", "grpo", "--max-steps", 1, "--reward", f"rm:{final}", *rl_args("grpo"))
     assert math.isfinite(recs[0]["reward_mean"])
     # head missing: one line at start
     (final / "reward_head.safetensors").unlink()
     with pytest.raises(ValueError, match="no reward_head.safetensors"):
-        run(world, tmp_path / "rl2", "--algo", "grpo", "--max-steps", 1, "--reward", f"rm:{final}", *RL_ARGS)
+        run(world, tmp_path / "rl2", "--algo", "grpo", "--max-steps", 1, "--reward", f"rm:{final}", *rl_args("grpo"))
 
 
 # ----------------------------------------------------------------------------------------------- PPO minibatches
@@ -184,7 +186,7 @@ def test_ppo_minibatches_optimizer_steps(world, tmp_path, rewards_file, monkeypa
     for m, want in ((2, 4), (1, 2)):
         counts.clear(), rows.clear()
         run(world, tmp_path / f"m{m}", "--algo", "ppo", "--max-steps", 1, "--reward", f"{rewards_file}:length",
-            *RL_ARGS, "--ppo-epochs", 2, "--ppo-minibatches", m)
+            *rl_args("ppo"), "--ppo-epochs", 2, "--ppo-minibatches", m)
         assert counts == {"policy": want, "head": want}
         assert rows == [4 // m] * want
 

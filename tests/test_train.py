@@ -240,7 +240,7 @@ def test_cli_bad_input_is_one_line(world, tmp_path):
                         str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines() == [f"error: data file {tmp_path / 'missing.jsonl'} not found"]
+    assert r.stderr.strip().splitlines() == [f"error: no such file or folder: {tmp_path / 'missing.jsonl'} (--data)"]
 
 
 def test_the_table_drives_the_parser():

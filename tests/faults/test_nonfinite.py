@@ -70,7 +70,7 @@ def test_nonfinite_weights_never_saved(world, tmp_path):
 
 # ------------------------------------------------------------------------------ RL and the reward model (heads)
 REWARD_MOD = "def length(images, prompts, responses):\n    return [float(len(r.split())) for r in responses]\n"
-RL = ["--k", 2, "--max-new-tokens", 4, "--lr", 1e-3, "--reward-norm", 0]
+RL = ["--k", 2, "--max-new-tokens", 4, "--lr", 1e-3]
 POISON = '''
 import runpy, sys
 sys.path.insert(0, {repo!r})

@@ -24,7 +24,7 @@ EXTRA = {
     "povid": [],  # its noise is drawn from the global RNG
     "online-dpo": ["--annotator", "len", "--max-new-tokens", 4, *LORA],
     "mixed-dpo": ["--annotator", "len", "--max-new-tokens", 4, "--alpha", 0.5],
-    "online-bdhs": ["--max-new-tokens", 4, *LORA],
+    "online-bdhs": LORA,  # BDHS samples with its own settings (--max-new-tokens: online-dpo, mixed-dpo, RL)
     "rm": [],  # the reward head and its own AdamW
     "rloo": [*RL, "--reward-norm", 2, *LORA],  # the reward mean/std measured before step 1
     "ppo": [*RL, "--ppo-epochs", 2, "--ppo-minibatches", 2],  # the value head and its own AdamW
