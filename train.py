@@ -447,6 +447,8 @@ def main(args):
                 g["initial_lr"], g["lr"] = b, b * f(s.last_epoch)
         if evaluator is not None:  # best/ is replaced only by a better eval than the run's best so far
             evaluator.best = state["values"].get("eval_best")
+        if scaler.is_enabled() and "scaler" in state["values"]:
+            scaler.load_state_dict(state["values"]["scaler"])
         tu.set_rng_state(state["rng"])
         start_step = state["step"]
     n_params = sum(p.numel() for _, p in trainable)
@@ -484,6 +486,8 @@ def main(args):
         values = {"reward_norm": list(reward_norm)}
         if evaluator is not None:
             values["eval_best"] = evaluator.best
+        if scaler.is_enabled():  # fp16: the loss scale and its growth count (a resume after an overflow continues them)
+            values["scaler"] = scaler.state_dict()
         return tu.save_checkpoint(out, name, model, model_config, processor, lora_layers, optimizer, scheduler, step,
                                   args, keep, head, head_optimizer, head_schedule, values)
 
@@ -496,6 +500,13 @@ def main(args):
             tu.save_checkpoint(out, "best", model, model_config, processor, lora_layers, step=0)
     progress = tu.Progress(max_steps, start_step)
     last_save = None
+
+    def step_schedules(stepped: bool) -> None:
+        """The learning-rate schedules advance with the optimizer: a step whose every update was skipped (fp16
+        overflow, --skip-nonfinite, no pair left) leaves them where they are (and torch warns of none)."""
+        for s in (scheduler, head_schedule) if stepped else ():
+            if s is not None:
+                s.step()
 
     def end_step(rec: dict, step: int) -> Path | None:
         """Every branch's end of a step: evaluation, the metrics line, the progress bar, the --save-every
@@ -563,9 +574,7 @@ def main(args):
                     else:
                         grad_norm = norm  # the step's last update's
             lr = optimizer.param_groups[0]["lr"]  # the rate this step used
-            scheduler.step()
-            if head is not None:
-                head_schedule.step()
+            step_schedules(skipped < epochs * n_mb)
             sums.update({k: v for k, v in rm.items() if k not in ("rollout_tokens", "rollout_s")})
             rec = {"step": step + 1, **{k: tu.all_mean(v) for k, v in sums.items()}, "lr": lr,
                    "grad_norm": grad_norm if skipped < epochs * n_mb else float("nan"),
@@ -626,9 +635,7 @@ def main(args):
         grad_norm = tu.optimizer_step(model, optimizer, head, head_optimizer, args.clip, where, args.skip_nonfinite,
                                       apply=not skip, scaler=scaler)  # None: skipped (fp16 overflow, --skip-nonfinite)
         lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler's, or a resumed run's)
-        scheduler.step()
-        if head is not None:
-            head_schedule.step()
+        step_schedules(grad_norm is not None and not skip)
         if grad_norm is None:
             continue
 

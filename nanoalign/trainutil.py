@@ -7,7 +7,8 @@ Checkpoint folder (one per save, `OUT/step-000123`, and `OUT/final`):
     adapter/adapter_config.json, adapter/adapter_model.safetensors             -- LoRA runs only, PEFT layout
     train_state.json         step, scheduler, optimizer param groups and non-tensor state, args, world size; the
                              head's optimizer and scheduler the same way; `values`: plain numbers a step depends on
-                             (RLOO's reward mean/std measured before step 1, the best eval metric so far)
+                             (RLOO's reward mean/std measured before step 1, the best eval metric so far,
+                             fp16's GradScaler state: loss scale and growth count)
     train_state.safetensors  optimizer tensors (full, unsharded: `optimizer.<i>.<name>`), RNG states (`rng.<rank>.<k>`),
                              the head beside the model (the reward model's or PPO's value head: `head.<name>`) and its
                              AdamW's tensors (`head_optimizer.<i>.<name>`)
