@@ -17,7 +17,6 @@ optimizer, the loop, save. Where this departs from the papers: the reference log
 a cache computed once with the initial weights (RLHF-V does the same); responses made during training are scored by
 a frozen reference model kept in memory, since they change every step.
 """
-import argparse
 import math
 import os
 import sys
@@ -31,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from nanoalign import evaltrain, rl, rlstep, rollout, runs
-from nanoalign.cli import Parser, missing_path, spec_path
+from nanoalign.cli import DefaultsHelp, Parser, missing_path, run, spec_path
 from nanoalign import trainutil as tu
 from nanoalign.annotate import load_annotator
 from nanoalign.batch import collate, encode_all, open_image
@@ -105,23 +104,13 @@ ONLY_FOR = {
 
 # ----------------------------------------------------------------------------------------------------- arguments
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-PATHS = ("model", "data", "image_root", "eval_data", "eval_image_root", "eval_annotations", "eval_synonyms")  # must exist
-
-
-class _Help(argparse.RawTextHelpFormatter):
-    """--help shows every option's default (those whose text does not already say it)."""
-
-    def _get_help_string(self, action):
-        h = action.help or ""
-        if "default" in h or action.default is argparse.SUPPRESS or action.option_strings == ["-h", "--help"]:
-            return h
-        return f"{h} (default: %(default)s)" if h else "(default: %(default)s)"
+PATHS = ("model", "data", "image_root", "eval_data", "eval_image_root", "eval_annotations", "eval_synonyms")  # exist
 
 
 def parse_args(argv=None, toy_algo=None):
     """Command line -> namespace. Without --model/--data (the toy world's run) the toy's settings for the algorithm
     (toy_algo, else --algo; nanoalign.toy.run.train_defaults) are the defaults, so any option given overrides them."""
-    p = Parser(prog="python train.py", description=__doc__.split("\n\n")[0], formatter_class=_Help)
+    p = Parser(prog="python train.py", description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelp)
     g = p.add_argument_group("what to train")
     g.add_argument("--algo", default="ddpo", choices=list(ALGOS), help="the algorithm (default ddpo)")
     g.add_argument("--model", help="llava-hf checkpoint folder (config.json, *.safetensors, tokenizer.json) or a "
@@ -204,54 +193,41 @@ def parse_args(argv=None, toy_algo=None):
     g.add_argument("--max-len", type=int, default=4096, help="max tokens of a sequence, in tokens; only responses "
                    "are cut")
     g.add_argument("--strict", action="store_true", help="stop at the first bad data row instead of skipping it")
-    g.add_argument("--save-every", type=int, default=0, help="save a checkpoint every N optimizer steps (0 = only "
-                   "at the end)")
-    g.add_argument("--keep", type=int, default=2, help="keep the newest K step checkpoints, in checkpoints")
-    g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    g.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a run (deletes it)")
-    g.add_argument("--allow-changed", action="store_true", help="--resume even with settings that differ")
     g.add_argument("--skip-nonfinite", action="store_true", help="skip a step with non-finite gradients, not stop")
     g.add_argument("--wandb", default=None, help="log to this Weights & Biases project (needs wandb installed)")
     g.add_argument("--toy-cache", default=None, help="toy world cache folder (no --model/--data; default "
                    "~/.cache/nanoalign/toy/<hash>)")
     g.add_argument("--toy-seed", type=int, default=0, help="seed of the toy world and its SFT base model")
+    runs.add_args(p)
     evaltrain.add_args(p)
     args = p.parse_args(argv)
-    p.set_defaults(beta=ALGOS[args.algo].beta)  # the algorithm's own
+    # the defaults that follow --algo and --lora-rank: beta, the cosine floor (rloo/ppo/grpo: a constant lr after the
+    # warm-up, Appendix A), the output folder, LoRA's alpha
+    p.set_defaults(beta=ALGOS[args.algo].beta, min_lr_ratio=1.0 if args.algo in RL else 0.0, out=f"runs/{args.algo}",
+                   lora_alpha=2.0 * args.lora_rank)
     if args.model is None and args.data is None:  # the toy's settings, for the options this --algo reads
         from nanoalign.toy.run import train_defaults
         p.set_defaults(**{k: v for k, v in train_defaults(toy_algo or args.algo).items()
                           if args.algo in ONLY_FOR.get(k, ALGOS)})
     args = p.parse_args(argv)
-    for name, algos in ONLY_FOR.items():  # an option this --algo never reads (--eval-task prefs reads --beta)
-        if args.algo not in algos and getattr(args, name) != p.get_default(name) and not (
-                name == "beta" and args.eval_task == "prefs"):
-            v = getattr(args, name)
-            given = f"--{name.replace('_', '-')}" + ("" if v is True else f" {v:g}" if isinstance(v, float) else f" {v}")
-            p.error(f"{given}: used only by --algo {', '.join(algos)}, not by {args.algo}")
     # options away from their defaults: --resume of a run saved by an older version, which lacks the newer options,
     # counts a newer option as changed only when it is one of these (runs.changed_settings)
     args.non_default = sorted(k for k, v in vars(args).items() if v != p.get_default(k))
-    if args.min_lr_ratio is None:
-        args.min_lr_ratio = 1.0 if args.algo in RL else 0.0
     if args.algo in RL and args.reward is None:
         if args.model is not None:
             p.error(f"--algo {args.algo} needs --reward (rm:PATH, oracle[:SCENES] or module:function)")
         args.reward = "oracle"
-    if args.algo in RL and args.k < 2:
-        p.error("--k must be >= 2 (leave-one-out / group baselines)")
-    if args.lora_alpha is None:
-        args.lora_alpha = 2.0 * args.lora_rank
-    if args.out is None:
-        args.out = f"runs/{args.algo}"
-    for name in ("batch_size", "grad_accum"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
     if (args.model is None) != (args.data is None):
         p.error("--model and --data go together (give neither for the built-in toy-world run)")
     runs.check_args(p, args)
     if evaltrain.check_args(args):
         p.error(evaltrain.check_args(args))
+    for name, algos in ONLY_FOR.items():  # then an option this --algo never reads (--eval-task prefs reads --beta)
+        if args.algo not in algos and getattr(args, name) != p.get_default(name) and not (
+                name == "beta" and args.eval_task == "prefs"):
+            v = getattr(args, name)
+            v = "" if v is True else f" {v:g}" if isinstance(v, float) else f" {v}"  # as given: 3, not 3.0
+            p.error(f"--{name.replace('_', '-')}{v}: used only by --algo {', '.join(algos)}, not by {args.algo}")
     return args
 
 
@@ -282,22 +258,13 @@ def main(args):
     if distributed:  # rank 0 fetched it; the others then find it in the cache
         dist.barrier()
         args.model = str(resolve_model(args.model, args.revision))
-    dtype = DTYPES[args.dtype]  # the weights' dtype; --amp: fp32 weights, bf16 compute
-    if args.amp and dtype != torch.float32:
-        raise ValueError(f"--amp keeps fp32 weights and computes in bf16; it does not combine with --dtype {args.dtype}"
-                         " (drop --amp: bf16/fp16 weights already compute in their dtype)")
+    dtype = DTYPES[args.dtype]  # the weights' dtype; --amp: fp32 weights, bf16 compute (combinations: runs.check_args)
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if args.amp and not distributed else \
         nullcontext()
     # fp16 (5 exponent bits): gradients under 6e-8 flush to zero, so the loss is scaled before backward and the
     # gradients unscaled before clipping (dynamic: halved on overflow, that step skipped). bf16 has fp32's exponent
     # range and needs none; the scaler is then a no-op.
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    if dtype == torch.float16 and algo.responses == "k_samples":
-        raise ValueError(f"--dtype fp16: --algo {args.algo}'s update has no loss scaling (fp16 gradients under 6e-8 "
-                         "would flush to zero); use --dtype bf16 or --amp")
-    if dtype == torch.float16 and not args.lora_rank:  # refused before any loading or reference scoring
-        raise ValueError("--dtype fp16 trains only LoRA adapters (give --lora-rank; AdamW on fp16 weights gives NaN); "
-                         "for full fine-tuning use --dtype bf16, or --amp (fp32 weights, bf16 compute)")
     model, processor = load_pretrained(args.model, dtype=dtype)
     if processor is None:
         raise ValueError(f"{args.model}: no tokenizer.json, cannot tokenize the data")
@@ -354,10 +321,8 @@ def main(args):
         reference, _ = load_pretrained(args.model, dtype=dtype)
         reference.requires_grad_(False)
     # reward model head (rm) / value head (ppo): a plain Linear(H, 1) beside the sharded model, gradients all-reduced
-    H = model_config.text_config.hidden_size
-    head = reward_head(H, torch.Generator().manual_seed(args.seed)).to(device) if algo.loss in ("bt", "ppo") else None
-    if algo.loss == "ppo":
-        torch.nn.init.zeros_(head.weight)  # V = 0 at the start
+    head = reward_head(model_config.text_config.hidden_size, torch.Generator().manual_seed(args.seed),
+                       zero=algo.loss == "ppo").to(device) if algo.loss in ("bt", "ppo") else None  # ppo: V = 0
     reward_fn = load_reward(args.reward, processor.tokenizer, device, args.max_len) if algo.reward == "reward" else None
     # evaluation during training: its held-out pairs are scored here with the initial weights (prefs)
     evaluator = evaltrain.Evaluator(args, model, processor, device, out) if args.eval_task else None
@@ -367,7 +332,7 @@ def main(args):
     if args.lora_rank > 0:
         apply_lora(model, rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
                    target_modules=args.lora_targets.split(","), prefix="language_model",
-                   dtype=torch.float32 if dtype == torch.float16 else None)  # fp16: fp32 adapters, see below
+                   dtype=torch.float32 if dtype == torch.float16 else None)  # fp16: fp32 adapters (AdamW in fp16: NaN)
     if args.freeze_vision:
         model.vision_tower.requires_grad_(False)
     for name in tu.unused_parameters(model):  # never in the forward (LLaVA's last CLIP layer): never trained
@@ -394,38 +359,15 @@ def main(args):
         tu.print0(f"resuming from {resume_from} (step {state['step']})")
 
     # -------------------------------------------------------------------------------------------------------- FSDP
-    # Units: the vision tower, each decoder block, then the root (embeddings, projector, final norm, LM head).
-    # The final norm + LM head stay in the root unit, not a unit of their own: the fused loss reads the LM head
-    # weight directly (it never calls lm_head.forward), and the root's parameters stay unsharded between forward
-    # and backward, so that weight is the full tensor there and its gradient is reduce-scattered with the root's.
     model.to(device)
-    if distributed:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if \
-            (cuda or args.amp) and dtype == torch.float32 else MixedPrecisionPolicy()
-        for m in [model, reference]:
-            if m is None:
-                continue
-            fully_shard(m.vision_tower, mp_policy=mp)
-            for layer in m.language_model.model.layers:
-                fully_shard(layer, mp_policy=mp)
-            fully_shard(m, mp_policy=mp)
+    if distributed:  # FSDP2 units (trainutil.fully_shard_llava); fp32 weights on CUDA or --amp: bf16 compute
+        tu.fully_shard_llava([model, reference], bf16_compute=(cuda or args.amp) and dtype == torch.float32)
     elif reference is not None:
         reference.to(device)
 
     # --------------------------------------------------------------------------------------------------- optimizer
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if any(p.dtype == torch.float16 for _, p in trainable):  # AdamW's state and update in fp16: NaN at step 1
-        raise ValueError("--dtype fp16 trains only LoRA adapters (kept fp32 on the fp16 base): AdamW on fp16 weights "
-                         "gives NaN (its eps 1e-8 and squared gradients underflow in fp16); for full fine-tuning use "
-                         "--dtype bf16, or --amp (fp32 weights, bf16 compute)")
-    projector = [p for n, p in trainable if n.startswith("multi_modal_projector.")]
-    others = [p for n, p in trainable if not n.startswith("multi_modal_projector.")]
-    groups = [{"params": others, "lr": args.lr}]
-    if projector:
-        groups.append({"params": projector, "lr": args.projector_lr or args.lr})
-    optimizer = torch.optim.AdamW(groups, weight_decay=args.weight_decay, betas=(0.9, 0.999))
-    tu.init_optimizer_state(optimizer)  # every parameter has a state to save and load, used this step or not
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # fp16: only the fp32 adapters
+    optimizer = tu.adamw(trainable, args.lr, args.projector_lr, args.weight_decay)  # every state there from step 0
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: tu.cosine_with_warmup(s, max_steps, args.warmup_steps, args.min_lr_ratio))
     head_optimizer = head_schedule = None  # the head's own AdamW: FSDP's optimizer state knows only the model's
@@ -434,17 +376,7 @@ def main(args):
         head_schedule = torch.optim.lr_scheduler.LambdaLR(head_optimizer, scheduler.lr_lambdas[0])
     start_step = 0
     if state is not None:
-        schedules = [s for s in (scheduler, head_schedule) if s is not None]
-        rates = [list(s.base_lrs) for s in schedules]  # this command line's --lr / --projector-lr
-        tu.load_optimizer_state(model, optimizer, state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if head is not None:
-            head_optimizer.load_state_dict(state["head_optimizer"])
-            head_schedule.load_state_dict(state["head_scheduler"])
-        for s, base in zip(schedules, rates):  # the restored state carries the saved rates: --allow-changed with
-            s.base_lrs = base  # another --lr continues the schedule at the new one (unchanged: the same numbers)
-            for g, b, f in zip(s.optimizer.param_groups, base, s.lr_lambdas):
-                g["initial_lr"], g["lr"] = b, b * f(s.last_epoch)
+        tu.load_optimizers(state, model, optimizer, scheduler, head_optimizer, head_schedule)
         if evaluator is not None:  # best/ is replaced only by a better eval than the run's best so far
             evaluator.best = state["values"].get("eval_best")
         if scaler.is_enabled() and "scaler" in state["values"]:
@@ -454,22 +386,15 @@ def main(args):
     n_params = sum(p.numel() for _, p in trainable)
     precision = (f"weights {args.dtype}" + (", bf16 compute (--amp)" if args.amp or (distributed and cuda and
                                                                              dtype == torch.float32) else ""))
-    tu.print0(tu.start_lines(algo=args.algo, model=args.model, data=args.data, n_examples=len(encoded), world=world,
-                             global_batch=global_batch, max_steps=max_steps, start_step=start_step,
-                             n_params=n_params, precision=precision, out=out, device=str(device),
-                             eval_plan=evaluator.plan(start_step, max_steps) if evaluator else None))
+    tu.print0(runs.start_lines(algo=args.algo, model=args.model, data=args.data, n_examples=len(encoded), world=world,
+                               global_batch=global_batch, max_steps=max_steps, start_step=start_step,
+                               n_params=n_params, precision=precision, out=out, device=str(device),
+                               eval_plan=evaluator.plan(start_step, max_steps) if evaluator else None))
 
-    header = {"config": vars(args), "git_sha": tu.git_sha(), "argv": sys.argv, "world": world,
+    header = {"config": vars(args), "git_sha": runs.git_sha(), "argv": sys.argv, "world": world,
               "max_steps": max_steps, "model_config": model_config.to_dict()}
-    log = tu.MetricsLog(out / "metrics.jsonl", header, start_step if state is not None else None)
-    wandb = None
-    if args.wandb and rank == 0:
-        try:
-            import wandb
-            wandb.init(project=args.wandb, config=header)
-        except ImportError:
-            tu.print0("warning: --wandb given but wandb is not installed; logging to metrics.jsonl only")
-            wandb = None
+    log = runs.MetricsLog(out / "metrics.jsonl", header, start_step if state is not None else None)
+    wandb = runs.start_wandb(args.wandb, header) if args.wandb and rank == 0 else None
 
     reward_norm = (0.0, 1.0)
     if algo.loss == "rloo" and args.reward_norm > 0:  # Appendix A: reward mean/std over the data, before training
@@ -500,13 +425,6 @@ def main(args):
             tu.save_checkpoint(out, "best", model, model_config, processor, lora_layers, step=0)
     progress = tu.Progress(max_steps, start_step)
     last_save = None
-
-    def step_schedules(stepped: bool) -> None:
-        """The learning-rate schedules advance with the optimizer: a step whose every update was skipped (fp16
-        overflow, --skip-nonfinite, no pair left) leaves them where they are (and torch warns of none)."""
-        for s in (scheduler, head_schedule) if stepped else ():
-            if s is not None:
-                s.step()
 
     def end_step(rec: dict, step: int) -> Path | None:
         """Every branch's end of a step: evaluation, the metrics line, the progress bar, the --save-every
@@ -559,9 +477,7 @@ def main(args):
                     for piece, share in pieces:  # share: minibatch rows / piece rows (M = 1: --grad-accum)
                         with amp:  # --amp on one process: bf16 matmuls, as in the preference step below
                             loss, metrics = rlstep.rl_objective(algo.loss, model, piece, args, device, head)
-                        if not torch.isfinite(loss):
-                            raise tu.Stop(f"error: non-finite loss {float(loss.detach())} at {where}; stopping "
-                                          "before the optimizer step")
+                        tu.check_loss(loss, where)
                         (loss / share).backward()
                         if epoch == 0:  # the metrics of the first pass (PPO: its first minibatch before it moved)
                             for k, v in {"loss": loss.detach(), **metrics}.items():
@@ -574,7 +490,7 @@ def main(args):
                     else:
                         grad_norm = norm  # the step's last update's
             lr = optimizer.param_groups[0]["lr"]  # the rate this step used
-            step_schedules(skipped < epochs * n_mb)
+            tu.step_schedules(skipped < epochs * n_mb, scheduler, head_schedule)
             sums.update({k: v for k, v in rm.items() if k not in ("rollout_tokens", "rollout_s")})
             rec = {"step": step + 1, **{k: tu.all_mean(v) for k, v in sums.items()}, "lr": lr,
                    "grad_norm": grad_norm if skipped < epochs * n_mb else float("nan"),
@@ -619,10 +535,8 @@ def main(args):
                     loss, metrics = objective(algo.loss, model, b, ref, len(items), device, beta=args.beta,
                                               sft_weight=args.sft_weight,
                                               average=args.ddpo_average and algo.weights == "ddpo")
-            if not torch.isfinite(loss):
-                raise tu.Stop(f"error: non-finite loss {float(loss.detach())} at step {step + 1}, micro-step {micro}, "
-                              f"rank {rank}, examples {[examples[encoded[i].index].id for i in idx]}; stopping "
-                              f"before the optimizer step (last checkpoint: {last_save or 'none'})")
+            tu.check_loss(loss, f"step {step + 1}, micro-step {micro}, rank {rank}, examples {step_ids[-len(idx):]} "
+                                f"(last checkpoint: {last_save or 'none'})")
             if online:  # the mean over the pairs kept on every rank (a placeholder batch: weight 0, for FSDP)
                 loss, metrics = pair_mean_over_ranks(loss, metrics, 0 if st["placeholder"] else len(items))
             scaler.scale(loss / args.grad_accum).backward()  # fp16: times the loss scale; else unchanged
@@ -635,7 +549,7 @@ def main(args):
         grad_norm = tu.optimizer_step(model, optimizer, head, head_optimizer, args.clip, where, args.skip_nonfinite,
                                       apply=not skip, scaler=scaler)  # None: skipped (fp16 overflow, --skip-nonfinite)
         lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler's, or a resumed run's)
-        step_schedules(grad_norm is not None and not skip)
+        tu.step_schedules(grad_norm is not None and not skip, scheduler, head_schedule)
         if grad_norm is None:
             continue
 
@@ -664,43 +578,22 @@ def main(args):
     if wandb is not None:
         wandb.finish()  # flushes the run (WANDB_MODE=offline: OUT-independent ./wandb/offline-run-*, `wandb sync`)
     if rank == 0:
-        plot = tu.write_plot(out)
-        ev = (f"python -m nanoalign.eval --model {final} --task {args.eval_task} --data {args.eval_data} "
-              f"--image-root {args.eval_image_root or Path(args.eval_data).resolve().parent} --out {out / 'eval'}"
-              if args.eval_task in ("pope", "chair") else
-              f"python -m nanoalign.eval --model {final} --task pope --data POPE.jsonl --image-root COCO_DIR "
-              f"--out {out / 'eval'}")
-        if args.eval_task == "chair":
-            ev += f" --annotations {args.eval_annotations}"
-        if algo.loss == "bt":  # a reward model: its held-out accuracy
-            ev = f"python -m nanoalign.eval_rm --model {final} --data HELDOUT_PAIRS.jsonl"
         best = (evaluator.best_name, evaluator.best, out / "best") if evaluator and evaluator.best_name and \
             evaluator.best is not None else None
-        print(tu.summary_lines(records, out=out, final=final, seconds=time.time() - t_run, plot=plot,
-                               eval_command=ev, best=best), flush=True)
+        print(runs.summary_lines(records, out=out, final=final, seconds=time.time() - t_run, plot=runs.write_plot(out),
+                                 eval_command=runs.eval_command(args, final, out, algo.loss == "bt"), best=best),
+              flush=True)
     runs.release(out)
     return final
 
 
 if __name__ == "__main__":
     _args = parse_args()
-    try:
-        if _args.model is None and _args.data is None:
-            from nanoalign.toy.run import default_run
-            default_run(_args, main, parse_args, ALGOS)
-        else:
-            main(_args)
-    except (ValueError, FileNotFoundError, ImportError) as e:  # bad input: one line, not a traceback
-        if os.environ.get("NANOALIGN_DEBUG"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except tu.Stop as e:  # a non-finite loss, gradient or parameter: its one line, exit 2
-        print(e, file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback
-        print("\n" + runs.interrupted_line(_args.out, sys.argv), file=sys.stderr)  # after the progress bar
-        sys.exit(130)
+    if _args.model is None and _args.data is None:  # the built-in toy-world run (nanoalign/toy/run.py)
+        from nanoalign.toy.run import default_run
+        run(lambda: default_run(_args, main, parse_args, ALGOS), lambda: runs.interrupted_line(_args.out, sys.argv))
+    else:
+        run(lambda: main(_args), lambda: runs.interrupted_line(_args.out, sys.argv))
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

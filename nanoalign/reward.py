@@ -53,13 +53,16 @@ HEAD_VERSION = "1"
 
 
 # ------------------------------------------------------------------------------------------------- the reward model
-def reward_head(hidden_size: int, generator: torch.Generator | None = None) -> nn.Linear:
+def reward_head(hidden_size: int, generator: torch.Generator | None = None, zero: bool = False) -> nn.Linear:
     """A fresh Linear(H, 1): weight ~ N(0, 1/(H + 1)), bias 0 (the reward head initialization of Stiennon et al.
-    2020 / OpenAI's lm-human-preferences, so that initial rewards have about unit scale)."""
+    2020 / OpenAI's lm-human-preferences, so that initial rewards have about unit scale); zero: weight 0 too (PPO's
+    value head: V = 0 at the start)."""
     head = nn.Linear(hidden_size, 1)
     with torch.no_grad():
         head.weight.normal_(0.0, 1.0 / math.sqrt(hidden_size + 1), generator=generator)
         head.bias.zero_()
+        if zero:
+            head.weight.zero_()
     return head
 
 

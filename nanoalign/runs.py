@@ -1,9 +1,15 @@
-"""The run folder (--out): what train.py checks before it trains, so a run never mixes with another one.
+"""The run folder (--out): what train.py checks before it trains, so a run never mixes with another one, and what it
+writes there besides checkpoints (metrics.jsonl, curves.png) and prints about it.
 
+    add_args(parser)              train.py's options of the run folder: checkpoints, --resume, --overwrite
     check_args(parser, args)      arguments that make no sense -> parser.error (exit 2) with the reason
     prepare_out(args, world)      -> "new" | "resume" | "finished"; lock, refusals, the resume settings check
     lock(folder), release(folder) an exclusive lock on folder/.lock for the life of the run (also the toy cache)
     interrupted_line(out, argv)   Ctrl-C: where the last checkpoint is and the --resume command
+    MetricsLog(path, header, resume_step)  OUT/metrics.jsonl, one line per step (rank 0); git_sha() for its header
+    start_wandb(project, config)  the wandb module after wandb.init, or None when it is not installed
+    start_lines(...), summary_lines(records, ...), write_plot(out), eval_command(args, final, out, reward_model)
+                                  the run's first lines and its last (outputs, curves.png, how to evaluate it)
 
 A folder "holds a run" when it has metrics.jsonl, a step-* folder or final/. Without --resume or --overwrite such a
 folder is refused. With --resume the saved run's settings (train_state.json's args and world size) are compared with
@@ -13,10 +19,12 @@ the new ones: every difference that makes exact resumption impossible is named i
 from __future__ import annotations
 
 import fcntl
+import json
 import math
 import os
 import shlex
 import shutil
+import subprocess
 from pathlib import Path
 
 from nanoalign import trainutil as tu
@@ -28,6 +36,8 @@ RESUME_FREE = {"out", "resume", "overwrite", "allow_changed", "wandb", "save_eve
 # argument -> (test, reason); None (unset) passes every test
 _FINITE = lambda v: math.isfinite(v)
 ARG_RULES = {
+    "batch_size": (lambda v: v >= 1, "must be >= 1"),
+    "grad_accum": (lambda v: v >= 1, "must be >= 1"),
     "max_steps": (lambda v: v >= 1, "must be >= 1 (leave it out to train --epochs over the data)"),
     "epochs": (lambda v: _FINITE(v) and v > 0, "must be a finite number > 0"),
     "lr": (lambda v: _FINITE(v) and v > 0, "must be a finite number > 0"),
@@ -60,12 +70,33 @@ ARG_RULES = {
 }
 
 
+def add_args(p) -> None:
+    """train.py's option group of the run folder."""
+    g = p.add_argument_group("the run folder --out: checkpoints and resume (nanoalign/runs.py)")
+    g.add_argument("--save-every", type=int, default=0, help="save a checkpoint every N optimizer steps (0 = only "
+                   "at the end)")
+    g.add_argument("--keep", type=int, default=2, help="keep the newest K step checkpoints, in checkpoints")
+    g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    g.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a run (deletes it)")
+    g.add_argument("--allow-changed", action="store_true", help="--resume even with settings that differ")
+
+
 def check_args(parser, args) -> None:
     """parser.error (exit 2, one line) for the first argument that makes no sense."""
     for name, (ok, reason) in ARG_RULES.items():
         v = getattr(args, name, None)
         if v is not None and not ok(v):
             parser.error(f"--{name.replace('_', '-')} {v}: {reason}")
+    dtype = getattr(args, "dtype", "fp32")
+    if getattr(args, "amp", False) and dtype != "fp32":
+        parser.error(f"--amp keeps fp32 weights and computes in bf16; it does not combine with --dtype {dtype} (drop "
+                     "--amp: bf16/fp16 weights already compute in their dtype)")
+    if dtype == "fp16" and getattr(args, "algo", None) in ("rloo", "ppo", "grpo"):
+        parser.error(f"--dtype fp16: --algo {args.algo}'s update has no loss scaling (fp16 gradients under 6e-8 would "
+                     "flush to zero); use --dtype bf16 or --amp")
+    if dtype == "fp16" and not args.lora_rank:
+        parser.error("--dtype fp16 trains only LoRA adapters (give --lora-rank; AdamW on fp16 weights gives NaN); for "
+                     "full fine-tuning use --dtype bf16, or --amp (fp32 weights, bf16 compute)")
     if getattr(args, "algo", None) == "ipo" and args.beta == 0:
         parser.error("--beta 0: ipo's target margin is 1/(2 beta); beta must be > 0")
     if getattr(args, "algo", None) in ("rloo", "grpo") and args.k < 2:
@@ -199,3 +230,131 @@ def interrupted_line(out, argv: list[str]) -> str:
         cmd += " --resume"
     where = f"last checkpoint: {ckpt}" if ckpt else "no checkpoint saved yet"
     return f"interrupted; {where}; continue with: python {cmd}"
+
+
+# ---------------------------------------------------------------------------------- the run's first and last lines
+def start_lines(*, algo: str, model: str, data: str, n_examples: int, world: int, global_batch: int,
+                max_steps: int, start_step: int, n_params: float, precision: str, out: Path, device: str,
+                eval_plan: str | None = None) -> str:
+    """The first lines of a run: what it will do, on what, and where its outputs go."""
+    lines = [f"run: {algo} on {n_examples} examples of {data}, model {model}",
+             f"     {max_steps - start_step} optimizer steps (of {max_steps}; global batch {global_batch} = "
+             f"{global_batch // world} per rank x {world} rank(s)), {n_params / 1e6:.2f}M trainable parameters, "
+             f"{device}, {precision}",
+             f"     outputs: {out}/final (checkpoint), {out}/metrics.jsonl (one line per step), {out}/curves.png",
+             "     time: the first step's duration and the ETA follow (progress line)"]
+    if eval_plan:
+        lines.append("     " + eval_plan)
+    return "\n".join(lines)
+
+
+def summary_lines(records: list[dict], *, out: Path, final: Path, seconds: float, plot: str | None,
+                  eval_command: str, best: tuple[str, float, Path] | None = None) -> str:
+    """The end of a run: steps, time, tokens/s, the final metrics and the best eval, first vs last reward accuracy
+    (means over the first and last max(1, steps // 10) steps, at most 10), where the outputs are, the command that
+    evaluates the result. records: the run's metrics.jsonl records (step lines, eval lines)."""
+    steps = [r for r in records if "loss" in r]
+    lines = [f"done: {len(steps)} steps in {seconds / 60:.1f} min"]
+    if steps:
+        tps = sum(r.get("tokens_per_s", r.get("train_tokens_per_s", 0)) for r in steps) / len(steps)
+        lines[0] += f", {tps:.0f} tokens/s (mean over steps)"
+        last = steps[-1]
+        lines.append("  final: " + ", ".join(f"{k} {last[k]:.4g}" for k in ("loss", "accuracy", "margin", "reward",
+                                                                            "reward_mean", "kl") if k in last))
+        acc = [r["accuracy"] for r in steps if "accuracy" in r]
+        if acc:
+            k = min(10, max(1, len(acc) // 10))
+            lines.append(f"  reward accuracy: first {k} step(s) {sum(acc[:k]) / k:.3f} -> last {k} step(s) "
+                         f"{sum(acc[-k:]) / k:.3f}")
+    evals = [r for r in records if any(key.startswith("eval/") for key in r)]
+    if evals:
+        first, last = evals[0], evals[-1]
+        keys = [k for k in last if k.startswith("eval/")]
+        lines.append(f"  eval: step {first['step']} -> step {last['step']}: " + ", ".join(
+            f"{k[5:]} {first.get(k, float('nan')):.4g} -> {last[k]:.4g}" for k in keys))
+    if best is not None:
+        lines.append(f"  best {best[0]} {best[1]:.4g}: {best[2]}")
+    lines.append(f"  checkpoint: {final}")
+    lines.append(f"  metrics:    {out / 'metrics.jsonl'}")
+    lines.append(f"  plot:       {plot}" if plot else "  plot:       (matplotlib not installed: pip install "
+                 f"matplotlib; python -m nanoalign.plot {out / 'metrics.jsonl'})")
+    lines.append(f"  evaluate:   {eval_command}")
+    return "\n".join(lines)
+
+
+def write_plot(out: Path) -> str | None:
+    """OUT/curves.png from OUT/metrics.jsonl (nanoalign.plot) -> its path, or None without matplotlib."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return None
+    from nanoalign.plot import plot_runs, read_run
+    header, rows = read_run(str(out / "metrics.jsonl"))
+    algo = str(header.get("config", {}).get("algo", ""))
+    plot_runs({out.name or "run": rows}, str(out / "curves.png"), algos={out.name or "run": algo})
+    return str(out / "curves.png")
+
+
+def eval_command(args, final: Path, out: Path, reward_model: bool) -> str:
+    """The command that evaluates the run's result, for its last lines: eval_rm for a reward model, eval on the run's
+    own --eval-data for --eval-task pope / chair, else a POPE command with placeholders."""
+    if reward_model:
+        return f"python -m nanoalign.eval_rm --model {final} --data HELDOUT_PAIRS.jsonl"
+    if args.eval_task not in ("pope", "chair"):
+        return f"python -m nanoalign.eval --model {final} --task pope --data POPE.jsonl --image-root COCO_DIR " \
+               f"--out {out / 'eval'}"
+    root = args.eval_image_root or Path(args.eval_data).resolve().parent
+    return (f"python -m nanoalign.eval --model {final} --task {args.eval_task} --data {args.eval_data} --image-root "
+            f"{root} --out {out / 'eval'}" + (f" --annotations {args.eval_annotations}" if args.eval_task == "chair"
+                                               else ""))
+
+
+def git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parents[1], timeout=5).stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def start_wandb(project: str, config: dict):
+    """The wandb module after wandb.init(project, config), or None with a warning when wandb is not installed."""
+    try:
+        import wandb
+    except ImportError:
+        tu.print0("warning: --wandb given but wandb is not installed; logging to metrics.jsonl only")
+        return None
+    wandb.init(project=project, config=config)
+    return wandb
+
+
+class MetricsLog:
+    """OUT/metrics.jsonl: a header line (config, git SHA, argv), then one JSON object per step (rank 0 only).
+    On resume, lines of steps beyond the resumed step are dropped so the file stays one line per step; the file is
+    rewritten atomically (temp file + rename), and a torn line (a kill mid-write) is dropped with a warning naming
+    the file and line."""
+
+    def __init__(self, path: Path, header: dict, resume_step: int | None):
+        self.path = path
+        if tu.rank() != 0:
+            return
+        lines = []
+        if resume_step is not None and path.exists():
+            for no, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    tu.print0(f"warning: {path}:{no}: torn or unreadable line dropped ({line[:40]!r})")
+                    continue
+                if "step" not in rec or rec["step"] <= resume_step:
+                    lines.append(line)
+        else:
+            lines.append(json.dumps({"header": header}))
+        tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+        tmp.write_text("".join(line + "\n" for line in lines))
+        os.replace(tmp, path)
+
+    def write(self, rec: dict) -> None:
+        if tu.rank() == 0:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(rec) + "\n")

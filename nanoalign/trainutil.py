@@ -1,5 +1,6 @@
-"""What train.py needs besides the training loop: rank helpers, the schedule, gradient clipping, checkpoints and
-resume, metrics, the progress bar.
+"""What train.py needs besides the training loop: rank helpers, the optimizer and its schedule, FSDP units, the
+optimizer step with its checks, checkpoints and resume, the progress bar (the run folder, its metrics.jsonl and its
+first and last lines: nanoalign/runs.py).
 
 Checkpoint folder (one per save, `OUT/step-000123`, and `OUT/final`):
     config.json, model.safetensors, tokenizer.json, preprocessor_config.json   -- llava-hf layout, loads in transformers
@@ -25,7 +26,6 @@ import math
 import os
 import resource
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -101,6 +101,15 @@ def cosine_with_warmup(step: int, total: int, warmup: int, min_ratio: float = 0.
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def step_schedules(stepped: bool, *schedules) -> None:
+    """One training step of the lr schedules (None skipped), only when the optimizer stepped: a step whose every
+    update was skipped (fp16 overflow, --skip-nonfinite, no pair left) leaves them where they are, so the schedule
+    counts optimizer steps (and torch warns of no scheduler step before an optimizer step)."""
+    for s in schedules if stepped else ():
+        if s is not None:
+            s.step()
+
+
 def clip_grad_norm(model, max_norm: float) -> float:
     """Clip the gradients' global L2 norm to max_norm (0 = no clipping); returns the norm before clipping (the
     whole model's, FSDP shards included)."""
@@ -127,6 +136,18 @@ def unused_parameters(model) -> list[str]:
     for i in range(deepest, n - 1):
         names += [f"vision_tower.vision_model.encoder.layers.{i}.{k}" for k, _ in vm.encoder.layers[i].named_parameters()]
     return names
+
+
+def adamw(trainable: list, lr: float, projector_lr: float | None, weight_decay: float):
+    """AdamW over (name, parameter) pairs: the projector's at projector_lr (None: lr), the others at lr; betas
+    (0.9, 0.999); every state initialised now (init_optimizer_state)."""
+    projector = [p for n, p in trainable if n.startswith("multi_modal_projector.")]
+    groups = [{"params": [p for n, p in trainable if not n.startswith("multi_modal_projector.")], "lr": lr}]
+    if projector:
+        groups.append({"params": projector, "lr": projector_lr or lr})
+    optimizer = torch.optim.AdamW(groups, weight_decay=weight_decay, betas=(0.9, 0.999))
+    init_optimizer_state(optimizer)
+    return optimizer
 
 
 def init_optimizer_state(optimizer) -> None:
@@ -166,6 +187,13 @@ def nonfinite_parameters(model, prefix: str = "") -> list[str]:
 class Stop(SystemExit):
     """A run stopped on purpose, with one line (str(e)): a non-finite loss, gradient or parameter. A SystemExit, so
     it ends every rank's run; train.py's command line prints the line and exits with code 2, as for bad input."""
+
+
+def check_loss(loss, where: str) -> None:
+    """Stop (exit 2) naming `where` (step, rank, example ids, the last checkpoint) on a non-finite loss, before its
+    backward and the optimizer step."""
+    if not torch.isfinite(loss):
+        raise Stop(f"error: non-finite loss {float(loss.detach())} at {where}; stopping before the optimizer step")
 
 
 def allreduce_grads(module) -> None:
@@ -262,6 +290,41 @@ def load_optimizer_state(model, optimizer, state: dict) -> None:
                                  options=StateDictOptions(full_state_dict=True))
     else:
         optimizer.load_state_dict(state)
+
+
+def load_optimizers(state: dict, model, optimizer, scheduler, head_optimizer=None, head_scheduler=None) -> None:
+    """--resume: the optimizers and schedules of a training state (load_train_state). The schedules keep this run's
+    rates (the optimizer's param groups' `initial_lr` of --lr / --projector-lr): with --allow-changed and another
+    --lr the schedule continues at the new rate; unchanged, the numbers are the saved ones."""
+    schedules = [s for s in (scheduler, head_scheduler) if s is not None]
+    rates = [list(s.base_lrs) for s in schedules]
+    load_optimizer_state(model, optimizer, state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if head_optimizer is not None:
+        head_optimizer.load_state_dict(state["head_optimizer"])
+        head_scheduler.load_state_dict(state["head_scheduler"])
+    for s, base in zip(schedules, rates):  # the restored state carries the saved rates
+        s.base_lrs = base
+        for g, b, f in zip(s.optimizer.param_groups, base, s.lr_lambdas):
+            g["initial_lr"], g["lr"] = b, b * f(s.last_epoch)
+
+
+def fully_shard_llava(models, bf16_compute: bool) -> None:
+    """(collective) FSDP2 over each LLaVA model (None skipped). Units: the vision tower, each decoder block, then the
+    root (embeddings, projector, final norm, LM head). The final norm + LM head stay in the root unit, not a unit of
+    their own: the fused loss reads the LM head weight directly (it never calls lm_head.forward), and the root's
+    parameters stay unsharded between forward and backward, so that weight is the full tensor there and its gradient
+    is reduce-scattered with the root's. bf16_compute: parameters cast to bf16 for compute, gradients reduced fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16_compute else \
+        MixedPrecisionPolicy()
+    for m in models:
+        if m is None:
+            continue
+        fully_shard(m.vision_tower, mp_policy=mp)
+        for layer in m.language_model.model.layers:
+            fully_shard(layer, mp_policy=mp)
+        fully_shard(m, mp_policy=mp)
 
 
 def rng_states() -> list:
@@ -453,14 +516,6 @@ def load_train_state(ckpt: Path) -> dict:
 
 # ------------------------------------------------------------------------------------------------ logging
 
-def git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).resolve().parents[1], timeout=5).stdout.strip() or "unknown"
-    except Exception:
-        return "unknown"
-
-
 def peak_memory_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
@@ -532,97 +587,3 @@ def step_postfix(rec: dict) -> str:
     parts.append(f"{rec.get('tokens_per_s', rec.get('train_tokens_per_s', 0)):.0f} tok/s")
     parts += [f"{k} {v:.3f}" for k, v in rec.items() if k.startswith("eval/") and isinstance(v, (int, float))][:2]
     return " | ".join(parts)
-
-
-def start_lines(*, algo: str, model: str, data: str, n_examples: int, world: int, global_batch: int,
-                max_steps: int, start_step: int, n_params: float, precision: str, out: Path, device: str,
-                eval_plan: str | None = None) -> str:
-    """The first lines of a run: what it will do, on what, and where its outputs go."""
-    lines = [f"run: {algo} on {n_examples} examples of {data}, model {model}",
-             f"     {max_steps - start_step} optimizer steps (of {max_steps}; global batch {global_batch} = "
-             f"{global_batch // world} per rank x {world} rank(s)), {n_params / 1e6:.2f}M trainable parameters, "
-             f"{device}, {precision}",
-             f"     outputs: {out}/final (checkpoint), {out}/metrics.jsonl (one line per step), {out}/curves.png",
-             "     time: the first step's duration and the ETA follow (progress line)"]
-    if eval_plan:
-        lines.append("     " + eval_plan)
-    return "\n".join(lines)
-
-
-def summary_lines(records: list[dict], *, out: Path, final: Path, seconds: float, plot: str | None,
-                  eval_command: str, best: tuple[str, float, Path] | None = None) -> str:
-    """The end of a run: steps, time, tokens/s, the final metrics and the best eval, first vs last reward accuracy
-    (means over the first and last max(1, steps // 10) steps, at most 10), where the outputs are, the command that
-    evaluates the result. records: the run's metrics.jsonl records (step lines, eval lines)."""
-    steps = [r for r in records if "loss" in r]
-    lines = [f"done: {len(steps)} steps in {seconds / 60:.1f} min"]
-    if steps:
-        tps = sum(r.get("tokens_per_s", r.get("train_tokens_per_s", 0)) for r in steps) / len(steps)
-        lines[0] += f", {tps:.0f} tokens/s (mean over steps)"
-        last = steps[-1]
-        lines.append("  final: " + ", ".join(f"{k} {last[k]:.4g}" for k in ("loss", "accuracy", "margin", "reward",
-                                                                            "reward_mean", "kl") if k in last))
-        acc = [r["accuracy"] for r in steps if "accuracy" in r]
-        if acc:
-            k = min(10, max(1, len(acc) // 10))
-            lines.append(f"  reward accuracy: first {k} step(s) {sum(acc[:k]) / k:.3f} -> last {k} step(s) "
-                         f"{sum(acc[-k:]) / k:.3f}")
-    evals = [r for r in records if any(key.startswith("eval/") for key in r)]
-    if evals:
-        first, last = evals[0], evals[-1]
-        keys = [k for k in last if k.startswith("eval/")]
-        lines.append(f"  eval: step {first['step']} -> step {last['step']}: " + ", ".join(
-            f"{k[5:]} {first.get(k, float('nan')):.4g} -> {last[k]:.4g}" for k in keys))
-    if best is not None:
-        lines.append(f"  best {best[0]} {best[1]:.4g}: {best[2]}")
-    lines.append(f"  checkpoint: {final}")
-    lines.append(f"  metrics:    {out / 'metrics.jsonl'}")
-    lines.append(f"  plot:       {plot}" if plot else "  plot:       (matplotlib not installed: pip install "
-                 f"matplotlib; python -m nanoalign.plot {out / 'metrics.jsonl'})")
-    lines.append(f"  evaluate:   {eval_command}")
-    return "\n".join(lines)
-
-
-def write_plot(out: Path) -> str | None:
-    """OUT/curves.png from OUT/metrics.jsonl (nanoalign.plot) -> its path, or None without matplotlib."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return None
-    from nanoalign.plot import plot_runs, read_run
-    header, rows = read_run(str(out / "metrics.jsonl"))
-    algo = str(header.get("config", {}).get("algo", ""))
-    plot_runs({out.name or "run": rows}, str(out / "curves.png"), algos={out.name or "run": algo})
-    return str(out / "curves.png")
-
-
-class MetricsLog:
-    """OUT/metrics.jsonl: a header line (config, git SHA, argv), then one JSON object per step (rank 0 only).
-    On resume, lines of steps beyond the resumed step are dropped so the file stays one line per step; the file is
-    rewritten atomically (temp file + rename), and a torn line (a kill mid-write) is dropped with a warning naming
-    the file and line."""
-
-    def __init__(self, path: Path, header: dict, resume_step: int | None):
-        self.path = path
-        if rank() != 0:
-            return
-        lines = []
-        if resume_step is not None and path.exists():
-            for no, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    print0(f"warning: {path}:{no}: torn or unreadable line dropped ({line[:40]!r})")
-                    continue
-                if "step" not in rec or rec["step"] <= resume_step:
-                    lines.append(line)
-        else:
-            lines.append(json.dumps({"header": header}))
-        tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-        tmp.write_text("".join(line + "\n" for line in lines))
-        os.replace(tmp, path)
-
-    def write(self, rec: dict) -> None:
-        if rank() == 0:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(rec) + "\n")

@@ -10,6 +10,7 @@ add like sqrt(n) u, about 2 eps for n = 12. TOL = 4 eps leaves a factor of 2: 3.
 measured deviations are well inside (bf16 up to 0.4 eps, fp16 up to 0.1 eps), and each test also checks that the loss
 is not fp32's exactly (it did compute in the lower precision)."""
 import math
+import re
 import os
 import sys
 
@@ -93,12 +94,15 @@ def test_fp16_overflow_skips_the_step_and_halves_the_scale(world, tmp_path, monk
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in recs)
 
 
-def test_fp16_full_fine_tuning_and_amp_with_low_precision_weights_refused(world, tmp_path):  # noqa: F811
-    """AdamW on fp16 weights: eps 1e-8 is 0 in fp16, so a parameter with a zero gradient gets 0/0 = NaN at step 1."""
-    with pytest.raises(ValueError, match=r"--dtype fp16 trains only LoRA adapters"):
+def test_fp16_full_fine_tuning_and_amp_with_low_precision_weights_refused(world, tmp_path, capsys):  # noqa: F811
+    """AdamW on fp16 weights: eps 1e-8 is 0 in fp16, so a parameter with a zero gradient gets 0/0 = NaN at step 1.
+    Refused by the parser (exit 2, one line), before anything loads."""
+    with pytest.raises(SystemExit):
         run(world, tmp_path / "a", "--algo", "dpo", "--max-steps", 1, "--dtype", "fp16")
-    with pytest.raises(ValueError, match=r"--amp .* does not combine with --dtype bf16"):
+    assert "--dtype fp16 trains only LoRA adapters" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
         run(world, tmp_path / "b", "--algo", "dpo", "--max-steps", 1, "--dtype", "bf16", "--amp")
+    assert re.search(r"--amp .* does not combine with --dtype bf16", capsys.readouterr().err)
 
 
 @pytest.mark.parametrize("flags,ref,dtype,saved", [(["--amp"], "dpo", torch.bfloat16, torch.float32),
@@ -114,7 +118,7 @@ def test_two_ranks_fsdp(world, fp32, tmp_path, flags, ref, dtype, saved):  # noq
     assert loaded_dtype(tmp_path / "final") == saved
 
 
-def test_rl_step_under_amp_and_fp16_refused(world, tmp_path, rewards_file):  # noqa: F811
+def test_rl_step_under_amp_and_fp16_refused(world, tmp_path, rewards_file, capsys):  # noqa: F811
     """RL's objective runs under --amp's autocast on one process too (it was fp32 there before): the first step's
     samples are the fp32 run's (sampling is outside autocast), its KL is 0 and its loss and grad norm are within bf16
     tolerance (absolute, of the grad norm's scale: GRPO's step-1 loss is 0). fp16 RL, which has no loss scaling, is
@@ -127,5 +131,6 @@ def test_rl_step_under_amp_and_fp16_refused(world, tmp_path, rewards_file):  # n
     assert b["kl"] == pytest.approx(0.0, abs=1e-4)
     assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=tol(torch.bfloat16))
     assert b["grad_norm"] != a["grad_norm"]  # computed in bf16
-    with pytest.raises(ValueError, match="--dtype fp16: --algo grpo's update has no loss scaling"):
+    with pytest.raises(SystemExit):
         run_rl(world, tmp_path / "fp16", *rl, "--dtype", "fp16", "--lora-rank", 4)
+    assert "--dtype fp16: --algo grpo's update has no loss scaling" in capsys.readouterr().err

@@ -54,7 +54,8 @@ def train_defaults(algo):
     max_new_tokens, [beta, gamma, sft_weight]}. batch_size is ALIGN's global batch over the WORLD_SIZE ranks of
     torchrun (1 without it); warmup_steps None: default_run then warms up for min(5, steps // 4) steps. Online and
     RL rollouts sample as the offline pairs' captions are sampled (ALIGN's temperature and length: train.py's
-    64-token default would cut a toy caption short)."""
+    64-token default would cut a toy caption short). train.py applies each only where --algo reads it (its
+    ONLY_FOR table), so the toy's defaults never trip its refusal of an option the algorithm does not use."""
     al = {**ALIGN["default"], **ALIGN.get(algo, {})}
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     out = {"max_steps": al["steps"], "lr": al["lr"], "batch_size": max(1, al["batch"] // world_size),

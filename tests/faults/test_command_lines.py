@@ -1,4 +1,4 @@
-"""Seam: every command line (train.py and each `python -m nanoalign.*`): bad arguments, options that do nothing, missing paths."""
+"""Seam: every command line (train.py, python -m nanoalign.*): bad arguments, options that do nothing, missing paths."""
 import json
 import os
 import subprocess
@@ -44,7 +44,7 @@ def test_bad_argument_is_one_line_on_train_py():
      "'dpo', 'ipo', 'slic', 'ddpo', 'povid', 'online-dpo', 'mixed-dpo', 'online-bdhs', 'rm', 'rloo', 'ppo', 'grpo') "
      "(python train.py --help lists the options)"),
     (train.parse_args, ["--model", "m", "--data", "d", "--batch-size", "0"],
-     "error: --batch-size must be >= 1 (python train.py --help lists the options)"),
+     "error: --batch-size 0: must be >= 1 (python train.py --help lists the options)"),
     (train.parse_args, ["--no-such-option"], "error: unrecognized arguments: --no-such-option (python train.py --help "
      "lists the options)"),
     (eval_cli.main, ["--limit", "x"], "error: argument --limit: invalid int value: 'x' (python -m nanoalign.eval "

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from nanoalign import trainutil as tu
+from nanoalign import runs
 
 
 def _log(path, n):
@@ -17,7 +17,7 @@ def test_torn_last_line_is_recovered(tmp_path, capsys):
     _log(f, 3)
     with open(f, "a") as h:
         h.write('{"step": 4, "lo')
-    tu.MetricsLog(f, {}, resume_step=3)
+    runs.MetricsLog(f, {}, resume_step=3)
     assert f"{f}:5: torn or unreadable line dropped" in capsys.readouterr().out
     assert [json.loads(x).get("step") for x in f.read_text().splitlines()] == [None, 1, 2, 3]
 
@@ -33,8 +33,8 @@ def test_kill_during_rewrite_keeps_the_file(tmp_path, monkeypatch):
         raise KeyboardInterrupt
     monkeypatch.setattr(os, "replace", killed)
     with pytest.raises(KeyboardInterrupt):
-        tu.MetricsLog(f, {}, resume_step=2)
+        runs.MetricsLog(f, {}, resume_step=2)
     assert f.read_text() == before
     monkeypatch.undo()
-    tu.MetricsLog(f, {}, resume_step=2)
+    runs.MetricsLog(f, {}, resume_step=2)
     assert [json.loads(x).get("step") for x in f.read_text().splitlines()] == [None, 1, 2]

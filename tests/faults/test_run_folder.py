@@ -88,14 +88,14 @@ def test_resume_of_a_run_saved_before_an_option_existed(world, tmp_path):
     main(world, tmp_path, *base)
     import shutil
     shutil.rmtree(tmp_path / "final")
-    for ckpt in tmp_path.glob("step-*"):  # what an older version wrote: no --ppo-minibatches, no non_default
+    for ckpt in tmp_path.glob("step-*"):  # what an older version wrote: no --sft-weight, no non_default
         path = ckpt / "train_state.json"
         state = json.loads(path.read_text())
-        for k in ("ppo_minibatches", "non_default"):
+        for k in ("sft_weight", "non_default"):
             state["args"].pop(k, None)
         path.write_text(json.dumps(state))
-    with pytest.raises(ValueError, match="--ppo-minibatches: None -> 2"):
-        main(world, tmp_path, *base, "--resume", "--ppo-minibatches", 2)
+    with pytest.raises(ValueError, match="--sft-weight: None -> 0.5"):
+        main(world, tmp_path, *base, "--resume", "--sft-weight", 0.5)
     main(world, tmp_path, *base, "--resume")
     assert (tmp_path / "final").is_dir()
 

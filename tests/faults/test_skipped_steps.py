@@ -1,4 +1,4 @@
-"""Seam: skipped optimizer steps (fp16 loss-scale overflow, --skip-nonfinite): the schedule, the loss scale, --resume."""
+"""Seam: skipped optimizer steps (fp16 loss-scale overflow, --skip-nonfinite): schedule, loss scale, --resume."""
 import json
 import shutil
 import warnings
@@ -54,7 +54,8 @@ def test_fp16_resume_after_an_overflow_keeps_the_scale(world, tmp_path, monkeypa
     assert sorted(resumed) == sorted(final) and all(torch.equal(resumed[k], v) for k, v in final.items())
 
 
-@pytest.mark.parametrize("extra", [FP16, ["--algo", "dpo", "--skip-nonfinite"]], ids=["fp16-overflow", "skip-nonfinite"])
+@pytest.mark.parametrize("extra", [FP16, ["--algo", "dpo", "--skip-nonfinite"]],
+                         ids=["fp16-overflow", "skip-nonfinite"])
 def test_skipped_first_step_leaves_the_schedule(world, tmp_path, monkeypatch, extra):
     """The first step skipped (an fp16 overflow; non-finite gradients with --skip-nonfinite) -> no PyTorch warning
     "lr_scheduler.step() before optimizer.step()": the schedule advances only with the optimizer, so the next step
