@@ -86,7 +86,7 @@ def _rows(**col) -> list[str]:
 PREF = _rows(loss=("dpo", "ipo", "slic"))  # the preference losses (objective.py)
 SAMPLING = _rows(responses=("sampled", "mixed", "k_samples"))  # the policy samples at --temperature (BDHS: its own)
 # options that only some rows read -> those rows; set away from its default for another --algo, an option would do
-# nothing, so parse_args refuses it with one line (the toy's defaults, train_defaults, are applied only where read)
+# nothing, so runs.check_args refuses it with one line (the toy's defaults, train_defaults, apply only where read)
 ONLY_FOR = {
     "beta": PREF + list(RL), "sft_weight": PREF, "gamma": _rows(weights="ddpo"), "ddpo_average": _rows(weights="ddpo"),
     "noise_step": _rows(responses="noisy_self"), "ref_cache": _rows(data="pairs", loss=("dpo", "ipo", "slic"),
@@ -219,15 +219,9 @@ def parse_args(argv=None, toy_algo=None):
         args.reward = "oracle"
     if (args.model is None) != (args.data is None):
         p.error("--model and --data go together (give neither for the built-in toy-world run)")
-    runs.check_args(p, args)
+    runs.check_args(p, args, ONLY_FOR)  # values, combinations, options the run would not read
     if evaltrain.check_args(args):
         p.error(evaltrain.check_args(args))
-    for name, algos in ONLY_FOR.items():  # then an option this --algo never reads (--eval-task prefs reads --beta)
-        if args.algo not in algos and getattr(args, name) != p.get_default(name) and not (
-                name == "beta" and args.eval_task == "prefs"):
-            v = getattr(args, name)
-            v = "" if v is True else f" {v:g}" if isinstance(v, float) else f" {v}"  # as given: 3, not 3.0
-            p.error(f"--{name.replace('_', '-')}{v}: used only by --algo {', '.join(algos)}, not by {args.algo}")
     return args
 
 

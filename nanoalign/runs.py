@@ -81,8 +81,34 @@ def add_args(p) -> None:
     g.add_argument("--allow-changed", action="store_true", help="--resume even with settings that differ")
 
 
-def check_args(parser, args) -> None:
-    """parser.error (exit 2, one line) for the first argument that makes no sense."""
+# options read only with (or without) another: set away from its default otherwise, an option does nothing.
+# name -> (test of the namespace, why not); checked with --model/--data (the toy's own run picks its evaluation)
+_LORA = (lambda a: a.lora_rank > 0, "does nothing without --lora-rank")
+_FULL = (lambda a: not a.lora_rank, "does nothing with --lora-rank (LoRA trains only its adapters)")
+_TOY = (lambda a: a.model is None, "does nothing with --model/--data (only the toy-world run reads it)")
+ONLY_WITH = {
+    "lora_alpha": _LORA, "lora_dropout": _LORA, "lora_targets": _LORA, "projector_lr": _FULL, "freeze_vision": _FULL,
+    "toy_cache": _TOY, "toy_seed": _TOY,
+    "annotator_both_orders": (lambda a: str(a.annotator).startswith("vlm:"), "does nothing without --annotator vlm:"),
+    **{k: (lambda a: a.eval_task is not None, "does nothing without --eval-task")
+       for k in ("eval_every", "eval_limit", "eval_image_root", "eval_batch_size")},
+    "eval_annotations": (lambda a: a.eval_task == "chair", "does nothing without --eval-task chair"),
+    "eval_synonyms": (lambda a: a.eval_task == "chair", "does nothing without --eval-task chair"),
+    "eval_data_format": (lambda a: a.eval_task == "prefs", "does nothing without --eval-task prefs"),
+    "eval_max_new_tokens": (lambda a: a.eval_task in ("pope", "chair"), "does nothing without --eval-task pope or "
+                                                                         "chair"),
+}
+
+
+def _given(name: str, v) -> str:
+    """An option as the user gave it: `--name`, `--name value` (3, not 3.0)."""
+    return f"--{name.replace('_', '-')}" + ("" if v is True else f" {v:g}" if isinstance(v, float) else f" {v}")
+
+
+def check_args(parser, args, only_for: dict | None = None) -> None:
+    """parser.error (exit 2, one line) for the first argument that makes no sense: a value (ARG_RULES), a
+    combination, then an option the run would not read: only_for {name: [algorithms that read it]} (train.ONLY_FOR;
+    --eval-task prefs reads --beta too), ONLY_WITH."""
     for name, (ok, reason) in ARG_RULES.items():
         v = getattr(args, name, None)
         if v is not None and not ok(v):
@@ -105,6 +131,14 @@ def check_args(parser, args) -> None:
         parser.error(f"--ppo-minibatches {args.ppo_minibatches}: must divide a rank's rollouts per step, --batch-size "
                      f"x --k x --grad-accum = {args.batch_size} x {args.k} x {args.grad_accum} = "
                      f"{args.batch_size * args.k * args.grad_accum}")
+    for name, algos in (only_for or {}).items():
+        v = getattr(args, name)
+        if args.algo not in algos and v != parser.get_default(name) and not (name == "beta" and
+                                                                              args.eval_task == "prefs"):
+            parser.error(f"{_given(name, v)}: used only by --algo {', '.join(algos)}, not by {args.algo}")
+    for name, (ok, why) in ONLY_WITH.items() if args.model is not None else ():
+        if getattr(args, name) != parser.get_default(name) and not ok(args):
+            parser.error(f"{_given(name, getattr(args, name))}: {why}")
 
 
 _LOCKS: dict[str, int] = {}

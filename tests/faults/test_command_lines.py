@@ -91,6 +91,28 @@ def test_option_the_algorithm_never_reads(world, tmp_path, capsys, algo, flag, v
                                "lists the options)\n"), err
 
 
+@pytest.mark.parametrize("given,line", [
+    (["--lora-alpha", "16"], "--lora-alpha 16: does nothing without --lora-rank"),
+    (["--lora-dropout", "0.1"], "--lora-dropout 0.1: does nothing without --lora-rank"),
+    (["--lora-rank", "4", "--projector-lr", "0.001"],
+     "--projector-lr 0.001: does nothing with --lora-rank (LoRA trains only its adapters)"),
+    (["--lora-rank", "4", "--freeze-vision"], "--freeze-vision: does nothing with --lora-rank (LoRA trains only its "
+                                              "adapters)"),
+    (["--toy-seed", "3"], "--toy-seed 3: does nothing with --model/--data (only the toy-world run reads it)"),
+    (["--eval-every", "2"], "--eval-every 2: does nothing without --eval-task"),
+    (["--eval-task", "pope", "--eval-data", "e.jsonl", "--eval-synonyms", "s.json"],
+     "--eval-synonyms s.json: does nothing without --eval-task chair"),
+    (["--algo", "online-dpo", "--annotator", "oracle", "--annotator-both-orders"],
+     "--annotator-both-orders: does nothing without --annotator vlm:"),
+])
+def test_option_that_needs_another(world, tmp_path, capsys, given, line):
+    """An option read only with another one, given without it (--lora-alpha / --lora-dropout without --lora-rank,
+    --projector-lr / --freeze-vision with LoRA, --toy-seed with --model/--data, --eval-every without --eval-task,
+    --annotator-both-orders without a vlm: judge) -> one line saying why it does nothing, exit 2."""
+    rc, err = _exit(capsys, train.parse_args, argv(world, tmp_path, *given))
+    assert rc == 2 and err == f"error: {line} (python train.py --help lists the options)\n", err
+
+
 @pytest.mark.parametrize("algo,extra", [
     ("ppo", ["--reward", "oracle", "--ppo-epochs", "8", "--kl-estimator", "k3", "--temperature", "0.5"]),
     ("mixed-dpo", ["--alpha", "0.3", "--annotator", "oracle", "--top-p", "0.9"]),
