@@ -44,6 +44,11 @@ import torch
 from nanoalign.model import attention, rope_cos_sin
 
 RHO_TH = 0.99
+# Prefill runs the prompt batch through the decoder in row chunks of about this many tokens: the per-token work is
+# the same, but the (rows*T, intermediate) MLP buffers and the (rows, heads, T, D) attention inputs stay small (on CPU
+# the elementwise ops of a 16 x 1336-token batch took 2-3x longer per token than in 3-row chunks: buffers over glibc's
+# 32 MB mmap threshold are fresh pages on every allocation). Peak activation memory drops likewise.
+PREFILL_TOKENS = 4096
 
 
 # ---------------------------------------------------------------------------------------------------- sampling
@@ -116,11 +121,21 @@ class LayerKV(NamedTuple):
     slots: torch.Tensor  # (n,) its cache slot
     n_keys: int  # Tk: queries attend slots [0, Tk)
     kernel_lens: torch.Tensor | None  # (B,) with one query per row: the Triton decode kernel over lens keys
+    start: int | None  # every row writes all N new tokens at slots [start, start + N) (dense layout), else None
 
     def attend(self, q, k, v, mask):
         """Write the new keys/values (B,Hkv,N,D) at their slots; attend q (B,nh,N,D) over the cache -> (B,N,nh*D)."""
-        self.k[self.rows, :, self.slots] = k.transpose(1, 2)[self.rows, self.cols].to(self.k.dtype)  # (n,Hkv,D)
-        self.v[self.rows, :, self.slots] = v.transpose(1, 2)[self.rows, self.cols].to(self.v.dtype)
+        N = k.shape[2]
+        if self.start is not None:  # one slice copy instead of gathering and scattering n = B*N (Hkv,D) rows
+            self.k[:, :, self.start:self.start + N] = k
+            self.v[:, :, self.start:self.start + N] = v
+            if self.start == 0 and N == self.n_keys and k.dtype == self.k.dtype:
+                # the new tokens are all the keys (prefill into an empty cache): attend over them as computed, not
+                # over the strided slice of the cache just written (the same values)
+                return attention(q, k, v, mask, is_causal=mask is None)
+        else:
+            self.k[self.rows, :, self.slots] = k.transpose(1, 2)[self.rows, self.cols].to(self.k.dtype)  # (n,Hkv,D)
+            self.v[self.rows, :, self.slots] = v.transpose(1, 2)[self.rows, self.cols].to(self.v.dtype)
         if self.kernel_lens is not None:
             from nanoalign.kernels.decode_attention import decode_attention
             B, nh, _, D = q.shape
@@ -160,7 +175,12 @@ def forward_cached(model, cache: KVCache, x, pos, n_new=None, visible=None, use_
         raise ValueError(f"KVCache capacity {cache.capacity} exceeded ({_imax(end)} tokens)")
     slots = start[:, None] + ar[None, :]  # (B,N)
     rows, cols = real.nonzero(as_tuple=True)
-    cache.keys[rows, slots[rows, cols]] = (real if visible is None else visible.bool() & real)[rows, cols]
+    s0 = int(start[0]) if B else 0
+    common = s0 if n_new is None and bool((start == s0).all()) else None  # dense: one slot range for every row
+    if common is not None:
+        cache.keys[:, common:common + N] = True if visible is None else visible.bool()
+    else:
+        cache.keys[rows, slots[rows, cols]] = (real if visible is None else visible.bool() & real)[rows, cols]
     Tk = max(_imax(end), 1)
     keys = cache.keys[:, :Tk]  # (B,Tk)
     all_visible = bool(keys.all())
@@ -180,7 +200,7 @@ def forward_cached(model, cache: KVCache, x, pos, n_new=None, visible=None, use_
     cos, sin = rope_cos_sin(pos, tc.head_dim, tc.rope_theta, x.dtype)
     write_slots = slots[rows, cols]
     for i, layer in enumerate(model.language_model.model.layers):
-        x = layer(x, cos, sin, mask, LayerKV(cache.k[i], cache.v[i], rows, cols, write_slots, Tk, kernel_lens))
+        x = layer(x, cos, sin, mask, LayerKV(cache.k[i], cache.v[i], rows, cols, write_slots, Tk, kernel_lens, common))
     cache.lens = end
     cache.next_pos = cache.next_pos + n
     return model.language_model.model.norm(x)
@@ -212,6 +232,25 @@ def keep_positions(input_ids, attention_mask, image_token_index: int, image_keep
     return keep
 
 
+def _forward_rows(model, cache: KVCache, x, pos, n_new=None, visible=None):
+    """forward_cached (no kernel) in row chunks of about PREFILL_TOKENS tokens, each chunk writing its rows of `cache`
+    through views (rows are independent: the same outputs as one call). x (B,N,H) -> final-normed hidden (B,N,H).
+    FSDP2 with gather_whole=False all-gathers every block once per chunk."""
+    B, N, _ = x.shape
+    step = max(1, PREFILL_TOKENS // max(N, 1))
+    if step >= B:
+        return forward_cached(model, cache, x, pos, n_new=n_new, visible=visible, use_kernel=False)
+    out = torch.empty_like(x)
+    for r in range(0, B, step):
+        rs = slice(r, r + step)
+        sub = KVCache([k[rs] for k in cache.k], [v[rs] for v in cache.v], cache.lens[rs], cache.keys[rs],
+                      cache.next_pos[rs])
+        out[rs] = forward_cached(model, sub, x[rs], pos[rs], None if n_new is None else n_new[rs],
+                                 None if visible is None else visible[rs], use_kernel=False)
+        cache.lens[rs], cache.next_pos[rs] = sub.lens, sub.next_pos  # forward_cached replaced the views' tensors
+    return out
+
+
 @torch.no_grad()
 def prefill(model, input_ids, attention_mask=None, pixel_values=None, image_sizes=None, extra: int = 0,
             image_keep=None, image_features=None, compact: bool = False) -> Prefill:
@@ -234,11 +273,11 @@ def prefill(model, input_ids, attention_mask=None, pixel_values=None, image_size
         x = x.gather(1, order[..., None].expand(-1, -1, x.shape[-1]))  # (B,L,H)
         pos = pos.gather(1, order)
         cache = KVCache.empty(model, B, L + extra, x.dtype, x.device)
-        hidden = forward_cached(model, cache, x, pos, n_new=lens, use_kernel=False)
+        hidden = _forward_rows(model, cache, x, pos, n_new=lens)
         last = last_hidden(hidden, lens)
     else:
         cache = KVCache.empty(model, B, input_ids.shape[1] + extra, x.dtype, x.device)
-        hidden = forward_cached(model, cache, x, pos, visible=keep, use_kernel=False)
+        hidden = _forward_rows(model, cache, x, pos, visible=keep)
         last = hidden[:, -1]
     cache.next_pos = attention_mask.long().sum(1)  # the next token's position
     return Prefill(cache, hidden, last, pos)

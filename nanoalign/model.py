@@ -195,11 +195,18 @@ def attention(q, k, v, mask=None, is_causal=False):
     if _FLASH is not None and q.is_cuda and mask is None and q.dtype in (torch.float16, torch.bfloat16):
         out = _FLASH(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=is_causal)  # (B,Tq,Hq,D)
         return out.reshape(B, Tq, Hq * D)
-    if k.shape[1] != Hq:  # grouped-query attention: repeat each kv head for its group of query heads
+    gqa = k.shape[1] != Hq  # grouped-query attention: each kv head serves Hq / Hkv query heads
+    if gqa and q.is_cuda and mask is not None:
+        # CUDA's fused kernels take enable_gqa only without a mask (else SDPA falls back to the math kernel): repeat
+        # each kv head for its group of query heads instead (a (B,Hq,Tk,D) copy of k and v)
         rep = Hq // k.shape[1]
         k = k[:, :, None].expand(-1, -1, rep, -1, -1).reshape(B, Hq, k.shape[2], D)
         v = v[:, :, None].expand(-1, -1, rep, -1, -1).reshape(B, Hq, v.shape[2], D)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None)
+        gqa = False
+    # enable_gqa: SDPA maps query head h to kv head h // (Hq / Hkv) itself, without the copy (the same outputs bit
+    # for bit on CPU; the kv gradients differ only in summation order)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None,
+                                         enable_gqa=gqa)
     return out.transpose(1, 2).reshape(B, Tq, Hq * D)
 
 

@@ -177,3 +177,59 @@ def test_bad_arguments_raise_one_line():
         with pytest.raises(ValueError, match=r"^generate: ") as e:
             generate(None, {}, **kw)
         assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("compact", [False, True], ids=["dense", "compact"])
+def test_row_chunked_prefill_equals_one_call(ckpts, monkeypatch, compact):
+    """prefill in row chunks (PREFILL_TOKENS forced down to one row per chunk) == one call over the whole batch
+    (the reference path): hidden states, last hidden, cache contents, lens, positions; and greedy tokens still equal
+    transformers'. Left padding (rows of different lengths) and a masked image (image_keep) included."""
+    import nanoalign.engine as E
+    path, hf = ckpts["llava_next"]
+    model, _ = load_pretrained(path)
+    ids, mask, pv, sizes = _inputs("llava_next", hf, [0, 1])
+    assert not mask.all()  # the rows are left padded
+    n_img = [int(r.sum()) for r in ids == model.config.image_token_index]
+    g = torch.Generator().manual_seed(0)
+    keeps = [torch.rand(n, generator=g) > 0.5 for n in n_img]
+    runs = {}
+    for tokens in (10 ** 9, 1):
+        monkeypatch.setattr(E, "PREFILL_TOKENS", tokens)
+        runs[tokens] = prefill(model, ids, mask, pv, sizes, extra=2, image_keep=keeps, compact=compact)
+    one, chunked = runs[10 ** 9], runs[1]
+    written = torch.arange(one.cache.capacity)[None, :] < one.cache.lens[:, None]  # (B,C)
+    assert torch.equal(one.cache.lens, chunked.cache.lens) and torch.equal(one.cache.next_pos, chunked.cache.next_pos)
+    assert torch.equal(one.cache.keys, chunked.cache.keys) and torch.equal(one.pos, chunked.pos)
+    for a, b in zip(one.cache.k + one.cache.v, chunked.cache.k + chunked.cache.v):
+        assert torch.allclose(a.transpose(1, 2)[written], b.transpose(1, 2)[written], atol=1e-6, rtol=0)
+    real = one.cache.keys[:, :one.hidden.shape[1]]  # attendable columns: their hidden states are meaningful
+    assert torch.allclose(one.hidden[real], chunked.hidden[real], atol=1e-5, rtol=0)
+    assert torch.allclose(one.last, chunked.last, atol=1e-5, rtol=0)
+
+    if not compact:  # end to end with chunking forced: greedy tokens == transformers' generate
+        with torch.no_grad():
+            ref = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                              eos_token_id=EOS, pad_token_id=0, **_hf_kw(pv, sizes))[:, ids.shape[1]:]
+        ours = generate(model, _batch(ids, mask, pv, sizes), max_new_tokens=8, end_ids=[EOS])
+        assert ours.ids == [_trim(r, [EOS]) for r in ref.tolist()]
+
+
+def test_dense_slice_write_equals_row_scatter(ckpts):
+    """forward_cached writes a dense call (every row, same slots) as one slice copy and a ragged call by scattering
+    rows: the same tokens through both routes (n_new=None vs n_new = all N) give the same hidden states and cache."""
+    path, hf = ckpts["llava"]
+    model, _ = load_pretrained(path)
+    ids, mask, pv, _ = _inputs("llava", hf, [0, 1])
+    with torch.no_grad():
+        base = prefill(model, ids, mask, pv, extra=4).cache
+        tok = torch.tensor([[5, 6, 7], [9, 10, 11]])
+        x = model.language_model.model.embed_tokens(tok)
+        out = {}
+        for name, n_new in (("slice", None), ("scatter", torch.tensor([3, 3]))):
+            c = base.fork(torch.arange(2))
+            pos = c.next_pos[:, None] + torch.arange(3)[None, :]
+            out[name] = (forward_cached(model, c, x, pos, n_new=n_new), c)
+    (h1, c1), (h2, c2) = out["slice"], out["scatter"]
+    assert torch.allclose(h1, h2, atol=1e-6, rtol=0)
+    assert torch.equal(c1.lens, c2.lens) and torch.equal(c1.keys, c2.keys)
+    assert all(torch.equal(a, b) for a, b in zip(c1.k + c1.v, c2.k + c2.v))
