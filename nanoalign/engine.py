@@ -132,7 +132,7 @@ class LayerKV(NamedTuple):
             if self.start == 0 and N == self.n_keys and k.dtype == self.k.dtype:
                 # the new tokens are all the keys (prefill into an empty cache): attend over them as computed, not
                 # over the strided slice of the cache just written (the same values)
-                return attention(q, k, v, mask, is_causal=mask is None)
+                return attention(q, k, v, mask, is_causal=mask is None and q.shape[2] == N)
         else:
             self.k[self.rows, :, self.slots] = k.transpose(1, 2)[self.rows, self.cols].to(self.k.dtype)  # (n,Hkv,D)
             self.v[self.rows, :, self.slots] = v.transpose(1, 2)[self.rows, self.cols].to(self.v.dtype)
@@ -157,14 +157,18 @@ def _has_triton() -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------- forward
-def forward_cached(model, cache: KVCache, x, pos, n_new=None, visible=None, use_kernel: bool | None = None):
+def forward_cached(model, cache: KVCache, x, pos, n_new=None, visible=None, use_kernel: bool | None = None,
+                   out_cols=None):
     """Append N new tokens to every row at its next free slots and run the decoder on them.
 
     x (B,N,H) input embeddings; pos (B,N) their RoPE positions; n_new (B,) how many of the N are real (right padded;
     None = all); visible (B,N) bool which of them later queries may attend (None = the real ones; False at left
     padding or a masked image token). Query i of row b sits at slot lens[b] + i and sees the attendable slots up to
     its own (and always itself, so padded rows stay finite). Returns final-normed hidden (B,N,H) (rows i >= n_new[b]
-    are garbage); lens += n_new, next_pos += n_new. use_kernel None: the Triton kernel on CUDA when it applies."""
+    are garbage); lens += n_new, next_pos += n_new. use_kernel None: the Triton kernel on CUDA when it applies.
+    out_cols (B,M) long, optional: only these columns' hidden states are wanted -> (B,M,H); every layer still writes
+    all N keys/values, but the last one runs its queries, attention output and MLP on the M columns alone (a
+    prefill needs each row's last token only: 1/num_layers of the prefill's query-side work saved)."""
     B, N, _ = x.shape
     dev = x.device
     ar = torch.arange(N, device=dev)
@@ -196,11 +200,22 @@ def forward_cached(model, cache: KVCache, x, pos, n_new=None, visible=None, use_
         k_idx = torch.arange(Tk, device=dev)[None, None, :]  # (1,1,Tk)
         mask = (k_idx <= slots[:, :, None]) & keys[:, None, :]  # (B,N,Tk)
         mask = (mask | (k_idx == slots.clamp(max=Tk - 1)[:, :, None]))[:, None]  # (B,1,N,Tk)
+    out_mask = None
+    if out_cols is not None:  # the wanted columns' rows of the mask above, built for them alone: (B,1,M,Tk)
+        q_slots = slots.gather(1, out_cols)  # (B,M)
+        k_idx = torch.arange(Tk, device=dev)[None, None, :]
+        out_mask = (k_idx <= q_slots[:, :, None]) & keys[:, None, :]
+        out_mask = (out_mask | (k_idx == q_slots.clamp(max=Tk - 1)[:, :, None]))[:, None]
     tc = model.config.text_config
     cos, sin = rope_cos_sin(pos, tc.head_dim, tc.rope_theta, x.dtype)
     write_slots = slots[rows, cols]
-    for i, layer in enumerate(model.language_model.model.layers):
-        x = layer(x, cos, sin, mask, LayerKV(cache.k[i], cache.v[i], rows, cols, write_slots, Tk, kernel_lens, common))
+    layers = model.language_model.model.layers
+    for i, layer in enumerate(layers):
+        kv = LayerKV(cache.k[i], cache.v[i], rows, cols, write_slots, Tk, kernel_lens, common)
+        if out_cols is not None and i == len(layers) - 1:
+            x = layer(x, cos, sin, out_mask, kv, out_cols)  # (B,M,H)
+        else:
+            x = layer(x, cos, sin, mask, kv)
     cache.lens = end
     cache.next_pos = cache.next_pos + n
     return model.language_model.model.norm(x)
@@ -214,7 +229,7 @@ def last_hidden(hidden, n):
 # ---------------------------------------------------------------------------------------------------- prefill
 class Prefill(NamedTuple):
     cache: KVCache
-    hidden: torch.Tensor  # (B,T,H) dense or (B,L,H) compacted, final-normed
+    hidden: torch.Tensor  # (B,T,H) dense or (B,L,H) compacted, final-normed; (B,1,H) with all_hidden=False
     last: torch.Tensor  # (B,H) each row's last real hidden state (its next-token logits come from here)
     pos: torch.Tensor  # (B,T) / (B,L) RoPE positions of `hidden`'s columns
 
@@ -232,33 +247,37 @@ def keep_positions(input_ids, attention_mask, image_token_index: int, image_keep
     return keep
 
 
-def _forward_rows(model, cache: KVCache, x, pos, n_new=None, visible=None):
+def _forward_rows(model, cache: KVCache, x, pos, n_new=None, visible=None, out_cols=None):
     """forward_cached (no kernel) in row chunks of about PREFILL_TOKENS tokens, each chunk writing its rows of `cache`
-    through views (rows are independent: the same outputs as one call). x (B,N,H) -> final-normed hidden (B,N,H).
+    through views (rows are independent: the same outputs as one call). x (B,N,H) -> final-normed hidden (B,N,H),
+    or (B,M,H) at out_cols (B,M).
     FSDP2 with gather_whole=False all-gathers every block once per chunk."""
     B, N, _ = x.shape
     step = max(1, PREFILL_TOKENS // max(N, 1))
     if step >= B:
-        return forward_cached(model, cache, x, pos, n_new=n_new, visible=visible, use_kernel=False)
-    out = torch.empty_like(x)
+        return forward_cached(model, cache, x, pos, n_new=n_new, visible=visible, use_kernel=False, out_cols=out_cols)
+    out = x.new_empty(x.shape if out_cols is None else (B, out_cols.shape[1], x.shape[2]))
     for r in range(0, B, step):
         rs = slice(r, r + step)
         sub = KVCache([k[rs] for k in cache.k], [v[rs] for v in cache.v], cache.lens[rs], cache.keys[rs],
                       cache.next_pos[rs])
         out[rs] = forward_cached(model, sub, x[rs], pos[rs], None if n_new is None else n_new[rs],
-                                 None if visible is None else visible[rs], use_kernel=False)
+                                 None if visible is None else visible[rs], use_kernel=False,
+                                 out_cols=None if out_cols is None else out_cols[rs])
         cache.lens[rs], cache.next_pos[rs] = sub.lens, sub.next_pos  # forward_cached replaced the views' tensors
     return out
 
 
 @torch.no_grad()
 def prefill(model, input_ids, attention_mask=None, pixel_values=None, image_sizes=None, extra: int = 0,
-            image_keep=None, image_features=None, compact: bool = False) -> Prefill:
+            image_keep=None, image_features=None, compact: bool = False, all_hidden: bool = True) -> Prefill:
     """Run the prompt batch (B,T), left padded (the Processor's output), into a new cache with `extra` free slots.
 
     image_keep: optional list of (n_b,) bool per row, False = that image token is removed from attention for every
     query (BDHS, Eq. 6). compact=False keeps the dense layout (padding and masked tokens written, not attendable);
-    compact=True drops them (ragged rows, original positions). image_features: precomputed list of (n_i,H)."""
+    compact=True drops them (ragged rows, original positions). image_features: precomputed list of (n_i,H).
+    all_hidden=False: the last layer computes each row's last real token alone (what sampling needs; the cache is
+    the same), so Prefill.hidden is (B,1,H) == `last`."""
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     x = model.embed(input_ids, pixel_values, image_sizes, image_features=image_features)  # (B,T,H)
@@ -273,11 +292,14 @@ def prefill(model, input_ids, attention_mask=None, pixel_values=None, image_size
         x = x.gather(1, order[..., None].expand(-1, -1, x.shape[-1]))  # (B,L,H)
         pos = pos.gather(1, order)
         cache = KVCache.empty(model, B, L + extra, x.dtype, x.device)
-        hidden = _forward_rows(model, cache, x, pos, n_new=lens)
-        last = last_hidden(hidden, lens)
+        out_cols = None if all_hidden else (lens - 1).clamp(min=0)[:, None]
+        hidden = _forward_rows(model, cache, x, pos, n_new=lens, out_cols=out_cols)
+        last = last_hidden(hidden, lens) if all_hidden else hidden[:, 0]
     else:
         cache = KVCache.empty(model, B, input_ids.shape[1] + extra, x.dtype, x.device)
-        hidden = _forward_rows(model, cache, x, pos, visible=keep)
+        T = input_ids.shape[1]
+        out_cols = None if all_hidden else torch.full((B, 1), T - 1, dtype=torch.long, device=x.device)
+        hidden = _forward_rows(model, cache, x, pos, visible=keep, out_cols=out_cols)
         last = hidden[:, -1]
     cache.next_pos = attention_mask.long().sum(1)  # the next token's position
     return Prefill(cache, hidden, last, pos)
@@ -371,7 +393,7 @@ def generate(model, batch: dict, max_new_tokens: int = 64, temperature: float = 
                          f"temperature {temperature} (>= 0), top_p {top_p} (in (0, 1])")
     ids, am = batch["input_ids"], batch.get("attention_mask")
     pre = prefill(model, ids, am, batch.get("pixel_values"), batch.get("image_sizes"), max_new_tokens, image_keep,
-                  image_features, compact)
+                  image_features, compact, all_hidden=False)
     cache, last = pre.cache, pre.last
     if n_per_prompt > 1:
         rows = torch.arange(ids.shape[0], device=last.device).repeat_interleave(n_per_prompt)

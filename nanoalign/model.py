@@ -353,12 +353,19 @@ class LlamaAttention(nn.Module):
         self.v_proj = nn.Linear(c.hidden_size, self.nkv * self.hd, bias=b)
         self.o_proj = nn.Linear(self.nh * self.hd, c.hidden_size, bias=b)
 
-    def forward(self, x, cos, sin, mask, kv=None):  # x (B,T,H)
+    def forward(self, x, cos, sin, mask, kv=None, out_cols=None):  # x (B,T,H)
+        """out_cols (B,M) long, optional: queries only at these columns (keys and values at all T) -> (B,M,H)."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.nh, self.hd).transpose(1, 2)  # (B,nh,T,D)
+        if out_cols is not None:
+            x_q = x.gather(1, out_cols[..., None].expand(-1, -1, x.shape[-1]))  # (B,M,H)
+            i = out_cols[:, None, :, None].expand(-1, 1, -1, cos.shape[-1])  # (B,1,M,D)
+            q = apply_rope(self.q_proj(x_q).view(B, -1, self.nh, self.hd).transpose(1, 2), cos.gather(2, i),
+                           sin.gather(2, i))  # (B,nh,M,D)
+        else:
+            q = apply_rope(self.q_proj(x).view(B, T, self.nh, self.hd).transpose(1, 2), cos, sin)  # (B,nh,T,D)
         k = self.k_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)  # (B,nkv,T,D)
         v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k = apply_rope(k, cos, sin)
         if kv is not None:  # generation: nanoalign.engine's LayerKV writes the new keys at its slots and attends
             return self.o_proj(kv.attend(q, k, v, mask))
         return self.o_proj(attention(q, k, v, mask, is_causal=mask is None))
@@ -384,8 +391,15 @@ class LlamaLayer(nn.Module):
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, kv=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv)
+    def forward(self, x, cos, sin, mask, kv=None, out_cols=None):
+        """x (B,T,H) -> (B,T,H). Generation: kv (nanoalign.engine.LayerKV) holds the cache; out_cols (B,M) long: only
+        these columns' outputs are needed (a prefill's last layer: each row's last token), so the queries, attention
+        output and MLP run on M tokens instead of T (mask then (B,1,M,Tk)) -> (B,M,H); keys and values still cover
+        all T (they go to the cache)."""
+        h = self.input_layernorm(x)
+        if out_cols is not None:
+            x = x.gather(1, out_cols[..., None].expand(-1, -1, x.shape[-1]))  # (B,M,H) the residual stream kept
+        x = x + self.self_attn(h, cos, sin, mask, kv, out_cols)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 

@@ -233,3 +233,29 @@ def test_dense_slice_write_equals_row_scatter(ckpts):
     assert torch.allclose(h1, h2, atol=1e-6, rtol=0)
     assert torch.equal(c1.lens, c2.lens) and torch.equal(c1.keys, c2.keys)
     assert all(torch.equal(a, b) for a, b in zip(c1.k + c1.v, c2.k + c2.v))
+
+
+@pytest.mark.parametrize("compact", [False, True], ids=["dense", "compact"])
+@pytest.mark.parametrize("chunked", [False, True], ids=["one_call", "row_chunks"])
+def test_prefill_last_token_only_equals_all_hidden(ckpts, monkeypatch, compact, chunked):
+    """prefill(all_hidden=False) (the last layer runs each row's last real token alone, what generate uses) == the
+    full prefill (the reference path): the same cache bit for bit, the same last hidden state within fp32 rounding.
+    Left padding and a masked image included."""
+    import nanoalign.engine as E
+    path, hf = ckpts["llava_next"]
+    model, _ = load_pretrained(path)
+    ids, mask, pv, sizes = _inputs("llava_next", hf, [0, 1])
+    n_img = [int(r.sum()) for r in ids == model.config.image_token_index]
+    g = torch.Generator().manual_seed(1)
+    keeps = [torch.rand(n, generator=g) > 0.5 for n in n_img]
+    ref = prefill(model, ids, mask, pv, sizes, extra=2, image_keep=keeps, compact=compact)
+    if chunked:
+        monkeypatch.setattr(E, "PREFILL_TOKENS", 1)
+    ours = prefill(model, ids, mask, pv, sizes, extra=2, image_keep=keeps, compact=compact, all_hidden=False)
+    assert ours.hidden.shape == (2, 1, ref.hidden.shape[2]) and torch.equal(ours.hidden[:, 0], ours.last)
+    assert (ours.last - ref.last).abs().max() < 1e-5
+    assert (model.logits(ours.last) - model.logits(ref.last)).abs().max() < 1e-4
+    assert torch.equal(ours.cache.lens, ref.cache.lens) and torch.equal(ours.cache.keys, ref.cache.keys)
+    written = torch.arange(ref.cache.capacity)[None, :] < ref.cache.lens[:, None]
+    for a, b in zip(ours.cache.k + ours.cache.v, ref.cache.k + ref.cache.v):
+        assert torch.allclose(a.transpose(1, 2)[written], b.transpose(1, 2)[written], atol=1e-6, rtol=0)
