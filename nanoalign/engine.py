@@ -191,6 +191,12 @@ def forward_cached(model, cache: KVCache, x, pos, n_new=None, visible=None, use_
     kernel_lens = None
     if n_new is None and all_visible and (N == 1 or N == Tk):
         mask = None  # every key visible to every query: full (one new token) or plain causal (prefill)
+    elif N == Tk and visible is None and not bool(start.any()):
+        # right-padded rows into an empty cache, every real token attendable (the ragged prefill): real query i sees
+        # exactly slots 0..i, so plain causal attention is exact for it (queries past n_new are garbage anyway), and
+        # SDPA's causal path skips the blocks above the diagonal: about half the work of the same mask given
+        # explicitly (3 x 1336 tokens, 8 heads, CPU: 0.53 s vs 1.00 s)
+        mask = None
     elif N == 1:
         mask = keys[:, None, None, :]  # (B,1,1,Tk): the new token's own key is set above
         if (dev.type == "cuda" if use_kernel is None else use_kernel) and _has_triton() \
@@ -256,14 +262,20 @@ def _forward_rows(model, cache: KVCache, x, pos, n_new=None, visible=None, out_c
     step = max(1, PREFILL_TOKENS // max(N, 1))
     if step >= B:
         return forward_cached(model, cache, x, pos, n_new=n_new, visible=visible, use_kernel=False, out_cols=out_cols)
-    out = x.new_empty(x.shape if out_cols is None else (B, out_cols.shape[1], x.shape[2]))
+    out = x.new_zeros(x.shape if out_cols is None else (B, out_cols.shape[1], x.shape[2]))
     for r in range(0, B, step):
         rs = slice(r, r + step)
+        # ragged rows: the chunk's columns up to its own longest row (the rest is padding)
+        n = N if n_new is None else max(_imax(n_new[rs]), 1)
         sub = KVCache([k[rs] for k in cache.k], [v[rs] for v in cache.v], cache.lens[rs], cache.keys[rs],
                       cache.next_pos[rs])
-        out[rs] = forward_cached(model, sub, x[rs], pos[rs], None if n_new is None else n_new[rs],
-                                 None if visible is None else visible[rs], use_kernel=False,
-                                 out_cols=None if out_cols is None else out_cols[rs])
+        h = forward_cached(model, sub, x[rs, :n], pos[rs, :n], None if n_new is None else n_new[rs],
+                           None if visible is None else visible[rs, :n], use_kernel=False,
+                           out_cols=None if out_cols is None else out_cols[rs])
+        if out_cols is None:
+            out[rs, :n] = h
+        else:
+            out[rs] = h
         cache.lens[rs], cache.next_pos[rs] = sub.lens, sub.next_pos  # forward_cached replaced the views' tensors
     return out
 
@@ -387,13 +399,16 @@ def generate(model, batch: dict, max_new_tokens: int = 64, temperature: float = 
     pixel_values, image_sizes), on the model's device. Each prompt is prefilled once and its cache forked into
     n_per_prompt rows; response i * n_per_prompt + j is prompt i's j-th. Greedy when temperature == 0.
     image_keep / image_features / compact: see prefill (compact also drops finished rows, as BDHS does).
+    A left-padded batch without image_keep is prefilled in the ragged layout (padding dropped): its prefill is then
+    plain causal attention (see forward_cached) instead of an explicit (B,1,T,T) mask; the same outputs.
     Runs in the model's current mode; `sample` is the entry point for a policy being trained."""
     if n_per_prompt < 1 or max_new_tokens < 0 or temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"generate: n_per_prompt {n_per_prompt} (>= 1), max_new_tokens {max_new_tokens} (>= 0), "
                          f"temperature {temperature} (>= 0), top_p {top_p} (in (0, 1])")
     ids, am = batch["input_ids"], batch.get("attention_mask")
+    ragged = compact or (image_keep is None and am is not None and not bool(am.bool().all()))
     pre = prefill(model, ids, am, batch.get("pixel_values"), batch.get("image_sizes"), max_new_tokens, image_keep,
-                  image_features, compact, all_hidden=False)
+                  image_features, ragged, all_hidden=False)
     cache, last = pre.cache, pre.last
     if n_per_prompt > 1:
         rows = torch.arange(ids.shape[0], device=last.device).repeat_interleave(n_per_prompt)

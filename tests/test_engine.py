@@ -259,3 +259,28 @@ def test_prefill_last_token_only_equals_all_hidden(ckpts, monkeypatch, compact, 
     written = torch.arange(ref.cache.capacity)[None, :] < ref.cache.lens[:, None]
     for a, b in zip(ours.cache.k + ours.cache.v, ref.cache.k + ref.cache.v):
         assert torch.allclose(a.transpose(1, 2)[written], b.transpose(1, 2)[written], atol=1e-6, rtol=0)
+
+
+def test_left_padded_rollout_prefill_is_plain_causal(ckpts, monkeypatch):
+    """generate on a left-padded batch prefills it in the ragged layout, where every prefill attention call is plain
+    causal (no explicit (B,1,T,T) mask: SDPA skips the blocks above the diagonal); the greedy tokens still equal
+    transformers' generate on the left-padded batch."""
+    import nanoalign.engine as E
+    path, hf = ckpts["llava"]
+    model, _ = load_pretrained(path)
+    ids, mask, pv, sizes = _inputs("llava", hf, [0, 1])
+    assert not mask.all()
+    calls = []
+    real_attention = E.attention
+
+    def spy(q, k, v, m, is_causal=False):
+        calls.append((q.shape[2], m is None, is_causal))
+        return real_attention(q, k, v, m, is_causal=is_causal)
+    monkeypatch.setattr(E, "attention", spy)
+    ours = generate(model, _batch(ids, mask, pv, sizes), max_new_tokens=6, end_ids=[EOS])
+    prefill_calls = [c for c in calls if c[0] > 1]
+    assert prefill_calls and all(no_mask and causal for _, no_mask, causal in prefill_calls)
+    with torch.no_grad():
+        ref = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, eos_token_id=EOS,
+                          pad_token_id=0, **_hf_kw(pv, sizes))[:, ids.shape[1]:]
+    assert ours.ids == [_trim(r, [EOS]) for r in ref.tolist()]
