@@ -142,7 +142,7 @@ def main():
         for n, ts in times.items():
             q = statistics.quantiles(ts, n=5) if len(ts) > 1 else [ts[0]] * 4
             med = statistics.median(ts)
-            rows.append({"batch": spec, "provider": n, "tokens_per_s": B * a.new_tokens / med, "median_s": med,
+            rows.append({"batch": spec, "provider": n, "new_tokens": a.new_tokens, "tokens_per_s": B * a.new_tokens / med, "median_s": med,
                          "p20_s": q[0], "p80_s": q[3], "greedy_rows_equal_hf": f"{same}/{B}"})
             rows[-1]["hf_over_x_per_rep_median"] = statistics.median(h / x for h, x in zip(times["hf"], ts))
             print(f"B={spec:>4s} {n:8s} {B * a.new_tokens / med:9.1f} tok/s  median {med:.3f}s  "
