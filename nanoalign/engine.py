@@ -16,8 +16,13 @@ token). One layout serves both uses:
 both explicitly to every layer (`LayerKV`); the layers never read or change cache state.
 
 Attention: SDPA over the cache's first Tk slots with a (B,1,N,Tk) mask, or no mask (plain causal / full) when every
-key is visible -- bitwise the same on CPU. One new token per row on CUDA over a ragged cache uses the Triton kernel
-nanoalign.kernels.decode_attention (per-row lengths, GQA, online softmax).
+key is visible -- bitwise the same on CPU. A left-padded rollout batch is prefilled ragged (right padded), where plain
+causal attention is exact for every real token: no (B,1,T,T) mask, so SDPA skips the blocks above the diagonal. One
+new token per row on CUDA over a ragged cache uses the Triton kernel nanoalign.kernels.decode_attention (per-row
+lengths, GQA, online softmax).
+Prefill cost (profiled in docs/log.md, 2026-11-30 late): rows run in chunks of PREFILL_TOKENS tokens; a rollout's
+prefill runs the last decoder layer on each row's last token only (the cache needs every token's keys and values,
+sampling needs one hidden state per row); a dense call writes the cache as one slice copy.
 
 FSDP2 (torch.distributed.fsdp.fully_shard: the vision tower, each decoder block and the root each a unit, as train.py
 shards the policy): the engine calls the units as modules (`model.vision_tower(...)`, `layer(...)`), whose forward
@@ -62,7 +67,15 @@ def sample_next(logits, temperature: float = 0.0, top_p: float = 1.0, generator:
         return logits.argmax(-1)
     probs = torch.softmax(logits / temperature, dim=-1)
     if top_p < 1.0:
-        p_sorted, idx = probs.sort(dim=-1, descending=True)
+        # the most likely k tokens, sorted (topk, not a sort of the whole vocabulary: 302 ms vs 38 ms for 16 x 32064
+        # on this CPU); k grows until every row's top k hold top_p of the mass, so every token past them is cut
+        # anyway (cumsum over non-negative terms never decreases): the same kept set and probabilities as a full sort
+        k, V = min(256, probs.shape[-1]), probs.shape[-1]
+        while True:
+            p_sorted, idx = probs.topk(k, dim=-1)  # (B,k) descending
+            if k == V or bool((p_sorted.cumsum(-1)[:, -1] >= top_p).all()):
+                break
+            k = min(4 * k, V)
         before = p_sorted.cumsum(-1) - p_sorted  # mass of the strictly more likely tokens
         p_sorted = p_sorted.masked_fill(before >= top_p, 0.0)  # the first token always survives
         probs = torch.zeros_like(probs).scatter_(-1, idx, p_sorted)

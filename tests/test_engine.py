@@ -284,3 +284,24 @@ def test_left_padded_rollout_prefill_is_plain_causal(ckpts, monkeypatch):
         ref = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, eos_token_id=EOS,
                           pad_token_id=0, **_hf_kw(pv, sizes))[:, ids.shape[1]:]
     assert ours.ids == [_trim(r, [EOS]) for r in ref.tolist()]
+
+
+def test_top_p_over_top_k_equals_full_sort():
+    """sample_next's nucleus from a growing top-k == the nucleus from a full sort of the vocabulary (the reference,
+    written here as the definition: sort, cut where the mass of the strictly more likely tokens reaches top_p): the
+    same draws from the same generator, for peaked rows (nucleus inside the first top-k) and flat ones (the
+    full-vocabulary fallback)."""
+    from nanoalign.engine import sample_next
+    g = torch.Generator().manual_seed(0)
+    V = 3000
+    logits = torch.cat([torch.randn(3, V, generator=g) * 8, torch.randn(3, V, generator=g) * 0.01])  # peaked, flat
+    for top_p in (0.5, 0.9, 0.999):
+        probs = torch.softmax(logits / 0.7, dim=-1)
+        p_sorted, idx = probs.sort(dim=-1, descending=True)
+        p_sorted = p_sorted.masked_fill(p_sorted.cumsum(-1) - p_sorted >= top_p, 0.0)
+        ref_probs = torch.zeros_like(probs).scatter_(-1, idx, p_sorted)
+        for seed in range(3):
+            ref = torch.multinomial(ref_probs, 1, generator=torch.Generator().manual_seed(seed)).squeeze(-1)
+            ours = sample_next(logits, 0.7, top_p, torch.Generator().manual_seed(seed))
+            assert torch.equal(ours, ref), (top_p, seed)
+    assert (ref_probs[:3] > 0).sum(1).max() < 256 and (ref_probs[3:] > 0).sum(1).min() > 256  # both routes taken
