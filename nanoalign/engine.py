@@ -67,15 +67,14 @@ def sample_next(logits, temperature: float = 0.0, top_p: float = 1.0, generator:
         return logits.argmax(-1)
     probs = torch.softmax(logits / temperature, dim=-1)
     if top_p < 1.0:
-        # the most likely k tokens, sorted (topk, not a sort of the whole vocabulary: 302 ms vs 38 ms for 16 x 32064
-        # on this CPU); k grows until every row's top k hold top_p of the mass, so every token past them is cut
-        # anyway (cumsum over non-negative terms never decreases): the same kept set and probabilities as a full sort
-        k, V = min(256, probs.shape[-1]), probs.shape[-1]
-        while True:
-            p_sorted, idx = probs.topk(k, dim=-1)  # (B,k) descending
-            if k == V or bool((p_sorted.cumsum(-1)[:, -1] >= top_p).all()):
-                break
-            k = min(4 * k, V)
+        # the 256 most likely tokens, sorted (topk, not a sort of the whole vocabulary: 302 ms vs 38 ms for 16 x 32064
+        # on this CPU); when every row's top 256 hold top_p of the mass, every token past them is cut anyway (cumsum
+        # over non-negative terms never decreases): the same kept set and probabilities as a full sort. Otherwise (a
+        # flat distribution, e.g. a random model's) the whole vocabulary is sorted.
+        V = probs.shape[-1]
+        p_sorted, idx = probs.topk(min(256, V), dim=-1)  # (B,k) descending
+        if not bool((p_sorted.cumsum(-1)[:, -1] >= top_p).all()):
+            p_sorted, idx = probs.sort(dim=-1, descending=True)
         before = p_sorted.cumsum(-1) - p_sorted  # mass of the strictly more likely tokens
         p_sorted = p_sorted.masked_fill(before >= top_p, 0.0)  # the first token always survives
         probs = torch.zeros_like(probs).scatter_(-1, idx, p_sorted)

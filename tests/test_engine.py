@@ -287,7 +287,7 @@ def test_left_padded_rollout_prefill_is_plain_causal(ckpts, monkeypatch):
 
 
 def test_top_p_over_top_k_equals_full_sort():
-    """sample_next's nucleus from a growing top-k == the nucleus from a full sort of the vocabulary (the reference,
+    """sample_next's nucleus from the top 256 == the nucleus from a full sort of the vocabulary (the reference,
     written here as the definition: sort, cut where the mass of the strictly more likely tokens reaches top_p): the
     same draws from the same generator, for peaked rows (nucleus inside the first top-k) and flat ones (the
     full-vocabulary fallback)."""
