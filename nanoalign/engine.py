@@ -16,8 +16,13 @@ token). One layout serves both uses:
 both explicitly to every layer (`LayerKV`); the layers never read or change cache state.
 
 Attention: SDPA over the cache's first Tk slots with a (B,1,N,Tk) mask, or no mask (plain causal / full) when every
-key is visible -- bitwise the same on CPU. One new token per row on CUDA over a ragged cache uses the Triton kernel
-nanoalign.kernels.decode_attention (per-row lengths, GQA, online softmax).
+key is visible -- bitwise the same on CPU. A left-padded rollout batch is prefilled ragged (right padded), where plain
+causal attention is exact for every real token: no (B,1,T,T) mask, so SDPA skips the blocks above the diagonal. One
+new token per row on CUDA over a ragged cache uses the Triton kernel nanoalign.kernels.decode_attention (per-row
+lengths, GQA, online softmax).
+Prefill cost (profiled in docs/log.md, 2026-11-30 late): rows run in chunks of PREFILL_TOKENS tokens; a rollout's
+prefill runs the last decoder layer on each row's last token only (the cache needs every token's keys and values,
+sampling needs one hidden state per row); a dense call writes the cache as one slice copy.
 
 FSDP2 (torch.distributed.fsdp.fully_shard: the vision tower, each decoder block and the root each a unit, as train.py
 shards the policy): the engine calls the units as modules (`model.vision_tower(...)`, `layer(...)`), whose forward
@@ -44,6 +49,11 @@ import torch
 from nanoalign.model import attention, rope_cos_sin
 
 RHO_TH = 0.99
+# Prefill runs the prompt batch through the decoder in row chunks of about this many tokens: the per-token work is
+# the same, but the (rows*T, intermediate) MLP buffers and the (rows, heads, T, D) attention inputs stay small (on CPU
+# the elementwise ops of a 16 x 1336-token batch took 2-3x longer per token than in 3-row chunks: buffers over glibc's
+# 32 MB mmap threshold are fresh pages on every allocation). Peak activation memory drops likewise.
+PREFILL_TOKENS = 4096
 
 
 # ---------------------------------------------------------------------------------------------------- sampling
@@ -57,7 +67,14 @@ def sample_next(logits, temperature: float = 0.0, top_p: float = 1.0, generator:
         return logits.argmax(-1)
     probs = torch.softmax(logits / temperature, dim=-1)
     if top_p < 1.0:
-        p_sorted, idx = probs.sort(dim=-1, descending=True)
+        # the 256 most likely tokens, sorted (topk, not a sort of the whole vocabulary: 302 ms vs 38 ms for 16 x 32064
+        # on this CPU); when every row's top 256 hold top_p of the mass, every token past them is cut anyway (cumsum
+        # over non-negative terms never decreases): the same kept set and probabilities as a full sort. Otherwise (a
+        # flat distribution, e.g. a random model's) the whole vocabulary is sorted.
+        V = probs.shape[-1]
+        p_sorted, idx = probs.topk(min(256, V), dim=-1)  # (B,k) descending
+        if not bool((p_sorted.cumsum(-1)[:, -1] >= top_p).all()):
+            p_sorted, idx = probs.sort(dim=-1, descending=True)
         before = p_sorted.cumsum(-1) - p_sorted  # mass of the strictly more likely tokens
         p_sorted = p_sorted.masked_fill(before >= top_p, 0.0)  # the first token always survives
         probs = torch.zeros_like(probs).scatter_(-1, idx, p_sorted)
@@ -116,11 +133,21 @@ class LayerKV(NamedTuple):
     slots: torch.Tensor  # (n,) its cache slot
     n_keys: int  # Tk: queries attend slots [0, Tk)
     kernel_lens: torch.Tensor | None  # (B,) with one query per row: the Triton decode kernel over lens keys
+    start: int | None  # every row writes all N new tokens at slots [start, start + N) (dense layout), else None
 
     def attend(self, q, k, v, mask):
         """Write the new keys/values (B,Hkv,N,D) at their slots; attend q (B,nh,N,D) over the cache -> (B,N,nh*D)."""
-        self.k[self.rows, :, self.slots] = k.transpose(1, 2)[self.rows, self.cols].to(self.k.dtype)  # (n,Hkv,D)
-        self.v[self.rows, :, self.slots] = v.transpose(1, 2)[self.rows, self.cols].to(self.v.dtype)
+        N = k.shape[2]
+        if self.start is not None:  # one slice copy instead of gathering and scattering n = B*N (Hkv,D) rows
+            self.k[:, :, self.start:self.start + N] = k
+            self.v[:, :, self.start:self.start + N] = v
+            if self.start == 0 and N == self.n_keys and k.dtype == self.k.dtype:
+                # the new tokens are all the keys (prefill into an empty cache): attend over them as computed, not
+                # over the strided slice of the cache just written (the same values)
+                return attention(q, k, v, mask, is_causal=mask is None and q.shape[2] == N)
+        else:
+            self.k[self.rows, :, self.slots] = k.transpose(1, 2)[self.rows, self.cols].to(self.k.dtype)  # (n,Hkv,D)
+            self.v[self.rows, :, self.slots] = v.transpose(1, 2)[self.rows, self.cols].to(self.v.dtype)
         if self.kernel_lens is not None:
             from nanoalign.kernels.decode_attention import decode_attention
             B, nh, _, D = q.shape
@@ -142,14 +169,18 @@ def _has_triton() -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------- forward
-def forward_cached(model, cache: KVCache, x, pos, n_new=None, visible=None, use_kernel: bool | None = None):
+def forward_cached(model, cache: KVCache, x, pos, n_new=None, visible=None, use_kernel: bool | None = None,
+                   out_cols=None):
     """Append N new tokens to every row at its next free slots and run the decoder on them.
 
     x (B,N,H) input embeddings; pos (B,N) their RoPE positions; n_new (B,) how many of the N are real (right padded;
     None = all); visible (B,N) bool which of them later queries may attend (None = the real ones; False at left
     padding or a masked image token). Query i of row b sits at slot lens[b] + i and sees the attendable slots up to
     its own (and always itself, so padded rows stay finite). Returns final-normed hidden (B,N,H) (rows i >= n_new[b]
-    are garbage); lens += n_new, next_pos += n_new. use_kernel None: the Triton kernel on CUDA when it applies."""
+    are garbage); lens += n_new, next_pos += n_new. use_kernel None: the Triton kernel on CUDA when it applies.
+    out_cols (B,M) long, optional: only these columns' hidden states are wanted -> (B,M,H); every layer still writes
+    all N keys/values, but the last one runs its queries, attention output and MLP on the M columns alone (a
+    prefill needs each row's last token only: 1/num_layers of the prefill's query-side work saved)."""
     B, N, _ = x.shape
     dev = x.device
     ar = torch.arange(N, device=dev)
@@ -160,13 +191,24 @@ def forward_cached(model, cache: KVCache, x, pos, n_new=None, visible=None, use_
         raise ValueError(f"KVCache capacity {cache.capacity} exceeded ({_imax(end)} tokens)")
     slots = start[:, None] + ar[None, :]  # (B,N)
     rows, cols = real.nonzero(as_tuple=True)
-    cache.keys[rows, slots[rows, cols]] = (real if visible is None else visible.bool() & real)[rows, cols]
+    s0 = int(start[0]) if B else 0
+    common = s0 if n_new is None and bool((start == s0).all()) else None  # dense: one slot range for every row
+    if common is not None:
+        cache.keys[:, common:common + N] = True if visible is None else visible.bool()
+    else:
+        cache.keys[rows, slots[rows, cols]] = (real if visible is None else visible.bool() & real)[rows, cols]
     Tk = max(_imax(end), 1)
     keys = cache.keys[:, :Tk]  # (B,Tk)
     all_visible = bool(keys.all())
     kernel_lens = None
     if n_new is None and all_visible and (N == 1 or N == Tk):
         mask = None  # every key visible to every query: full (one new token) or plain causal (prefill)
+    elif N == Tk and visible is None and not bool(start.any()):
+        # right-padded rows into an empty cache, every real token attendable (the ragged prefill): real query i sees
+        # exactly slots 0..i, so plain causal attention is exact for it (queries past n_new are garbage anyway), and
+        # SDPA's causal path skips the blocks above the diagonal: about half the work of the same mask given
+        # explicitly (3 x 1336 tokens, 8 heads, CPU: 0.53 s vs 1.00 s)
+        mask = None
     elif N == 1:
         mask = keys[:, None, None, :]  # (B,1,1,Tk): the new token's own key is set above
         if (dev.type == "cuda" if use_kernel is None else use_kernel) and _has_triton() \
@@ -176,11 +218,22 @@ def forward_cached(model, cache: KVCache, x, pos, n_new=None, visible=None, use_
         k_idx = torch.arange(Tk, device=dev)[None, None, :]  # (1,1,Tk)
         mask = (k_idx <= slots[:, :, None]) & keys[:, None, :]  # (B,N,Tk)
         mask = (mask | (k_idx == slots.clamp(max=Tk - 1)[:, :, None]))[:, None]  # (B,1,N,Tk)
+    out_mask = None
+    if out_cols is not None:  # the wanted columns' rows of the mask above, built for them alone: (B,1,M,Tk)
+        q_slots = slots.gather(1, out_cols)  # (B,M)
+        k_idx = torch.arange(Tk, device=dev)[None, None, :]
+        out_mask = (k_idx <= q_slots[:, :, None]) & keys[:, None, :]
+        out_mask = (out_mask | (k_idx == q_slots.clamp(max=Tk - 1)[:, :, None]))[:, None]
     tc = model.config.text_config
     cos, sin = rope_cos_sin(pos, tc.head_dim, tc.rope_theta, x.dtype)
     write_slots = slots[rows, cols]
-    for i, layer in enumerate(model.language_model.model.layers):
-        x = layer(x, cos, sin, mask, LayerKV(cache.k[i], cache.v[i], rows, cols, write_slots, Tk, kernel_lens))
+    layers = model.language_model.model.layers
+    for i, layer in enumerate(layers):
+        kv = LayerKV(cache.k[i], cache.v[i], rows, cols, write_slots, Tk, kernel_lens, common)
+        if out_cols is not None and i == len(layers) - 1:
+            x = layer(x, cos, sin, out_mask, kv, out_cols)  # (B,M,H)
+        else:
+            x = layer(x, cos, sin, mask, kv)
     cache.lens = end
     cache.next_pos = cache.next_pos + n
     return model.language_model.model.norm(x)
@@ -194,7 +247,7 @@ def last_hidden(hidden, n):
 # ---------------------------------------------------------------------------------------------------- prefill
 class Prefill(NamedTuple):
     cache: KVCache
-    hidden: torch.Tensor  # (B,T,H) dense or (B,L,H) compacted, final-normed
+    hidden: torch.Tensor  # (B,T,H) dense or (B,L,H) compacted, final-normed; (B,1,H) with all_hidden=False
     last: torch.Tensor  # (B,H) each row's last real hidden state (its next-token logits come from here)
     pos: torch.Tensor  # (B,T) / (B,L) RoPE positions of `hidden`'s columns
 
@@ -212,14 +265,43 @@ def keep_positions(input_ids, attention_mask, image_token_index: int, image_keep
     return keep
 
 
+def _forward_rows(model, cache: KVCache, x, pos, n_new=None, visible=None, out_cols=None):
+    """forward_cached (no kernel) in row chunks of about PREFILL_TOKENS tokens, each chunk writing its rows of `cache`
+    through views (rows are independent: the same outputs as one call). x (B,N,H) -> final-normed hidden (B,N,H),
+    or (B,M,H) at out_cols (B,M).
+    FSDP2 with gather_whole=False all-gathers every block once per chunk."""
+    B, N, _ = x.shape
+    step = max(1, PREFILL_TOKENS // max(N, 1))
+    if step >= B:
+        return forward_cached(model, cache, x, pos, n_new=n_new, visible=visible, use_kernel=False, out_cols=out_cols)
+    out = x.new_zeros(x.shape if out_cols is None else (B, out_cols.shape[1], x.shape[2]))
+    for r in range(0, B, step):
+        rs = slice(r, r + step)
+        # ragged rows: the chunk's columns up to its own longest row (the rest is padding)
+        n = N if n_new is None else max(_imax(n_new[rs]), 1)
+        sub = KVCache([k[rs] for k in cache.k], [v[rs] for v in cache.v], cache.lens[rs], cache.keys[rs],
+                      cache.next_pos[rs])
+        h = forward_cached(model, sub, x[rs, :n], pos[rs, :n], None if n_new is None else n_new[rs],
+                           None if visible is None else visible[rs, :n], use_kernel=False,
+                           out_cols=None if out_cols is None else out_cols[rs])
+        if out_cols is None:
+            out[rs, :n] = h
+        else:
+            out[rs] = h
+        cache.lens[rs], cache.next_pos[rs] = sub.lens, sub.next_pos  # forward_cached replaced the views' tensors
+    return out
+
+
 @torch.no_grad()
 def prefill(model, input_ids, attention_mask=None, pixel_values=None, image_sizes=None, extra: int = 0,
-            image_keep=None, image_features=None, compact: bool = False) -> Prefill:
+            image_keep=None, image_features=None, compact: bool = False, all_hidden: bool = True) -> Prefill:
     """Run the prompt batch (B,T), left padded (the Processor's output), into a new cache with `extra` free slots.
 
     image_keep: optional list of (n_b,) bool per row, False = that image token is removed from attention for every
     query (BDHS, Eq. 6). compact=False keeps the dense layout (padding and masked tokens written, not attendable);
-    compact=True drops them (ragged rows, original positions). image_features: precomputed list of (n_i,H)."""
+    compact=True drops them (ragged rows, original positions). image_features: precomputed list of (n_i,H).
+    all_hidden=False: the last layer computes each row's last real token alone (what sampling needs; the cache is
+    the same), so Prefill.hidden is (B,1,H) == `last`."""
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     x = model.embed(input_ids, pixel_values, image_sizes, image_features=image_features)  # (B,T,H)
@@ -234,11 +316,14 @@ def prefill(model, input_ids, attention_mask=None, pixel_values=None, image_size
         x = x.gather(1, order[..., None].expand(-1, -1, x.shape[-1]))  # (B,L,H)
         pos = pos.gather(1, order)
         cache = KVCache.empty(model, B, L + extra, x.dtype, x.device)
-        hidden = forward_cached(model, cache, x, pos, n_new=lens, use_kernel=False)
-        last = last_hidden(hidden, lens)
+        out_cols = None if all_hidden else (lens - 1).clamp(min=0)[:, None]
+        hidden = _forward_rows(model, cache, x, pos, n_new=lens, out_cols=out_cols)
+        last = last_hidden(hidden, lens) if all_hidden else hidden[:, 0]
     else:
         cache = KVCache.empty(model, B, input_ids.shape[1] + extra, x.dtype, x.device)
-        hidden = forward_cached(model, cache, x, pos, visible=keep, use_kernel=False)
+        T = input_ids.shape[1]
+        out_cols = None if all_hidden else torch.full((B, 1), T - 1, dtype=torch.long, device=x.device)
+        hidden = _forward_rows(model, cache, x, pos, visible=keep, out_cols=out_cols)
         last = hidden[:, -1]
     cache.next_pos = attention_mask.long().sum(1)  # the next token's position
     return Prefill(cache, hidden, last, pos)
@@ -326,13 +411,16 @@ def generate(model, batch: dict, max_new_tokens: int = 64, temperature: float = 
     pixel_values, image_sizes), on the model's device. Each prompt is prefilled once and its cache forked into
     n_per_prompt rows; response i * n_per_prompt + j is prompt i's j-th. Greedy when temperature == 0.
     image_keep / image_features / compact: see prefill (compact also drops finished rows, as BDHS does).
+    A left-padded batch without image_keep is prefilled in the ragged layout (padding dropped): its prefill is then
+    plain causal attention (see forward_cached) instead of an explicit (B,1,T,T) mask; the same outputs.
     Runs in the model's current mode; `sample` is the entry point for a policy being trained."""
     if n_per_prompt < 1 or max_new_tokens < 0 or temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"generate: n_per_prompt {n_per_prompt} (>= 1), max_new_tokens {max_new_tokens} (>= 0), "
                          f"temperature {temperature} (>= 0), top_p {top_p} (in (0, 1])")
     ids, am = batch["input_ids"], batch.get("attention_mask")
+    ragged = compact or (image_keep is None and am is not None and not bool(am.bool().all()))
     pre = prefill(model, ids, am, batch.get("pixel_values"), batch.get("image_sizes"), max_new_tokens, image_keep,
-                  image_features, compact)
+                  image_features, ragged, all_hidden=False)
     cache, last = pre.cache, pre.last
     if n_per_prompt > 1:
         rows = torch.arange(ids.shape[0], device=last.device).repeat_interleave(n_per_prompt)

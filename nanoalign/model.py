@@ -195,11 +195,18 @@ def attention(q, k, v, mask=None, is_causal=False):
     if _FLASH is not None and q.is_cuda and mask is None and q.dtype in (torch.float16, torch.bfloat16):
         out = _FLASH(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=is_causal)  # (B,Tq,Hq,D)
         return out.reshape(B, Tq, Hq * D)
-    if k.shape[1] != Hq:  # grouped-query attention: repeat each kv head for its group of query heads
+    gqa = k.shape[1] != Hq  # grouped-query attention: each kv head serves Hq / Hkv query heads
+    if gqa and q.is_cuda and mask is not None:
+        # CUDA's fused kernels take enable_gqa only without a mask (else SDPA falls back to the math kernel): repeat
+        # each kv head for its group of query heads instead (a (B,Hq,Tk,D) copy of k and v)
         rep = Hq // k.shape[1]
         k = k[:, :, None].expand(-1, -1, rep, -1, -1).reshape(B, Hq, k.shape[2], D)
         v = v[:, :, None].expand(-1, -1, rep, -1, -1).reshape(B, Hq, v.shape[2], D)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None)
+        gqa = False
+    # enable_gqa: SDPA maps query head h to kv head h // (Hq / Hkv) itself, without the copy (the same outputs bit
+    # for bit on CPU; the kv gradients differ only in summation order)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None,
+                                         enable_gqa=gqa)
     return out.transpose(1, 2).reshape(B, Tq, Hq * D)
 
 
@@ -346,12 +353,19 @@ class LlamaAttention(nn.Module):
         self.v_proj = nn.Linear(c.hidden_size, self.nkv * self.hd, bias=b)
         self.o_proj = nn.Linear(self.nh * self.hd, c.hidden_size, bias=b)
 
-    def forward(self, x, cos, sin, mask, kv=None):  # x (B,T,H)
+    def forward(self, x, cos, sin, mask, kv=None, out_cols=None):  # x (B,T,H)
+        """out_cols (B,M) long, optional: queries only at these columns (keys and values at all T) -> (B,M,H)."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.nh, self.hd).transpose(1, 2)  # (B,nh,T,D)
+        if out_cols is not None:
+            x_q = x.gather(1, out_cols[..., None].expand(-1, -1, x.shape[-1]))  # (B,M,H)
+            i = out_cols[:, None, :, None].expand(-1, 1, -1, cos.shape[-1])  # (B,1,M,D)
+            q = apply_rope(self.q_proj(x_q).view(B, -1, self.nh, self.hd).transpose(1, 2), cos.gather(2, i),
+                           sin.gather(2, i))  # (B,nh,M,D)
+        else:
+            q = apply_rope(self.q_proj(x).view(B, T, self.nh, self.hd).transpose(1, 2), cos, sin)  # (B,nh,T,D)
         k = self.k_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)  # (B,nkv,T,D)
         v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k = apply_rope(k, cos, sin)
         if kv is not None:  # generation: nanoalign.engine's LayerKV writes the new keys at its slots and attends
             return self.o_proj(kv.attend(q, k, v, mask))
         return self.o_proj(attention(q, k, v, mask, is_causal=mask is None))
@@ -377,8 +391,15 @@ class LlamaLayer(nn.Module):
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, kv=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv)
+    def forward(self, x, cos, sin, mask, kv=None, out_cols=None):
+        """x (B,T,H) -> (B,T,H). Generation: kv (nanoalign.engine.LayerKV) holds the cache; out_cols (B,M) long: only
+        these columns' outputs are needed (a prefill's last layer: each row's last token), so the queries, attention
+        output and MLP run on M tokens instead of T (mask then (B,1,M,Tk)) -> (B,M,H); keys and values still cover
+        all T (they go to the cache)."""
+        h = self.input_layernorm(x)
+        if out_cols is not None:
+            x = x.gather(1, out_cols[..., None].expand(-1, -1, x.shape[-1]))  # (B,M,H) the residual stream kept
+        x = x + self.self_attn(h, cos, sin, mask, kv, out_cols)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 

@@ -177,3 +177,131 @@ def test_bad_arguments_raise_one_line():
         with pytest.raises(ValueError, match=r"^generate: ") as e:
             generate(None, {}, **kw)
         assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("compact", [False, True], ids=["dense", "compact"])
+def test_row_chunked_prefill_equals_one_call(ckpts, monkeypatch, compact):
+    """prefill in row chunks (PREFILL_TOKENS forced down to one row per chunk) == one call over the whole batch
+    (the reference path): hidden states, last hidden, cache contents, lens, positions; and greedy tokens still equal
+    transformers'. Left padding (rows of different lengths) and a masked image (image_keep) included."""
+    import nanoalign.engine as E
+    path, hf = ckpts["llava_next"]
+    model, _ = load_pretrained(path)
+    ids, mask, pv, sizes = _inputs("llava_next", hf, [0, 1])
+    assert not mask.all()  # the rows are left padded
+    n_img = [int(r.sum()) for r in ids == model.config.image_token_index]
+    g = torch.Generator().manual_seed(0)
+    keeps = [torch.rand(n, generator=g) > 0.5 for n in n_img]
+    runs = {}
+    for tokens in (10 ** 9, 1):
+        monkeypatch.setattr(E, "PREFILL_TOKENS", tokens)
+        runs[tokens] = prefill(model, ids, mask, pv, sizes, extra=2, image_keep=keeps, compact=compact)
+    one, chunked = runs[10 ** 9], runs[1]
+    written = torch.arange(one.cache.capacity)[None, :] < one.cache.lens[:, None]  # (B,C)
+    assert torch.equal(one.cache.lens, chunked.cache.lens) and torch.equal(one.cache.next_pos, chunked.cache.next_pos)
+    assert torch.equal(one.cache.keys, chunked.cache.keys) and torch.equal(one.pos, chunked.pos)
+    for a, b in zip(one.cache.k + one.cache.v, chunked.cache.k + chunked.cache.v):
+        assert torch.allclose(a.transpose(1, 2)[written], b.transpose(1, 2)[written], atol=1e-6, rtol=0)
+    real = one.cache.keys[:, :one.hidden.shape[1]]  # attendable columns: their hidden states are meaningful
+    assert torch.allclose(one.hidden[real], chunked.hidden[real], atol=1e-5, rtol=0)
+    assert torch.allclose(one.last, chunked.last, atol=1e-5, rtol=0)
+
+    if not compact:  # end to end with chunking forced: greedy tokens == transformers' generate
+        with torch.no_grad():
+            ref = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                              eos_token_id=EOS, pad_token_id=0, **_hf_kw(pv, sizes))[:, ids.shape[1]:]
+        ours = generate(model, _batch(ids, mask, pv, sizes), max_new_tokens=8, end_ids=[EOS])
+        assert ours.ids == [_trim(r, [EOS]) for r in ref.tolist()]
+
+
+def test_dense_slice_write_equals_row_scatter(ckpts):
+    """forward_cached writes a dense call (every row, same slots) as one slice copy and a ragged call by scattering
+    rows: the same tokens through both routes (n_new=None vs n_new = all N) give the same hidden states and cache."""
+    path, hf = ckpts["llava"]
+    model, _ = load_pretrained(path)
+    ids, mask, pv, _ = _inputs("llava", hf, [0, 1])
+    with torch.no_grad():
+        base = prefill(model, ids, mask, pv, extra=4).cache
+        tok = torch.tensor([[5, 6, 7], [9, 10, 11]])
+        x = model.language_model.model.embed_tokens(tok)
+        out = {}
+        for name, n_new in (("slice", None), ("scatter", torch.tensor([3, 3]))):
+            c = base.fork(torch.arange(2))
+            pos = c.next_pos[:, None] + torch.arange(3)[None, :]
+            out[name] = (forward_cached(model, c, x, pos, n_new=n_new), c)
+    (h1, c1), (h2, c2) = out["slice"], out["scatter"]
+    assert torch.allclose(h1, h2, atol=1e-6, rtol=0)
+    assert torch.equal(c1.lens, c2.lens) and torch.equal(c1.keys, c2.keys)
+    assert all(torch.equal(a, b) for a, b in zip(c1.k + c1.v, c2.k + c2.v))
+
+
+@pytest.mark.parametrize("compact", [False, True], ids=["dense", "compact"])
+@pytest.mark.parametrize("chunked", [False, True], ids=["one_call", "row_chunks"])
+def test_prefill_last_token_only_equals_all_hidden(ckpts, monkeypatch, compact, chunked):
+    """prefill(all_hidden=False) (the last layer runs each row's last real token alone, what generate uses) == the
+    full prefill (the reference path): the same cache bit for bit, the same last hidden state within fp32 rounding.
+    Left padding and a masked image included."""
+    import nanoalign.engine as E
+    path, hf = ckpts["llava_next"]
+    model, _ = load_pretrained(path)
+    ids, mask, pv, sizes = _inputs("llava_next", hf, [0, 1])
+    n_img = [int(r.sum()) for r in ids == model.config.image_token_index]
+    g = torch.Generator().manual_seed(1)
+    keeps = [torch.rand(n, generator=g) > 0.5 for n in n_img]
+    ref = prefill(model, ids, mask, pv, sizes, extra=2, image_keep=keeps, compact=compact)
+    if chunked:
+        monkeypatch.setattr(E, "PREFILL_TOKENS", 1)
+    ours = prefill(model, ids, mask, pv, sizes, extra=2, image_keep=keeps, compact=compact, all_hidden=False)
+    assert ours.hidden.shape == (2, 1, ref.hidden.shape[2]) and torch.equal(ours.hidden[:, 0], ours.last)
+    assert (ours.last - ref.last).abs().max() < 1e-5
+    assert (model.logits(ours.last) - model.logits(ref.last)).abs().max() < 1e-4
+    assert torch.equal(ours.cache.lens, ref.cache.lens) and torch.equal(ours.cache.keys, ref.cache.keys)
+    written = torch.arange(ref.cache.capacity)[None, :] < ref.cache.lens[:, None]
+    for a, b in zip(ours.cache.k + ours.cache.v, ref.cache.k + ref.cache.v):
+        assert torch.allclose(a.transpose(1, 2)[written], b.transpose(1, 2)[written], atol=1e-6, rtol=0)
+
+
+def test_left_padded_rollout_prefill_is_plain_causal(ckpts, monkeypatch):
+    """generate on a left-padded batch prefills it in the ragged layout, where every prefill attention call is plain
+    causal (no explicit (B,1,T,T) mask: SDPA skips the blocks above the diagonal); the greedy tokens still equal
+    transformers' generate on the left-padded batch."""
+    import nanoalign.engine as E
+    path, hf = ckpts["llava"]
+    model, _ = load_pretrained(path)
+    ids, mask, pv, sizes = _inputs("llava", hf, [0, 1])
+    assert not mask.all()
+    calls = []
+    real_attention = E.attention
+
+    def spy(q, k, v, m, is_causal=False):
+        calls.append((q.shape[2], m is None, is_causal))
+        return real_attention(q, k, v, m, is_causal=is_causal)
+    monkeypatch.setattr(E, "attention", spy)
+    ours = generate(model, _batch(ids, mask, pv, sizes), max_new_tokens=6, end_ids=[EOS])
+    prefill_calls = [c for c in calls if c[0] > 1]
+    assert prefill_calls and all(no_mask and causal for _, no_mask, causal in prefill_calls)
+    with torch.no_grad():
+        ref = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, eos_token_id=EOS,
+                          pad_token_id=0, **_hf_kw(pv, sizes))[:, ids.shape[1]:]
+    assert ours.ids == [_trim(r, [EOS]) for r in ref.tolist()]
+
+
+def test_top_p_over_top_k_equals_full_sort():
+    """sample_next's nucleus from the top 256 == the nucleus from a full sort of the vocabulary (the reference,
+    written here as the definition: sort, cut where the mass of the strictly more likely tokens reaches top_p): the
+    same draws from the same generator, for peaked rows (nucleus inside the first top-k) and flat ones (the
+    full-vocabulary fallback)."""
+    from nanoalign.engine import sample_next
+    g = torch.Generator().manual_seed(0)
+    V = 3000
+    logits = torch.cat([torch.randn(3, V, generator=g) * 8, torch.randn(3, V, generator=g) * 0.01])  # peaked, flat
+    for top_p in (0.5, 0.9, 0.999):
+        probs = torch.softmax(logits / 0.7, dim=-1)
+        p_sorted, idx = probs.sort(dim=-1, descending=True)
+        p_sorted = p_sorted.masked_fill(p_sorted.cumsum(-1) - p_sorted >= top_p, 0.0)
+        ref_probs = torch.zeros_like(probs).scatter_(-1, idx, p_sorted)
+        for seed in range(3):
+            ref = torch.multinomial(ref_probs, 1, generator=torch.Generator().manual_seed(seed)).squeeze(-1)
+            ours = sample_next(logits, 0.7, top_p, torch.Generator().manual_seed(seed))
+            assert torch.equal(ours, ref), (top_p, seed)
+    assert (ref_probs[:3] > 0).sum(1).max() < 256 and (ref_probs[3:] > 0).sum(1).min() > 256  # both routes taken

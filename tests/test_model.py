@@ -334,3 +334,26 @@ def test_processor_loaded_and_vocab_checked(ckpts, tmp_path):
     _tokenizer_json(d, 130)
     with pytest.raises(ValueError, match="130 tokens.*128 rows"):
         load_pretrained(d)
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["causal", "mask"])
+def test_gqa_attention_equals_repeated_kv_heads(masked):
+    """model.attention with fewer kv heads (SDPA's enable_gqa, no copy) == softmax(q k^T / sqrt(D) + mask) v written
+    out by hand with each kv head repeated for its group of query heads (query head h reads kv head h // (Hq/Hkv)),
+    outputs and gradients."""
+    from nanoalign.model import attention
+    g = torch.Generator().manual_seed(0)
+    B, Hq, Hkv, T, D = 2, 6, 2, 5, 8
+    q, k, v = (torch.randn(B, h, T, D, generator=g, requires_grad=True) for h in (Hq, Hkv, Hkv))
+    causal = torch.ones(T, T).tril().bool()
+    mask = (torch.rand(B, 1, T, T, generator=g) > 0.4) & causal | torch.eye(T, dtype=torch.bool) if masked else None
+    ours = attention(q, k, v, mask, is_causal=not masked)
+    kr, vr = (t.repeat_interleave(Hq // Hkv, dim=1) for t in (k, v))
+    s = q @ kr.transpose(-1, -2) / D ** 0.5
+    s = s.masked_fill(~(mask if masked else causal), float("-inf"))
+    ref = (s.softmax(-1) @ vr).transpose(1, 2).reshape(B, T, Hq * D)
+    assert (ours - ref).abs().max() < 1e-5
+    w = torch.randn(ref.shape, generator=g)
+    g_ours = torch.autograd.grad((ours * w).sum(), (q, k, v))
+    g_ref = torch.autograd.grad((ref * w).sum(), (q, k, v))
+    assert all((a - b).abs().max() < 1e-5 for a, b in zip(g_ours, g_ref))
