@@ -20,7 +20,8 @@
 //        per-group (max, sum) pairs are merged at the end, so lse is exact whatever the split.
 //   bwd: overwrites the tile with grad_logits = g * (1[v == y] - exp(logit - lse)) and feeds it to two GEMMs:
 //        grad_w[block] += G^T @ h_tile (written straight into grad_w, the thread owns the block: no atomics) and
-//        grad_h_partial[group] += G @ w_block (summed over groups at the end).
+//        grad_h_partial[group] += G @ w_block (group 0 into grad_h itself, the others into buffers from a pool of
+//        2 per thread, each added into grad_h in group order as soon as the groups before it are in).
 // What it does better than the pure-torch chunked path (nanoalign.ops, chunk of rows x full V):
 //   * no (chunk, V) logits tensor: the torch path writes and re-reads chunk x 32000 fp32 values 4-6 times
 //     (matmul out, max, sub, exp, sum, gather; in backward softmax, scatter, two matmuls), each a pass over
