@@ -20,7 +20,8 @@
 //        per-group (max, sum) pairs are merged at the end, so lse is exact whatever the split.
 //   bwd: overwrites the tile with grad_logits = g * (1[v == y] - exp(logit - lse)) and feeds it to two GEMMs:
 //        grad_w[block] += G^T @ h_tile (written straight into grad_w, the thread owns the block: no atomics) and
-//        grad_h_partial[group] += G @ w_block (summed over groups at the end).
+//        grad_h_partial[group] += G @ w_block (group 0 into grad_h itself, the others into buffers from a pool of
+//        2 per thread, each added into grad_h in group order as soon as the groups before it are in).
 // What it does better than the pure-torch chunked path (nanoalign.ops, chunk of rows x full V):
 //   * no (chunk, V) logits tensor: the torch path writes and re-reads chunk x 32000 fp32 values 4-6 times
 //     (matmul out, max, sub, exp, sum, gather; in backward softmax, scatter, two matmuls), each a pass over
@@ -39,11 +40,14 @@
 
 #include <algorithm>
 #include <cmath>
+#include <condition_variable>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <mutex>
 #include <tuple>
+#include <vector>
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #endif
@@ -64,7 +68,8 @@ Tiles tiles_for(int64_t N, int64_t row_tile, int64_t v_block) {
   t.rows = std::max<int64_t>(1, std::min(t.rows, ((N + n_tiles - 1) / n_tiles + 7) / 8 * 8));
   return t;
 }
-// Per-group fp32 grad_h partials (groups x rows x H) are capped at this size; more rows are done in chunks.
+// The backward's pool of fp32 grad_h partials (pool buffers x rows x H) is capped at this size; more rows are done
+// in chunks.
 // NANOALIGN_NATIVE_PARTIAL_BYTES overrides it (the tests use it to exercise the chunked path at small shapes).
 int64_t partial_bytes() {
   const char* env = std::getenv("NANOALIGN_NATIVE_PARTIAL_BYTES");
@@ -76,7 +81,61 @@ int64_t partial_bytes() {
 // -- the (max, sum) of lse, the grad_h partials -- belongs to a group, not to a thread, and groups are merged in
 // group order, so the numbers are the same whichever thread ran which group (bit for bit; tested under contention).
 constexpr int64_t GROUPS_PER_THREAD = 4;
+constexpr int64_t POOL_PER_THREAD = 2;  // grad_h partial buffers in the backward's pool, per thread
 int64_t n_groups(int64_t nvb, int nt) { return std::max<int64_t>(1, std::min<int64_t>(nvb, GROUPS_PER_THREAD * nt)); }
+
+// The backward's grad_h partials. Group 0 accumulates into grad_h itself; group k > 0 takes a buffer from the pool,
+// fills it, and hands it back with done(k); once group 0 is done, grad_h += partial(k) is done for k = 1, 2, ...
+// strictly in group order (by whichever thread completes the run), so the sum is the same bit for bit whichever
+// thread ran which group. (It replaced one (groups, rows, H) buffer, zero-filled, summed at the end: 78 MB at 8
+// pairs, H 1024.)
+// take(k) waits while the pool is empty, except for the group next in line to be added, which gets a new buffer:
+// the pool is at most pool_cap buffers plus those rare extras, and nothing can wait forever (the waiters all hold
+// later groups; the group next in line never waits, finishes, is added and frees buffers).
+class GradHMerge {
+ public:
+  GradHMerge(int64_t ng, int64_t pool_cap, int64_t numel) : ng_(ng), cap_(pool_cap), numel_(numel) {}
+  void start(float* gh, int64_t n) {  // a new row chunk: gh (n floats), written by group 0
+    gh_ = gh;
+    n_ = n;
+    next_ = 0;
+    ready_.assign(ng_, nullptr);
+  }
+  float* take(int64_t grp) {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [&] { return !free_.empty() || owned_.size() < static_cast<size_t>(cap_) || grp == next_; });
+    if (!free_.empty()) {
+      float* p = free_.back();
+      free_.pop_back();
+      return p;
+    }
+    owned_.push_back(at::empty({numel_}, at::TensorOptions().dtype(at::kFloat)));
+    return owned_.back().data_ptr<float>();
+  }
+  void done(int64_t grp, float* p) {
+    std::lock_guard<std::mutex> lock(mu_);
+    ready_[grp] = p;
+    while (next_ < ng_ && ready_[next_] != nullptr) {
+      float* q = ready_[next_];
+      if (q != gh_) {  // group 0's partial is grad_h itself
+#pragma omp simd
+        for (int64_t i = 0; i < n_; ++i) gh_[i] += q[i];
+        free_.push_back(q);
+      }
+      ++next_;
+    }
+    cv_.notify_all();
+  }
+
+ private:
+  const int64_t ng_, cap_, numel_;
+  float* gh_ = nullptr;
+  int64_t n_ = 0, next_ = 0;
+  std::vector<float*> ready_, free_;
+  std::vector<at::Tensor> owned_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+};
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
 // exp(x) for fp32: x = k ln2 + r, |r| <= ln2/2, exp(r) by a degree-6 polynomial (Cephes' coefficients), 2^k from
@@ -335,8 +394,12 @@ std::tuple<at::Tensor, at::Tensor> logprob_rows_bwd(const at::Tensor& h, const a
   const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nvb)));
 
   const int64_t ng = n_groups(nvb, nt);
-  // Rows are done in chunks so that the per-group grad_h partials (ng, chunk, H) fit partial_bytes().
-  int64_t chunk = partial_bytes() / (ng * H * 4);
+  // grad_h partials: group 0 accumulates straight into grad_h; every other group into an fp32 (chunk, H) buffer
+  // from a small pool, added to grad_h in group order as soon as the groups before it are in (see GradHMerge).
+  // At most POOL_PER_THREAD * nt buffers (plus one, rarely: see take()), so the memory no longer grows with the
+  // number of groups. Rows are done in chunks so that the pool fits partial_bytes().
+  const int64_t pool_cap = std::max<int64_t>(1, std::min<int64_t>(ng - 1, POOL_PER_THREAD * nt));
+  int64_t chunk = partial_bytes() / ((pool_cap + 1) * H * 4);
   chunk = std::max<int64_t>(ROW_TILE, chunk / ROW_TILE * ROW_TILE);
   chunk = std::min(chunk, N);
   const int64_t n_chunks = (N + chunk - 1) / chunk;
@@ -345,17 +408,18 @@ std::tuple<at::Tensor, at::Tensor> logprob_rows_bwd(const at::Tensor& h, const a
   at::Tensor gw_full = (need_grad_w && !w_f32 && n_chunks > 1) ? at::empty({V, H}, f32) : at::Tensor();
   at::Tensor gw_blocks = (need_grad_w && !w_f32 && n_chunks == 1) ? at::empty({nt, V_BLOCK * H}, f32) : at::Tensor();
   at::Tensor gh32 = at::empty({N, H}, f32);  // grad_h in fp32
-  at::Tensor partial = at::empty({ng, chunk, H}, f32);  // grad_h partial of each group of vocabulary blocks
   at::Tensor scratch = at::empty({nt, ROW_TILE * V_BLOCK}, f32);
   at::Tensor wbuf = w_f32 ? at::Tensor() : at::empty({nt, V_BLOCK * H}, f32);
   const float* hp = h32.data_ptr<float>();
   const float* lsep = lse32.data_ptr<float>();
   const float* gp = g32.data_ptr<float>();
   const int64_t* yp = yc.data_ptr<int64_t>();
+  GradHMerge merge(ng, pool_cap, chunk * H);
 
   for (int64_t c0 = 0; c0 < N; c0 += chunk) {
     const int64_t cn = std::min(chunk, N - c0);
-    partial.zero_();
+    float* gh_chunk = gh32.data_ptr<float>() + c0 * H;
+    merge.start(gh_chunk, cn * H);
 #pragma omp parallel num_threads(nt)
     {
       const int tid = omp_get_thread_num();
@@ -364,8 +428,9 @@ std::tuple<at::Tensor, at::Tensor> logprob_rows_bwd(const at::Tensor& h, const a
       auto opts = at::TensorOptions().dtype(at::kFloat);
 #pragma omp for schedule(dynamic, 1)
       for (int64_t grp = 0; grp < ng; ++grp) {
-      float* P = partial.data_ptr<float>() + grp * chunk * H;
-      for (int64_t b = grp * nvb / ng; b < (grp + 1) * nvb / ng; ++b) {
+      float* P = grp == 0 ? gh_chunk : merge.take(grp);  // (cn, H) grad_h partial of this group
+      const int64_t b_first = grp * nvb / ng;
+      for (int64_t b = b_first; b < (grp + 1) * nvb / ng; ++b) {
         const int64_t v0 = b * V_BLOCK, bv = std::min(V_BLOCK, V - v0);
         const float* wb = w_block_f32(wc, w_f32, v0, bv, wb_buf);
         float* gw = nullptr;  // fp32 (bv, H) accumulator of grad_w[v0 : v0 + bv]
@@ -396,15 +461,14 @@ std::tuple<at::Tensor, at::Tensor> logprob_rows_bwd(const at::Tensor& h, const a
           if (need_grad_w && r0 == 0) at::mm_out(gw_t, G.t(), h_t);  // first rows: overwrite (not zeroed)
           else if (need_grad_w) gw_t.addmm_(G.t(), h_t);              // grad_w[block] += G^T @ h_tile  (bv, H)
           at::Tensor P_t = at::from_blob(P + (r0 - c0) * H, {rt, H}, opts);
-          P_t.addmm_(G, wb_t);                        // grad_h partial += G @ w_block   (rt, H)
+          if (b == b_first) at::mm_out(P_t, G, wb_t);  // the group's first block: overwrite (nothing to zero)
+          else P_t.addmm_(G, wb_t);                    // grad_h partial += G @ w_block   (rt, H)
         }
         if (need_grad_w && !w_f32 && n_chunks == 1) grad_w.narrow(0, v0, bv).copy_(gw_t);
       }
+      merge.done(grp, P);
       }
     }
-    // grad_h[c0 : c0 + cn] = sum over groups of the partials
-    at::Tensor gh_chunk = gh32.narrow(0, c0, cn);
-    at::sum_out(gh_chunk, partial.narrow(1, 0, cn), {0});
   }
   if (need_grad_w && !w_f32 && n_chunks > 1) grad_w.copy_(gw_full);
   at::Tensor grad_h = h.scalar_type() == at::kFloat ? gh32 : gh32.to(h.scalar_type());
