@@ -138,37 +138,51 @@ def reward_stats_before_training(policy, reward_fn, encoded, examples, images_of
 ROW_KEYS = ("rewards", "advantages", "old_logps", "ref_logps", "mask", "returns", "old_values")  # (B,) / (B, T)
 
 
-def slice_rollout(roll: dict, rows: slice) -> dict:
-    """The rollout (make_rollout's dict) restricted to the rows `rows` (a slice): the batch cut by
+def slice_rollout(roll: dict, rows) -> dict:
+    """The rollout (make_rollout's dict) restricted to `rows` (a slice or a 1-D index tensor): the batch cut by
     nanoalign.batch.select_rows (images kept whole), every per-row tensor cut alike; metrics dropped."""
     out = {k: (v[rows] if v is not None else None) for k, v in roll.items() if k in ROW_KEYS}
     out["b"] = select_rows(roll["b"], rows, vision_always=True)
     return out
 
 
-def minibatches(rolls: list[dict], m: int) -> list[list[tuple[dict, float]]]:
+def minibatch_order(total: int, seed: int, step: int, epoch: int) -> torch.Tensor:
+    """The row order of PPO epoch `epoch` of step `step` (0-based): a permutation of range(total) from a generator
+    seeded by (seed, step, epoch) only, so a --resume'd run draws the same orders and nothing else's RNG moves."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step * 1009 + epoch * 7919 + 17)
+    return torch.randperm(total, generator=g)
+
+
+def minibatches(rolls: list[dict], m: int, order: torch.Tensor | None = None) -> list[list[tuple[dict, float]]]:
     """PPO's minibatches: the rank's rollout rows of one step (rolls in order, the grad-accum micro-batches of
-    make_rollout; rows concatenated, R in all) split into m contiguous blocks of R / m rows, one optimizer step each
-    (TRL's PPOTrainer num_mini_batches, OpenRLHF's micro-batches of the replay buffer). Each block is a list of
-    (piece, share): piece = the rows of one roll inside the block (the roll itself when it lies whole in the block;
-    else `slice_rollout`), share = block rows / piece rows; the caller backpropagates loss(piece) / share, so a block's
-    gradient is the row-weighted mean of its pieces' (exact for per-sequence means; for PPO's token mean the same
-    approximation as --grad-accum). m = 1: every roll whole with share = len(rolls), today's one update per epoch.
-    Departure: the blocks are the same in every epoch, in row order (TRL and OpenRLHF shuffle the rows each epoch).
-    ValueError when m < 1 or m does not divide R."""
+    make_rollout; rows concatenated, R in all, global row numbers 0 .. R-1) split into m blocks of R / m rows, one
+    optimizer step each (TRL's PPOTrainer num_mini_batches, OpenRLHF's micro-batches of the replay buffer). Block j
+    holds rows order[j * R/m : (j + 1) * R/m] (order: a permutation of range(R), `minibatch_order` of the epoch, so
+    the blocks are reshuffled every PPO epoch as in TRL and OpenRLHF; None: row order, contiguous blocks).
+    Each block is a list of (piece, share): piece = the block's rows inside one roll, in row order (the roll itself
+    when it lies whole in the block; else `slice_rollout`), share = block rows / piece rows; the caller backpropagates
+    loss(piece) / share, so a block's gradient is the row-weighted mean of its pieces' (exact for per-sequence means;
+    for PPO's token mean the same approximation as --grad-accum). m = 1: every roll whole with share = len(rolls),
+    one update per epoch whatever the order. ValueError when m < 1 or m does not divide R, or order is not a
+    permutation of range(R)."""
     sizes = [r["rewards"].shape[0] for r in rolls]  # rows of each roll (P * k)
     total = sum(sizes)
     if m < 1 or total % m:
         raise ValueError(f"--ppo-minibatches {m}: must be >= 1 and divide the rank's {total} rollouts of a step")
+    if order is None or m == 1:
+        order = torch.arange(total)
+    elif not torch.equal(torch.sort(order).values, torch.arange(total)):
+        raise ValueError(f"minibatches: order must be a permutation of range({total})")
     size = total // m
     blocks = []
     for j in range(m):
-        lo, hi, pieces, start = j * size, (j + 1) * size, [], 0
+        rows = torch.sort(order[j * size:(j + 1) * size]).values  # global row numbers of block j
+        pieces, start = [], 0
         for roll, n in zip(rolls, sizes):
-            a, b = max(lo, start), min(hi, start + n)  # the block's rows inside this roll, in global row numbers
-            if a < b:
-                whole = (a, b) == (start, start + n)
-                pieces.append((roll if whole else slice_rollout(roll, slice(a - start, b - start)), size / (b - a)))
+            mine = rows[(rows >= start) & (rows < start + n)] - start  # the block's rows inside this roll
+            if len(mine):
+                whole = len(mine) == n
+                pieces.append((roll if whole else slice_rollout(roll, mine), size / len(mine)))
             start += n
         blocks.append(pieces)
     return blocks

@@ -164,6 +164,50 @@ def test_minibatches_hand_computed():
     assert mid["b"]["image_index"].tolist() == [0] and mid["b"]["pixel_values"].shape[0] == 2
 
 
+def test_minibatches_reshuffled_hand_computed():
+    """With an epoch's order (a permutation of the 12 global rows), block j = rows order[4j : 4j + 4], cut per roll
+    in row order: order [11 0 5 6 | 1 2 3 4 | 7 8 9 10] -> block 0 = roll 0 rows {0, 5} + roll 1 rows {0, 5}
+    (global 6, 11), share 4 / 2 = 2 each; block 1 = roll 0 rows 1-4 (share 1); block 2 = roll 1 rows 1-4. M = 1
+    ignores the order (both rolls whole). A non-permutation is refused."""
+    from nanoalign import rlstep
+    rolls = [_fake_roll(0, 6), _fake_roll(6, 6)]
+    order = torch.tensor([11, 0, 5, 6, 1, 2, 3, 4, 7, 8, 9, 10])
+    blocks = rlstep.minibatches(rolls, 3, order)
+    assert [[p["rewards"].tolist() for p, _ in blk] for blk in blocks] == [
+        [[0, 5], [6, 11]], [[1, 2, 3, 4]], [[7, 8, 9, 10]]]
+    assert [[s for _, s in blk] for blk in blocks] == [[2.0, 2.0], [1.0], [1.0]]
+    first = blocks[0][0][0]  # roll 0 rows 0 and 5: per-row tensors and the batch cut alike
+    assert first["advantages"][:, 0].tolist() == [0, 5]
+    assert torch.equal(first["b"]["input_ids"], rolls[0]["b"]["input_ids"][[0, 5]])
+    assert first["b"]["image_index"].tolist() == [0]  # row 0 shows image 0, row 5 is text-only
+    one = rlstep.minibatches(rolls, 1, order)
+    assert [p is r for (p, _), r in zip(one[0], rolls)] == [True, True]
+    with pytest.raises(ValueError, match="permutation"):
+        rlstep.minibatches(rolls, 3, torch.tensor([0] * 12))
+
+
+def test_minibatch_order_per_epoch():
+    """Each PPO epoch draws its own order from (seed, step, epoch) alone: the epochs of a step differ, the same
+    (seed, step, epoch) gives the same order (what --resume needs), the global RNG is untouched, and each order is
+    a permutation whose blocks still cover every row once."""
+    from nanoalign import rlstep
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    orders = [rlstep.minibatch_order(12, 0, 5, e) for e in range(4)]
+    assert torch.equal(torch.get_rng_state(), before)
+    assert all(torch.equal(torch.sort(o).values, torch.arange(12)) for o in orders)
+    assert len({tuple(o.tolist()) for o in orders}) == 4  # every epoch its own order
+    assert torch.equal(orders[1], rlstep.minibatch_order(12, 0, 5, 1))
+    assert not torch.equal(orders[1], rlstep.minibatch_order(12, 0, 6, 1))  # another step
+    assert not torch.equal(orders[1], rlstep.minibatch_order(12, 1, 5, 1))  # another seed
+    rolls = [_fake_roll(0, 6), _fake_roll(6, 6)]
+    blocks = [rlstep.minibatches(rolls, 3, o) for o in orders]
+    rows_of = lambda bl: [sorted(x for p, _ in blk for x in p["rewards"].tolist()) for blk in bl]  # noqa: E731
+    for bl, o in zip(blocks, orders):
+        assert rows_of(bl) == [sorted(o[4 * j:4 * j + 4].tolist()) for j in range(3)]
+    assert rows_of(blocks[0]) != rows_of(blocks[1])
+
+
 def test_ppo_minibatches_optimizer_steps(world, tmp_path, rewards_file, monkeypatch):
     """--ppo-epochs 2 --ppo-minibatches 2 on a step of 2 prompts x k 2 = 4 rollouts: 4 optimizer steps of the
     policy and 4 of the value head per training step, each on 2 rollouts (M = 1: 2 steps of 4)."""
