@@ -16,10 +16,10 @@ wall time of one optimizer step including its rollout (ours: train.py's time_s, 
 and collating; TRL: a callback's on_step_begin -> on_step_end, which excludes its data loader's fetch); the first
 step of each run is dropped (warm-up); the figure is the median over the rest. Beside the wall time, the process's
 CPU seconds per step (time.process_time between consecutive step ends, all threads; on a loaded machine it moves
-less than wall time; it covers the whole loop on both sides: data, rollout, update, logging). Memory: the process's peak RSS
-(ru_maxrss) at the end of the last step (ours: the metrics line's peak_mem_mb; TRL: read in on_step_end), model load
-included, and the whole process's peak (ours then includes the end-of-run plot, matplotlib). TRL is never imported
-here (its own venv runs bench/trl_rl_peer.py)."""
+less than wall time; it covers the whole loop on both sides: data, rollout, update, logging). Memory: the process's
+peak RSS (ru_maxrss) at the end of the last step (ours: the metrics line's peak_mem_mb; TRL: read in on_step_end),
+model load included, and the whole process's peak (ours then includes the end-of-run plot, matplotlib). TRL is never
+imported here (its own venv runs bench/trl_rl_peer.py)."""
 import argparse
 import json
 import os

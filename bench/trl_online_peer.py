@@ -23,7 +23,8 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # the experimental module's warning
     from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer  # noqa: E402
 
-rows = [{"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is in the image ?"}]}],
+question = [{"type": "image"}, {"type": "text", "text": "what is in the image ?"}]
+rows = [{"prompt": [{"role": "user", "content": question}],
          "image": Image.open(f"{img_dir}/{i}.png").convert("RGB")} for i in range(16)]
 ds = Dataset.from_list(rows)
 lengths = []

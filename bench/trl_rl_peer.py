@@ -3,8 +3,8 @@
 TRL's GRPOTrainer / RLOOTrainer on CPU with the same tiny llava checkpoint, prompts, images, k and lengths; the reward
 is the number of words of the response. GRPO with loss_type "grpo" (train.py's --grpo-loss default), one update per
 generation (TRL's defaults num_iterations 1, steps_per_generation 1), beta 0.04 (GRPO) / 0.05 (RLOO), as train.py.
-Writes {"step_s": [...], "step_cpu": process CPU seconds at each step's end, "step_end_rss_mb": peak RSS at the last step's end, "peak_rss_mb": whole process,
-"mean_length": mean completion tokens}."""
+Writes {"step_s": [...], "step_cpu": process CPU seconds at each step's end, "step_end_rss_mb": peak RSS at the
+last step's end, "peak_rss_mb": whole process, "mean_length": mean completion tokens}."""
 import json
 import resource
 import sys
@@ -19,7 +19,8 @@ algo, ckpt, img_dir, steps, k, max_new, P, out = sys.argv[1:9]
 steps, k, max_new, P = int(steps), int(k), int(max_new), int(P)
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer  # noqa: E402
 
-rows = [{"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is in the image ?"}]}],
+question = [{"type": "image"}, {"type": "text", "text": "what is in the image ?"}]
+rows = [{"prompt": [{"role": "user", "content": question}],
          "image": Image.open(f"{img_dir}/{i}.png").convert("RGB")} for i in range(16)]
 ds = Dataset.from_list(rows)
 

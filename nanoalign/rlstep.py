@@ -68,7 +68,9 @@ def make_rollout(algo_loss: str, policy, reference, reward_fn, items, examples, 
     """Sample args.k responses per prompt, score them, and prepare the update. items / examples / images: the P
     encoded examples, their Examples and images. Returns a dict: b (the collated B = P * k rows), rewards (B,) raw,
     advantages ((B,) rloo / grpo, (B, T) ppo), old_logps / ref_logps / mask (B, T), and for ppo old_values / returns
-    (B, T); metrics (floats: reward mean / std, kl, entropy, response length, rollout tokens and seconds)."""
+    (B, T); live_logps: rloo / grpo with --grad-accum 1 and no --amp, the policy's logps (B, T) with their graph, for
+    rl_objective (else None); metrics (floats: reward mean / std, kl, entropy, response length, rollout tokens and
+    seconds)."""
     t0 = time.time()
     k, image_token = args.k, processor.tokenizer.image_token_id
     stop = lambda row, ids: ids[-1] == image_token  # noqa: E731  a sampled <image> ends the response (dropped)
@@ -89,9 +91,17 @@ def make_rollout(algo_loss: str, policy, reference, reward_fn, items, examples, 
     with torch.no_grad():
         ref_logps = token_logprobs(forward(reference, b, device), reference.lm_head_weight,
                                    b["labels"].to(device)).float() if reference is not None else None
-        old_logps, mask, old_values = policy_logps(policy, b, device, value_head)
+    # rloo / grpo make one update on this rollout right after it: the policy's forward here is the update's own
+    # (kept with its graph, rl_objective reuses it), so a step runs 2 forwards + 1 backward instead of 3 + 1 (TRL's
+    # GRPOTrainer also skips the old-policy pass with one update per generation). Not with --grad-accum > 1 (every
+    # micro-batch's graph would be alive until the updates) nor --amp (the update's forward runs under autocast).
+    live = algo_loss in ("rloo", "grpo") and args.grad_accum == 1 and not args.amp
+    with torch.set_grad_enabled(live):
+        logps, mask, old_values = policy_logps(policy, b, device, value_head)
+    old_logps = logps.detach()
     kl_seq = rl.masked_sum(rl.kl_per_token(old_logps, ref_logps, "k1"), mask, dim=1)  # (B,) sequence KL (k1)
-    roll = {"b": b, "rewards": rewards, "old_logps": old_logps, "ref_logps": ref_logps, "mask": mask}
+    roll = {"b": b, "rewards": rewards, "old_logps": old_logps, "ref_logps": ref_logps, "mask": mask,
+            "live_logps": logps if live else None}
     r = rewards.to(device)
     if algo_loss == "rloo":  # Appendix A: normalized reward, sequence-level KL penalty, leave-one-out baseline
         r = rl.kl_penalized_rewards(rl.normalize_rewards(r, *reward_norm), old_logps, ref_logps, mask, args.beta)
@@ -192,8 +202,13 @@ def minibatches(rolls: list[dict], m: int, order: torch.Tensor | None = None) ->
 def rl_objective(algo_loss: str, policy, roll: dict, args, device, value_head=None) -> tuple[torch.Tensor, dict]:
     """The loss of one update on a rollout (make_rollout's dict) -> (loss, metrics of 0-d tensors / floats).
     rloo: rl.reinforce_loss; grpo: rl.grpo_loss (k3 KL term, --grpo-loss aggregation); ppo: rl.ppo_policy_loss +
-    args.vf_coef * rl.ppo_value_loss (the value head's)."""
-    logps, mask, values = policy_logps(policy, roll["b"], device, value_head if algo_loss == "ppo" else None)
+    args.vf_coef * rl.ppo_value_loss (the value head's). A rollout holding live_logps (make_rollout's forward with its
+    graph) is used once without a new forward: the entry is cleared."""
+    if roll.get("live_logps") is not None and algo_loss != "ppo":
+        logps, mask, values = roll["live_logps"], roll["mask"], None
+        roll["live_logps"] = None  # its graph is freed by the backward; a second call makes its own forward
+    else:
+        logps, mask, values = policy_logps(policy, roll["b"], device, value_head if algo_loss == "ppo" else None)
     if algo_loss == "rloo":
         return rl.reinforce_loss(logps, mask, roll["advantages"]), {}
     if algo_loss == "grpo":  # its per-token k3 is logged as kl_k3 ("kl" is the rollout's sequence KL, k1)

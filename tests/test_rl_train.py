@@ -245,3 +245,47 @@ def test_ppo_minibatches_refused(world, tmp_path, capsys, value, reason):
     assert e.value.code == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert f"error: --ppo-minibatches {value}: " in last and reason in last, last
+
+
+# ------------------------------------------------------------------------------- one forward less per rloo/grpo step
+@pytest.mark.parametrize("algo,extra,per_step", [
+    ("grpo", [], {"reference": 1, "policy": 1}),  # the rollout's policy forward is the update's (live_logps)
+    ("rloo", [], {"reference": 1, "policy": 1}),
+    ("grpo", ["--grad-accum", 2], {"reference": 2, "policy": 4}),  # per micro-batch: the old pass + the update's
+    ("ppo", ["--ppo-epochs", 2], {"reference": 1, "policy": 3})])  # old pass + one per epoch
+def test_rl_forward_passes(world, tmp_path, rewards_file, monkeypatch, algo, extra, per_step):
+    """Forward passes of the models per training step (the rollout's sampling aside): rloo and grpo with one update
+    per rollout reuse the rollout's policy forward for the loss (TRL's GRPOTrainer also makes 2, not 3); with
+    --grad-accum 2 or PPO's epochs the old-policy pass stays."""
+    from nanoalign import rlstep
+    real, calls = rlstep.forward, []
+
+    def counted(model, b, device):
+        calls.append("reference" if not any(p.requires_grad for p in model.parameters()) else "policy")
+        return real(model, b, device)
+    monkeypatch.setattr(rlstep, "forward", counted)
+    run(world, tmp_path, "--algo", algo, "--max-steps", 2, "--reward", f"{rewards_file}:length", *RL_ARGS, *extra)
+    assert {k: calls.count(k) for k in per_step} == {k: 2 * v for k, v in per_step.items()}
+
+
+@pytest.mark.parametrize("algo", ["rloo", "grpo"])
+def test_live_logps_equal_a_fresh_forward(world, tmp_path, rewards_file, monkeypatch, algo):
+    """Reusing the rollout's forward changes no number: 3 steps with live_logps and 3 steps where every update makes
+    its own forward (the entry dropped before rl_objective, the previous implementation) give bit-identical metrics
+    (loss, KL, rewards, grad norm) and final weights."""
+    from safetensors.torch import load_file
+    from nanoalign import rlstep
+    args = ["--algo", algo, "--max-steps", 3, "--reward", f"{rewards_file}:length", *RL_ARGS]
+    live = run(world, tmp_path / "live", *args)
+    real = rlstep.rl_objective
+
+    def fresh(algo_loss, policy, roll, *a, **kw):
+        assert roll["live_logps"] is not None
+        return real(algo_loss, policy, {**roll, "live_logps": None}, *a, **kw)
+    monkeypatch.setattr(rlstep, "rl_objective", fresh)
+    again = run(world, tmp_path / "fresh", *args)
+    skip = ("time_s", "rollout_tokens_per_s", "train_tokens_per_s", "peak_mem_mb", "rollout_s")
+    assert [{k: v for k, v in r.items() if k not in skip} for r in live] == \
+        [{k: v for k, v in r.items() if k not in skip} for r in again]
+    a, b = (load_file(str(tmp_path / d / "final" / "model.safetensors")) for d in ("live", "fresh"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
