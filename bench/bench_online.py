@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_rl import add, header, make_world, run_ours, run_peer, write  # noqa: E402
+from bench_rl import add, floor_mb, header, make_world, run_ours, run_peer, write  # noqa: E402
 
 JUDGE = ("from nanoalign import annotate; import torch; "
          "train.load_annotator = lambda spec, *a, **k: annotate.Annotator(spec, score=lambda ex, im, resp: "
@@ -67,7 +67,7 @@ def main(argv=None):
     head = header(cmd, a.peer_python) + [
         f"Judge on both sides: the longer response in characters is chosen. Ours kept {int(sum(kept))} of "
         f"{a.prompts * len(kept)} pairs (ties dropped; TRL keeps every pair).", ""]
-    write(a.out, head, res, ["online-dpo"])
+    write(a.out, head, res, ["online-dpo"], floor_mb(a.peer_python))
 
 
 if __name__ == "__main__":

@@ -132,8 +132,22 @@ def trl(algo, d: Path, a, tag):
             r["peak_rss_mb"], r.get("mean_length", float("nan")))
 
 
+FLOOR = ("import resource, torch; p = torch.nn.Parameter(torch.zeros(1)); o = torch.optim.AdamW([p]); "
+         "p.grad = torch.ones(1); o.step(); print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+
+
+def floor_mb(peer_python: str) -> tuple[float, float]:
+    """The memory every torch trainer pays on this machine: the peak RSS of a process that imports torch and makes
+    one AdamW step of a 1-element parameter (torch.optim imports torch._dynamo in add_param_group and step), in our
+    venv and in the peer's -> (ours, peer's) MB."""
+    a, b = (float(subprocess.run([py, "-c", FLOOR], capture_output=True, text=True).stdout.split()[-1])
+            for py in (sys.executable, peer_python))
+    return a, b
+
+
 def header(cmd: str, peer_python: str) -> list[str]:
-    """The md's first lines: the command, the load average, the TRL / torch / transformers versions."""
+    """The md's first lines: the command, the load average, the TRL / torch / transformers versions, the memory
+    floor."""
     v = subprocess.run([peer_python, "-c", "import trl, torch, transformers; "
                         "print(trl.__version__, torch.__version__, transformers.__version__)"],
                        capture_output=True, text=True).stdout.split()
@@ -163,7 +177,7 @@ def main(argv=None):
                     add(res[(side, algo)], f"rep {rep} {side} {algo}", *fn(algo, d, a, rep))
     cmd = (f"python bench/bench_rl.py --peer-python PEER --reps {a.reps} --steps {a.steps} --k {a.k} "
            f"--max-new {a.max_new} --prompts {a.prompts}")
-    write(a.out, header(cmd, a.peer_python), res, a.algos)
+    write(a.out, header(cmd, a.peer_python), res, a.algos, floor_mb(a.peer_python))
 
 
 def add(r: dict, tag: str, t, cpu, mem, mem_all, ln):
@@ -177,8 +191,8 @@ def add(r: dict, tag: str, t, cpu, mem, mem_all, ln):
           f"last step ({mem_all:.0f} MB whole run), mean response {ln:.2f} tokens", flush=True)
 
 
-def write(out: str, head: list, res: dict, algos):
-    """OUT.md (the table) and OUT.json (every step's figures)."""
+def write(out: str, head: list, res: dict, algos, floor: tuple[float, float]):
+    """OUT.md (the table, the memory above the floor) and OUT.json (every step's figures)."""
     lines = head + [
         "| algo | ours step s (median wall) | TRL step s | time ratio | ours CPU s/step (median) | TRL CPU s/step | "
         "CPU ratio | ours peak MB | TRL peak MB | memory ratio | whole-run peak MB ours / TRL | "
@@ -192,6 +206,12 @@ def write(out: str, head: list, res: dict, algos):
                      f"{po:.0f} | {pt:.0f} | {po / pt:.2f} | {max(o['mem_all']):.0f} / {max(t['mem_all']):.0f} | "
                      f"{statistics.mean(o['len']):.2f} / {statistics.mean(t['len']):.2f} | "
                      f"{len(o['t'])} / {len(t['t'])} |")
+    lines += ["", f"Memory floor (`floor_mb`): `import torch` + one torch.optim.AdamW step, which imports torch._dynamo, "
+              f"peaks at {floor[0]:.0f} MB in our venv ({floor[1]:.0f} MB in the peer's); both sides pay it. Above "
+              "it, at the last step:"]
+    for algo in algos:
+        po, pt = max(res[("ours", algo)]["mem"]) - floor[0], max(res[("trl", algo)]["mem"]) - floor[1]
+        lines.append(f"- {algo}: ours {po:.0f} MB, TRL {pt:.0f} MB (ratio {po / pt:.2f})")
     text = "\n".join(lines) + "\n"
     print(text)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
