@@ -35,14 +35,14 @@ def ours(d: Path, a, tag, kept: list):
     r = run_ours(d, f"online_{tag}", argv, patch=JUDGE)
     kept += [x.get("pairs", 0) for x in r["recs"]]
     lens = [(x["chosen_len"] + x["rejected_len"]) / 2 for x in r["recs"] if "chosen_len" in x]
-    return r["t"], r["cpu"], r["mem"], r["mem_all"], statistics.mean(lens) if lens else float("nan")
+    return r["t"], r["cpu"], r["mem"], r["mem_all"], r["anon"], statistics.mean(lens) if lens else float("nan")
 
 
 def trl(d: Path, a, tag):
     r = run_peer(a.peer_python, "trl_online_peer.py", d, f"online_{tag}",
                  [d / "ckpt", d / "img", a.steps, a.max_new, a.prompts])
     return (r["step_s"][1:], [y - x for x, y in zip(r["step_cpu"], r["step_cpu"][1:])], r["step_end_rss_mb"],
-            r["peak_rss_mb"], r["mean_length"])
+            r["peak_rss_mb"], max(r["step_anon_mb"]), r["mean_length"])
 
 
 def main(argv=None):
@@ -54,11 +54,13 @@ def main(argv=None):
     p.add_argument("--prompts", type=int, default=2)
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "online"))
     a = p.parse_args(argv)
-    res = {(side, "online-dpo"): {"t": [], "cpu": [], "mem": [], "mem_all": [], "len": []} for side in ("ours", "trl")}
+    res = {(side, "online-dpo"): {"t": [], "cpu": [], "mem": [], "mem_all": [], "anon": [], "len": []}
+           for side in ("ours", "trl")}
     kept = []
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         make_world(d)
+        floor = floor_mb(a.peer_python)
         for rep in range(a.reps):
             add(res[("ours", "online-dpo")], f"rep {rep} ours", *ours(d, a, rep, kept))
             add(res[("trl", "online-dpo")], f"rep {rep} trl", *trl(d, a, rep))
@@ -67,7 +69,7 @@ def main(argv=None):
     head = header(cmd, a.peer_python) + [
         f"Judge on both sides: the longer response in characters is chosen. Ours kept {int(sum(kept))} of "
         f"{a.prompts * len(kept)} pairs (ties dropped; TRL keeps every pair).", ""]
-    write(a.out, head, res, ["online-dpo"], floor_mb(a.peer_python))
+    write(a.out, head, res, ["online-dpo"], floor)
 
 
 if __name__ == "__main__":

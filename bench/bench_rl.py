@@ -33,13 +33,24 @@ REPO = Path(__file__).resolve().parent.parent
 REWARD = "def length(images, prompts, responses):\n    return [float(len(r.split())) for r in responses]\n"
 # ours in a fresh process: the process CPU time at each metrics line (one per step) is recorded beside train.py's
 # own wall time_s, then the whole run's peak RSS
-OURS = ("import json, resource, sys, time; sys.path.insert(0, {repo!r}); import train; {patch}"
-        "cpu = []; w = train.tu.MetricsLog.write; "
-        "train.tu.MetricsLog.write = lambda self, rec: (cpu.append(time.process_time()) if 'step' in rec else None, "
-        "w(self, rec))[1]; "
+OURS = ("import json, resource, sys, time; sys.path.insert(0, {repo!r}); sys.path.insert(0, {bench!r}); import train; "
+        "from bench_rl import anon_mb; {patch}"
+        "cpu, anon = [], []; w = train.tu.MetricsLog.write; "
+        "train.tu.MetricsLog.write = lambda self, rec: ((cpu.append(time.process_time()), anon.append(anon_mb())) if "
+        "'step' in rec else None, w(self, rec))[1]; "
         "train.main(train.parse_args(sys.argv[2:])); "
-        "json.dump({{'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 'cpu': cpu}}, "
-        "open(sys.argv[1], 'w'))")
+        "json.dump({{'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 'cpu': cpu, "
+        "'anon': anon}}, open(sys.argv[1], 'w'))")
+
+
+def anon_mb() -> float:
+    """This process's resident anonymous memory now (RssAnon of /proc/self/status, MB): what it allocated, without
+    the mapped pages of shared libraries, whose resident count depends on the page cache (peak RSS of the same
+    program moved by 50-90 MB with what the parent process had done before)."""
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}USER: {% for c in m['content'] %}"
             "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %} "
             "{% else %}ASSISTANT: {% if m['content'] is string %}{{ m['content'] }}{% else %}"
@@ -101,12 +112,12 @@ def run_ours(d: Path, tag: str, argv: list, patch: str = "") -> dict:
     """train.py in a fresh process -> {t: step seconds (first dropped), mem: peak RSS at the last step, mem_all,
     len: mean response length, recs}."""
     out = d / f"ours_{tag}"
-    code = OURS.format(repo=str(REPO), patch=patch)
+    code = OURS.format(repo=str(REPO), bench=str(REPO / "bench"), patch=patch)
     call([sys.executable, "-c", code, str(out) + ".json", *argv, "--out", str(out)], REPO)
     recs = [r for r in map(json.loads, open(out / "metrics.jsonl")) if "step" in r]
     side = json.load(open(str(out) + ".json"))
     return {"t": [r["time_s"] for r in recs][1:], "cpu": [b - a for a, b in zip(side["cpu"], side["cpu"][1:])],
-            "mem": recs[-1]["peak_mem_mb"], "mem_all": side["peak_rss_mb"], "recs": recs}
+            "mem": recs[-1]["peak_mem_mb"], "mem_all": side["peak_rss_mb"], "anon": max(side["anon"]), "recs": recs}
 
 
 def run_peer(peer_python: str, script: str, d: Path, tag: str, args: list) -> dict:
@@ -122,27 +133,29 @@ def ours(algo, d: Path, a, tag):
             "--batch-size", str(a.prompts), "--reward", f"{d / 'bench_reward.py'}:length", "--reward-norm", "0",
             "--temperature", "1.0", "--lr", "1e-4"]
     r = run_ours(d, f"{algo}_{tag}", argv)
-    return r["t"], r["cpu"], r["mem"], r["mem_all"], statistics.mean(x["resp_len"] for x in r["recs"])
+    return r["t"], r["cpu"], r["mem"], r["mem_all"], r["anon"], statistics.mean(x["resp_len"] for x in r["recs"])
 
 
 def trl(algo, d: Path, a, tag):
     r = run_peer(a.peer_python, "trl_rl_peer.py", d, f"{algo}_{tag}",
                  [algo, d / "ckpt", d / "img", a.steps, a.k, a.max_new, a.prompts])
     return (r["step_s"][1:], [b - a for a, b in zip(r["step_cpu"], r["step_cpu"][1:])], r["step_end_rss_mb"],
-            r["peak_rss_mb"], r.get("mean_length", float("nan")))
+            r["peak_rss_mb"], max(r["step_anon_mb"]), r.get("mean_length", float("nan")))
 
 
 FLOOR = ("import resource, torch; p = torch.nn.Parameter(torch.zeros(1)); o = torch.optim.AdamW([p]); "
-         "p.grad = torch.ones(1); o.step(); print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+         "p.grad = torch.ones(1); o.step(); print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "
+         "[int(x.split()[1]) / 1024 for x in open('/proc/self/status') if x.startswith('RssAnon:')][0])")
 
 
-def floor_mb(peer_python: str) -> tuple[float, float]:
+def floor_mb(peer_python: str, n: int = 3) -> list[float]:
     """The memory every torch trainer pays on this machine: the peak RSS of a process that imports torch and makes
-    one AdamW step of a 1-element parameter (torch.optim imports torch._dynamo in add_param_group and step), in our
-    venv and in the peer's -> (ours, peer's) MB."""
-    a, b = (float(subprocess.run([py, "-c", FLOOR], capture_output=True, text=True).stdout.split()[-1])
-            for py in (sys.executable, peer_python))
-    return a, b
+    one AdamW step of a 1-element parameter (torch.optim imports torch._dynamo in add_param_group and step), n
+    processes in our venv and n in the peer's, alternating -> 2n (peak RSS, anonymous RSS at the end) in MB. Call it
+    in the benchmark's own process after make_world: the peak RSS of the same child moved from 371 to 463 MB with
+    what the parent had done before (resident pages of the shared libraries; the anonymous part did not move)."""
+    return [tuple(map(float, subprocess.run([py, "-c", FLOOR], capture_output=True, text=True).stdout.split()))
+            for _ in range(n) for py in (sys.executable, peer_python)]
 
 
 def header(cmd: str, peer_python: str) -> list[str]:
@@ -166,52 +179,63 @@ def main(argv=None):
     p.add_argument("--algos", nargs="+", default=["grpo", "rloo"])
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "rl"))
     a = p.parse_args(argv)
-    res = {(side, algo): {"t": [], "cpu": [], "mem": [], "mem_all": [], "len": []} for side in ("ours", "trl")
+    res = {(side, algo): {"t": [], "cpu": [], "mem": [], "mem_all": [], "anon": [], "len": []}
+           for side in ("ours", "trl")
            for algo in a.algos}
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         make_world(d)
+        floor = floor_mb(a.peer_python)
         for rep in range(a.reps):
             for algo in a.algos:
                 for side, fn in (("ours", ours), ("trl", trl)):
                     add(res[(side, algo)], f"rep {rep} {side} {algo}", *fn(algo, d, a, rep))
     cmd = (f"python bench/bench_rl.py --peer-python PEER --reps {a.reps} --steps {a.steps} --k {a.k} "
            f"--max-new {a.max_new} --prompts {a.prompts}")
-    write(a.out, header(cmd, a.peer_python), res, a.algos, floor_mb(a.peer_python))
+    write(a.out, header(cmd, a.peer_python), res, a.algos, floor)
 
 
-def add(r: dict, tag: str, t, cpu, mem, mem_all, ln):
+def add(r: dict, tag: str, t, cpu, mem, mem_all, anon, ln):
     """One run's figures into r (lists over runs / steps) and one progress line."""
     r["t"] += t
     r["cpu"] += cpu
     r["mem"].append(mem)
     r["mem_all"].append(mem_all)
+    r["anon"].append(anon)
     r["len"].append(ln)
     print(f"{tag}: steps {['%.3f' % x for x in t]} s wall, {['%.3f' % x for x in cpu]} s CPU, peak {mem:.0f} MB at the "
-          f"last step ({mem_all:.0f} MB whole run), mean response {ln:.2f} tokens", flush=True)
+          f"last step ({mem_all:.0f} MB whole run), anonymous {anon:.0f} MB, mean response {ln:.2f} tokens", flush=True)
 
 
-def write(out: str, head: list, res: dict, algos, floor: tuple[float, float]):
+def write(out: str, head: list, res: dict, algos, floor: list[tuple[float, float]]):
     """OUT.md (the table, the memory above the floor) and OUT.json (every step's figures)."""
     lines = head + [
         "| algo | ours step s (median wall) | TRL step s | time ratio | ours CPU s/step (median) | TRL CPU s/step | "
-        "CPU ratio | ours peak MB | TRL peak MB | memory ratio | whole-run peak MB ours / TRL | "
-        "mean response tokens ours / TRL | n steps |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        "CPU ratio | ours peak RSS MB | TRL peak RSS MB | RSS ratio | ours anon MB | TRL anon MB | anon ratio | "
+        "whole-run peak RSS MB ours / TRL | mean response tokens ours / TRL | n steps |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for algo in algos:
         o, t = res[("ours", algo)], res[("trl", algo)]
         mo, mt = statistics.median(o["t"]), statistics.median(t["t"])
         co, ct = statistics.median(o["cpu"]), statistics.median(t["cpu"])
         po, pt = max(o["mem"]), max(t["mem"])
+        ao, at = max(o["anon"]), max(t["anon"])
         lines.append(f"| {algo} | {mo:.3f} | {mt:.3f} | {mo / mt:.2f} | {co:.3f} | {ct:.3f} | {co / ct:.2f} | "
-                     f"{po:.0f} | {pt:.0f} | {po / pt:.2f} | {max(o['mem_all']):.0f} / {max(t['mem_all']):.0f} | "
+                     f"{po:.0f} | {pt:.0f} | {po / pt:.2f} | {ao:.0f} | {at:.0f} | {ao / at:.2f} | "
+                     f"{max(o['mem_all']):.0f} / {max(t['mem_all']):.0f} | "
                      f"{statistics.mean(o['len']):.2f} / {statistics.mean(t['len']):.2f} | "
                      f"{len(o['t'])} / {len(t['t'])} |")
-    lines += ["", f"Memory floor (`floor_mb`): `import torch` + one torch.optim.AdamW step, which imports torch._dynamo, "
-              f"peaks at {floor[0]:.0f} MB in our venv ({floor[1]:.0f} MB in the peer's); both sides pay it. Above "
-              "it, at the last step:"]
+    rss, anon = [x[0] for x in floor], [x[1] for x in floor]
+    lines += ["", f"Memory floor (`floor_mb`, {len(floor)} processes of both venvs, in this benchmark's process): "
+              f"`import torch` + one torch.optim.AdamW step, which imports torch._dynamo: peak RSS {min(rss):.0f} to "
+              f"{max(rss):.0f} MB, anonymous {min(anon):.0f} to {max(anon):.0f} MB; both sides pay it. Above it "
+              "(max over runs, at step ends):"]
     for algo in algos:
-        po, pt = max(res[("ours", algo)]["mem"]) - floor[0], max(res[("trl", algo)]["mem"]) - floor[1]
-        lines.append(f"- {algo}: ours {po:.0f} MB, TRL {pt:.0f} MB (ratio {po / pt:.2f})")
+        o, t = res[("ours", algo)], res[("trl", algo)]
+        po, pt, ao, at = max(o["mem"]) - max(rss), max(t["mem"]) - max(rss), max(o["anon"]) - max(anon), \
+            max(t["anon"]) - max(anon)
+        lines.append(f"- {algo}: peak RSS ours {po:.0f} MB, TRL {pt:.0f} MB; anonymous ours {ao:.0f} MB, TRL "
+                     f"{at:.0f} MB (ratio {ao / at:.2f})")
     text = "\n".join(lines) + "\n"
     print(text)
     Path(out).parent.mkdir(parents=True, exist_ok=True)

@@ -39,7 +39,7 @@ def chars(prompts, completions, completion_ids, **kw):
 
 class Clock(TrainerCallback):
     def __init__(self):
-        self.t, self.times, self.cpu, self.rss = None, [], [], None
+        self.t, self.times, self.cpu, self.rss, self.anon = None, [], [], None, []
 
     def on_step_begin(self, args, state, control, **kw):
         self.t = time.perf_counter()
@@ -48,6 +48,7 @@ class Clock(TrainerCallback):
         self.times.append(time.perf_counter() - self.t)
         self.cpu.append(time.process_time())
         self.rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        self.anon.append([int(x.split()[1]) / 1024 for x in open("/proc/self/status") if x.startswith("RssAnon:")][0])
 
 
 cfg = OnlineDPOConfig(output_dir=f"{out}.dir", use_cpu=True, per_device_train_batch_size=P, max_new_tokens=max_new,
@@ -62,6 +63,6 @@ clock = Clock()
 tr = OnlineDPOTrainer(model=model, ref_model=ref, reward_funcs=[chars], args=cfg, train_dataset=ds,
                       processing_class=proc, callbacks=[clock])
 tr.train()
-json.dump({"step_s": clock.times, "step_cpu": clock.cpu, "step_end_rss_mb": clock.rss,
+json.dump({"step_s": clock.times, "step_cpu": clock.cpu, "step_end_rss_mb": clock.rss, "step_anon_mb": clock.anon,
            "mean_length": sum(lengths) / max(1, len(lengths)),
            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}, open(out, "w"))

@@ -31,7 +31,7 @@ def length(completions, **kw):
 
 class Clock(TrainerCallback):
     def __init__(self):
-        self.t, self.times, self.cpu = None, [], []
+        self.t, self.times, self.cpu, self.anon = None, [], [], []
 
     def on_step_begin(self, args, state, control, **kw):
         self.t = time.perf_counter()
@@ -40,6 +40,7 @@ class Clock(TrainerCallback):
         self.times.append(time.perf_counter() - self.t)
         self.cpu.append(time.process_time())  # process CPU seconds at each step's end
         self.rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        self.anon.append([int(x.split()[1]) / 1024 for x in open("/proc/self/status") if x.startswith("RssAnon:")][0])
 
 
 Config, Trainer = (GRPOConfig, GRPOTrainer) if algo == "grpo" else (RLOOConfig, RLOOTrainer)
@@ -56,5 +57,6 @@ tr = Trainer(model=model, reward_funcs=[length], args=cfg, train_dataset=ds, pro
 tr.train()
 lens = [float(h['completions/mean_length']) for h in tr.state.log_history if 'completions/mean_length' in h]
 json.dump({"step_s": clock.times, "mean_length": sum(lens) / max(1, len(lens)), "step_end_rss_mb": clock.rss,
+           "step_anon_mb": clock.anon,
            "step_cpu": clock.cpu,
            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}, open(out, "w"))
