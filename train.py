@@ -464,7 +464,8 @@ def main(args):
             epochs, n_mb = (args.ppo_epochs, args.ppo_minibatches) if algo.loss == "ppo" else (1, 1)
             skipped = 0
             for epoch in range(epochs):
-                for mb, pieces in enumerate(rlstep.minibatches(rolls, n_mb)):
+                order = rlstep.minibatch_order(sum(len(r["rewards"]) for r in rolls), args.seed, step, epoch)
+                for mb, pieces in enumerate(rlstep.minibatches(rolls, n_mb, order)):  # reshuffled each epoch
                     where = (f"step {step + 1}" + (f" (update {epoch * n_mb + mb + 1} of {epochs * n_mb})" if
                                                    epochs * n_mb > 1 else "") +
                              f", rank {rank}, examples {step_ids} (last checkpoint: {last_save or 'none'})")

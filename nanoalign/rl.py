@@ -290,11 +290,11 @@ def ppo_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: to
     (loss, {"clip_frac", "approx_kl": mean of k3 between old and new policy}). Departure: token mean over the batch
     (TRL's / OpenAI lm-human-preferences' choice; the paper averages over timesteps of fixed-length episodes).
     Epochs and minibatches (the paper's K epochs of minibatch SGD, Sec. 5 / Algorithm 1): train.py makes --ppo-epochs
-    passes over a rank's rollouts of a step, each split into --ppo-minibatches contiguous blocks of rows with one
-    optimizer step each (nanoalign.rlstep.minibatches; TRL's PPOTrainer num_mini_batches); B is then the block's rows,
-    and old_logps / advantages stay those computed at the rollout (advantages whitened over one micro-batch's
-    rollouts, before the split). Departure: the blocks are not reshuffled between epochs (TRL and OpenRLHF
-    shuffle)."""
+    passes over a rank's rollouts of a step, each split into --ppo-minibatches blocks of rows with one
+    optimizer step each (nanoalign.rlstep.minibatches; TRL's PPOTrainer num_mini_batches), the rows reshuffled into
+    new blocks every epoch (rlstep.minibatch_order, seeded by (seed, step, epoch)); B is then the block's rows, and
+    old_logps / advantages stay those computed at the rollout (advantages whitened over one micro-batch's rollouts,
+    before the split)."""
     per_token, clipped = clipped_ratio_terms(logps, old_logps, advantages, clip)
     approx_kl = masked_mean(kl_per_token(old_logps.detach(), logps.detach(), "k3"), mask)
     return masked_mean(per_token, mask), {"clip_frac": masked_mean(clipped.to(logps.dtype), mask).detach(),

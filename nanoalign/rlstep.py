@@ -68,7 +68,9 @@ def make_rollout(algo_loss: str, policy, reference, reward_fn, items, examples, 
     """Sample args.k responses per prompt, score them, and prepare the update. items / examples / images: the P
     encoded examples, their Examples and images. Returns a dict: b (the collated B = P * k rows), rewards (B,) raw,
     advantages ((B,) rloo / grpo, (B, T) ppo), old_logps / ref_logps / mask (B, T), and for ppo old_values / returns
-    (B, T); metrics (floats: reward mean / std, kl, entropy, response length, rollout tokens and seconds)."""
+    (B, T); live_logps: rloo / grpo with --grad-accum 1 and no --amp, the policy's logps (B, T) with their graph, for
+    rl_objective (else None); metrics (floats: reward mean / std, kl, entropy, response length, rollout tokens and
+    seconds)."""
     t0 = time.time()
     k, image_token = args.k, processor.tokenizer.image_token_id
     stop = lambda row, ids: ids[-1] == image_token  # noqa: E731  a sampled <image> ends the response (dropped)
@@ -89,9 +91,17 @@ def make_rollout(algo_loss: str, policy, reference, reward_fn, items, examples, 
     with torch.no_grad():
         ref_logps = token_logprobs(forward(reference, b, device), reference.lm_head_weight,
                                    b["labels"].to(device)).float() if reference is not None else None
-        old_logps, mask, old_values = policy_logps(policy, b, device, value_head)
+    # rloo / grpo make one update on this rollout right after it: the policy's forward here is the update's own
+    # (kept with its graph, rl_objective reuses it), so a step runs 2 forwards + 1 backward instead of 3 + 1 (TRL's
+    # GRPOTrainer also skips the old-policy pass with one update per generation). Not with --grad-accum > 1 (every
+    # micro-batch's graph would be alive until the updates) nor --amp (the update's forward runs under autocast).
+    live = algo_loss in ("rloo", "grpo") and args.grad_accum == 1 and not args.amp
+    with torch.set_grad_enabled(live):
+        logps, mask, old_values = policy_logps(policy, b, device, value_head)
+    old_logps = logps.detach()
     kl_seq = rl.masked_sum(rl.kl_per_token(old_logps, ref_logps, "k1"), mask, dim=1)  # (B,) sequence KL (k1)
-    roll = {"b": b, "rewards": rewards, "old_logps": old_logps, "ref_logps": ref_logps, "mask": mask}
+    roll = {"b": b, "rewards": rewards, "old_logps": old_logps, "ref_logps": ref_logps, "mask": mask,
+            "live_logps": logps if live else None}
     r = rewards.to(device)
     if algo_loss == "rloo":  # Appendix A: normalized reward, sequence-level KL penalty, leave-one-out baseline
         r = rl.kl_penalized_rewards(rl.normalize_rewards(r, *reward_norm), old_logps, ref_logps, mask, args.beta)
@@ -138,37 +148,51 @@ def reward_stats_before_training(policy, reward_fn, encoded, examples, images_of
 ROW_KEYS = ("rewards", "advantages", "old_logps", "ref_logps", "mask", "returns", "old_values")  # (B,) / (B, T)
 
 
-def slice_rollout(roll: dict, rows: slice) -> dict:
-    """The rollout (make_rollout's dict) restricted to the rows `rows` (a slice): the batch cut by
+def slice_rollout(roll: dict, rows) -> dict:
+    """The rollout (make_rollout's dict) restricted to `rows` (a slice or a 1-D index tensor): the batch cut by
     nanoalign.batch.select_rows (images kept whole), every per-row tensor cut alike; metrics dropped."""
     out = {k: (v[rows] if v is not None else None) for k, v in roll.items() if k in ROW_KEYS}
     out["b"] = select_rows(roll["b"], rows, vision_always=True)
     return out
 
 
-def minibatches(rolls: list[dict], m: int) -> list[list[tuple[dict, float]]]:
+def minibatch_order(total: int, seed: int, step: int, epoch: int) -> torch.Tensor:
+    """The row order of PPO epoch `epoch` of step `step` (0-based): a permutation of range(total) from a generator
+    seeded by (seed, step, epoch) only, so a --resume'd run draws the same orders and nothing else's RNG moves."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step * 1009 + epoch * 7919 + 17)
+    return torch.randperm(total, generator=g)
+
+
+def minibatches(rolls: list[dict], m: int, order: torch.Tensor | None = None) -> list[list[tuple[dict, float]]]:
     """PPO's minibatches: the rank's rollout rows of one step (rolls in order, the grad-accum micro-batches of
-    make_rollout; rows concatenated, R in all) split into m contiguous blocks of R / m rows, one optimizer step each
-    (TRL's PPOTrainer num_mini_batches, OpenRLHF's micro-batches of the replay buffer). Each block is a list of
-    (piece, share): piece = the rows of one roll inside the block (the roll itself when it lies whole in the block;
-    else `slice_rollout`), share = block rows / piece rows; the caller backpropagates loss(piece) / share, so a block's
-    gradient is the row-weighted mean of its pieces' (exact for per-sequence means; for PPO's token mean the same
-    approximation as --grad-accum). m = 1: every roll whole with share = len(rolls), today's one update per epoch.
-    Departure: the blocks are the same in every epoch, in row order (TRL and OpenRLHF shuffle the rows each epoch).
-    ValueError when m < 1 or m does not divide R."""
+    make_rollout; rows concatenated, R in all, global row numbers 0 .. R-1) split into m blocks of R / m rows, one
+    optimizer step each (TRL's PPOTrainer num_mini_batches, OpenRLHF's micro-batches of the replay buffer). Block j
+    holds rows order[j * R/m : (j + 1) * R/m] (order: a permutation of range(R), `minibatch_order` of the epoch, so
+    the blocks are reshuffled every PPO epoch as in TRL and OpenRLHF; None: row order, contiguous blocks).
+    Each block is a list of (piece, share): piece = the block's rows inside one roll, in row order (the roll itself
+    when it lies whole in the block; else `slice_rollout`), share = block rows / piece rows; the caller backpropagates
+    loss(piece) / share, so a block's gradient is the row-weighted mean of its pieces' (exact for per-sequence means;
+    for PPO's token mean the same approximation as --grad-accum). m = 1: every roll whole with share = len(rolls),
+    one update per epoch whatever the order. ValueError when m < 1 or m does not divide R, or order is not a
+    permutation of range(R)."""
     sizes = [r["rewards"].shape[0] for r in rolls]  # rows of each roll (P * k)
     total = sum(sizes)
     if m < 1 or total % m:
         raise ValueError(f"--ppo-minibatches {m}: must be >= 1 and divide the rank's {total} rollouts of a step")
+    if order is None or m == 1:
+        order = torch.arange(total)
+    elif not torch.equal(torch.sort(order).values, torch.arange(total)):
+        raise ValueError(f"minibatches: order must be a permutation of range({total})")
     size = total // m
     blocks = []
     for j in range(m):
-        lo, hi, pieces, start = j * size, (j + 1) * size, [], 0
+        rows = torch.sort(order[j * size:(j + 1) * size]).values  # global row numbers of block j
+        pieces, start = [], 0
         for roll, n in zip(rolls, sizes):
-            a, b = max(lo, start), min(hi, start + n)  # the block's rows inside this roll, in global row numbers
-            if a < b:
-                whole = (a, b) == (start, start + n)
-                pieces.append((roll if whole else slice_rollout(roll, slice(a - start, b - start)), size / (b - a)))
+            mine = rows[(rows >= start) & (rows < start + n)] - start  # the block's rows inside this roll
+            if len(mine):
+                whole = len(mine) == n
+                pieces.append((roll if whole else slice_rollout(roll, mine), size / len(mine)))
             start += n
         blocks.append(pieces)
     return blocks
@@ -178,8 +202,13 @@ def minibatches(rolls: list[dict], m: int) -> list[list[tuple[dict, float]]]:
 def rl_objective(algo_loss: str, policy, roll: dict, args, device, value_head=None) -> tuple[torch.Tensor, dict]:
     """The loss of one update on a rollout (make_rollout's dict) -> (loss, metrics of 0-d tensors / floats).
     rloo: rl.reinforce_loss; grpo: rl.grpo_loss (k3 KL term, --grpo-loss aggregation); ppo: rl.ppo_policy_loss +
-    args.vf_coef * rl.ppo_value_loss (the value head's)."""
-    logps, mask, values = policy_logps(policy, roll["b"], device, value_head if algo_loss == "ppo" else None)
+    args.vf_coef * rl.ppo_value_loss (the value head's). A rollout holding live_logps (make_rollout's forward with its
+    graph) is used once without a new forward: the entry is cleared."""
+    if roll.get("live_logps") is not None and algo_loss != "ppo":
+        logps, mask, values = roll["live_logps"], roll["mask"], None
+        roll["live_logps"] = None  # its graph is freed by the backward; a second call makes its own forward
+    else:
+        logps, mask, values = policy_logps(policy, roll["b"], device, value_head if algo_loss == "ppo" else None)
     if algo_loss == "rloo":
         return rl.reinforce_loss(logps, mask, roll["advantages"]), {}
     if algo_loss == "grpo":  # its per-token k3 is logged as kl_k3 ("kl" is the rollout's sequence KL, k1)

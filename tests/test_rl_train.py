@@ -166,6 +166,50 @@ def test_minibatches_hand_computed():
     assert mid["b"]["image_index"].tolist() == [0] and mid["b"]["pixel_values"].shape[0] == 2
 
 
+def test_minibatches_reshuffled_hand_computed():
+    """With an epoch's order (a permutation of the 12 global rows), block j = rows order[4j : 4j + 4], cut per roll
+    in row order: order [11 0 5 6 | 1 2 3 4 | 7 8 9 10] -> block 0 = roll 0 rows {0, 5} + roll 1 rows {0, 5}
+    (global 6, 11), share 4 / 2 = 2 each; block 1 = roll 0 rows 1-4 (share 1); block 2 = roll 1 rows 1-4. M = 1
+    ignores the order (both rolls whole). A non-permutation is refused."""
+    from nanoalign import rlstep
+    rolls = [_fake_roll(0, 6), _fake_roll(6, 6)]
+    order = torch.tensor([11, 0, 5, 6, 1, 2, 3, 4, 7, 8, 9, 10])
+    blocks = rlstep.minibatches(rolls, 3, order)
+    assert [[p["rewards"].tolist() for p, _ in blk] for blk in blocks] == [
+        [[0, 5], [6, 11]], [[1, 2, 3, 4]], [[7, 8, 9, 10]]]
+    assert [[s for _, s in blk] for blk in blocks] == [[2.0, 2.0], [1.0], [1.0]]
+    first = blocks[0][0][0]  # roll 0 rows 0 and 5: per-row tensors and the batch cut alike
+    assert first["advantages"][:, 0].tolist() == [0, 5]
+    assert torch.equal(first["b"]["input_ids"], rolls[0]["b"]["input_ids"][[0, 5]])
+    assert first["b"]["image_index"].tolist() == [0]  # row 0 shows image 0, row 5 is text-only
+    one = rlstep.minibatches(rolls, 1, order)
+    assert [p is r for (p, _), r in zip(one[0], rolls)] == [True, True]
+    with pytest.raises(ValueError, match="permutation"):
+        rlstep.minibatches(rolls, 3, torch.tensor([0] * 12))
+
+
+def test_minibatch_order_per_epoch():
+    """Each PPO epoch draws its own order from (seed, step, epoch) alone: the epochs of a step differ, the same
+    (seed, step, epoch) gives the same order (what --resume needs), the global RNG is untouched, and each order is
+    a permutation whose blocks still cover every row once."""
+    from nanoalign import rlstep
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    orders = [rlstep.minibatch_order(12, 0, 5, e) for e in range(4)]
+    assert torch.equal(torch.get_rng_state(), before)
+    assert all(torch.equal(torch.sort(o).values, torch.arange(12)) for o in orders)
+    assert len({tuple(o.tolist()) for o in orders}) == 4  # every epoch its own order
+    assert torch.equal(orders[1], rlstep.minibatch_order(12, 0, 5, 1))
+    assert not torch.equal(orders[1], rlstep.minibatch_order(12, 0, 6, 1))  # another step
+    assert not torch.equal(orders[1], rlstep.minibatch_order(12, 1, 5, 1))  # another seed
+    rolls = [_fake_roll(0, 6), _fake_roll(6, 6)]
+    blocks = [rlstep.minibatches(rolls, 3, o) for o in orders]
+    rows_of = lambda bl: [sorted(x for p, _ in blk for x in p["rewards"].tolist()) for blk in bl]  # noqa: E731
+    for bl, o in zip(blocks, orders):
+        assert rows_of(bl) == [sorted(o[4 * j:4 * j + 4].tolist()) for j in range(3)]
+    assert rows_of(blocks[0]) != rows_of(blocks[1])
+
+
 def test_ppo_minibatches_optimizer_steps(world, tmp_path, rewards_file, monkeypatch):
     """--ppo-epochs 2 --ppo-minibatches 2 on a step of 2 prompts x k 2 = 4 rollouts: 4 optimizer steps of the
     policy and 4 of the value head per training step, each on 2 rollouts (M = 1: 2 steps of 4)."""
@@ -203,3 +247,47 @@ def test_ppo_minibatches_refused(world, tmp_path, capsys, value, reason):
     assert e.value.code == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert f"error: --ppo-minibatches {value}: " in last and reason in last, last
+
+
+# ------------------------------------------------------------------------------- one forward less per rloo/grpo step
+@pytest.mark.parametrize("algo,extra,per_step", [
+    ("grpo", [], {"reference": 1, "policy": 1}),  # the rollout's policy forward is the update's (live_logps)
+    ("rloo", [], {"reference": 1, "policy": 1}),
+    ("grpo", ["--grad-accum", 2], {"reference": 2, "policy": 4}),  # per micro-batch: the old pass + the update's
+    ("ppo", ["--ppo-epochs", 2], {"reference": 1, "policy": 3})])  # old pass + one per epoch
+def test_rl_forward_passes(world, tmp_path, rewards_file, monkeypatch, algo, extra, per_step):
+    """Forward passes of the models per training step (the rollout's sampling aside): rloo and grpo with one update
+    per rollout reuse the rollout's policy forward for the loss (TRL's GRPOTrainer also makes 2, not 3); with
+    --grad-accum 2 or PPO's epochs the old-policy pass stays."""
+    from nanoalign import rlstep
+    real, calls = rlstep.forward, []
+
+    def counted(model, b, device):
+        calls.append("reference" if not any(p.requires_grad for p in model.parameters()) else "policy")
+        return real(model, b, device)
+    monkeypatch.setattr(rlstep, "forward", counted)
+    run(world, tmp_path, "--algo", algo, "--max-steps", 2, "--reward", f"{rewards_file}:length", *RL_ARGS, *extra)
+    assert {k: calls.count(k) for k in per_step} == {k: 2 * v for k, v in per_step.items()}
+
+
+@pytest.mark.parametrize("algo", ["rloo", "grpo"])
+def test_live_logps_equal_a_fresh_forward(world, tmp_path, rewards_file, monkeypatch, algo):
+    """Reusing the rollout's forward changes no number: 3 steps with live_logps and 3 steps where every update makes
+    its own forward (the entry dropped before rl_objective, the previous implementation) give bit-identical metrics
+    (loss, KL, rewards, grad norm) and final weights."""
+    from safetensors.torch import load_file
+    from nanoalign import rlstep
+    args = ["--algo", algo, "--max-steps", 3, "--reward", f"{rewards_file}:length", *RL_ARGS]
+    live = run(world, tmp_path / "live", *args)
+    real = rlstep.rl_objective
+
+    def fresh(algo_loss, policy, roll, *a, **kw):
+        assert roll["live_logps"] is not None
+        return real(algo_loss, policy, {**roll, "live_logps": None}, *a, **kw)
+    monkeypatch.setattr(rlstep, "rl_objective", fresh)
+    again = run(world, tmp_path / "fresh", *args)
+    skip = ("time_s", "rollout_tokens_per_s", "train_tokens_per_s", "peak_mem_mb", "rollout_s")
+    assert [{k: v for k, v in r.items() if k not in skip} for r in live] == \
+        [{k: v for k, v in r.items() if k not in skip} for r in again]
+    a, b = (load_file(str(tmp_path / d / "final" / "model.safetensors")) for d in ("live", "fresh"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
