@@ -91,7 +91,7 @@ ONLY_FOR = {
     "beta": PREF + list(RL), "sft_weight": PREF, "gamma": _rows(weights="ddpo"), "ddpo_average": _rows(weights="ddpo"),
     "noise_step": _rows(responses="noisy_self"), "ref_cache": _rows(data="pairs", loss=("dpo", "ipo", "slic"),
                                                                       responses=("none", "noisy_self")),
-    "temperature": SAMPLING, "max_new_tokens": SAMPLING, "top_p": _rows(responses=("sampled", "mixed")),
+    "temperature": SAMPLING, "max_new_tokens": SAMPLING, "top_p": SAMPLING,
     "annotator": _rows(reward="annotator"), "annotator_both_orders": _rows(reward="annotator"),
     "alpha": _rows(responses="mixed"), "bdhs_embedder": _rows(responses="bdhs"),
     **{k: list(RL) for k in ("reward", "k", "guard_len_min", "guard_len_max", "guard_entropy", "guard_kl",

@@ -75,7 +75,7 @@ def make_rollout(algo_loss: str, policy, reference, reward_fn, items, examples, 
     k, image_token = args.k, processor.tokenizer.image_token_id
     stop = lambda row, ids: ids[-1] == image_token  # noqa: E731  a sampled <image> ends the response (dropped)
     ro = engine.sample(policy, prompt_batch(items, images, processor), n_per_prompt=k, temperature=args.temperature,
-                       max_new_tokens=args.max_new_tokens, end_ids=processor.end_ids, generator=generator,
+                       top_p=args.top_p, max_new_tokens=args.max_new_tokens, end_ids=processor.end_ids, generator=generator,
                        pad_id=processor.pad_id, stop_fn=stop)
     eos = processor.tokenizer.eos_id if processor.tokenizer.eos_id is not None else processor.end_ids[0]
     responses = [[t for t in ids if t != image_token] or [eos] for ids in ro.ids]  # (B,) lists of ids
@@ -135,7 +135,7 @@ def reward_stats_before_training(policy, reward_fn, encoded, examples, images_of
         items = encoded[i:i + args.batch_size]
         ims = [images_of(it) for it in items]
         ro = engine.sample(policy, prompt_batch(items, ims, processor), n_per_prompt=args.k,
-                           temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+                           temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                            end_ids=processor.end_ids, generator=gen, pad_id=processor.pad_id)
         tok = processor.tokenizer
         texts = [tok.decode([t for t in ids if t != tok.image_token_id]) for ids in ro.ids]

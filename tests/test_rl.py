@@ -172,6 +172,10 @@ def test_whiten_explained_variance_entropy():
     w = rl.whiten(x, mask, eps=0.0)  # mean 2, unbiased var 1
     assert torch.allclose(w, torch.tensor([[-1.0, 0.0, 1.0, 0.0]]))
     assert torch.allclose(rl.whiten(x, mask, shift_mean=False, eps=0.0), torch.tensor([[1.0, 2.0, 3.0, 0.0]]))
+    # PPO's token rewards: zero but for the score on the last token. Mean 4/3, unbiased var 16/3, std 4/sqrt(3):
+    # rescaling keeps the zeros (TRL's (x - mean) / std + mean would give them 4/3 - 1/sqrt(3) = 0.756 each)
+    sparse = rl.whiten(torch.tensor([[0.0, 0.0, 4.0]]), torch.ones(1, 3, dtype=torch.bool), shift_mean=False, eps=0.0)
+    assert torch.allclose(sparse, torch.tensor([[0.0, 0.0, 3 ** 0.5]]))
     returns = torch.tensor([[1.0, 2.0, 3.0, 0.0]])
     # residuals R - V = 0, 1, 0 -> var 2/9; var R = 2/3 -> 1 - (2/9)/(2/3) = 2/3
     assert rl.explained_variance(torch.tensor([[1.0, 1.0, 3.0, 9.0]]), returns, mask) == pytest.approx(2 / 3)

@@ -291,3 +291,14 @@ def test_live_logps_equal_a_fresh_forward(world, tmp_path, rewards_file, monkeyp
         [{k: v for k, v in r.items() if k not in skip} for r in again]
     a, b = (load_file(str(tmp_path / d / "final" / "model.safetensors")) for d in ("live", "fresh"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("algo", ["rloo", "grpo"])
+def test_rollouts_sample_with_the_given_top_p(world, tmp_path, rewards_file, monkeypatch, algo):
+    """--top-p reaches the RL rollouts (they sampled at top-p 1 whatever was given) and RLOO's reward statistics."""
+    from nanoalign import engine
+    seen, real = [], engine.sample
+    monkeypatch.setattr(engine, "sample", lambda *a, **kw: (seen.append(kw.get("top_p")), real(*a, **kw))[1])
+    run(world, tmp_path, "--algo", algo, "--max-steps", 1, "--reward", f"{rewards_file}:length", "--top-p", 0.7,
+        "--k", 2, "--max-new-tokens", 4, *(["--reward-norm", 2] if algo == "rloo" else []))
+    assert seen and all(p == 0.7 for p in seen), seen

@@ -74,7 +74,7 @@ def test_bad_argument_is_one_line_everywhere(capsys, fn, args, line):
                                                                         "mixed-dpo, online-bdhs, rloo, ppo, grpo"),
     ("dpo", "--gamma", "3", "ddpo"), ("dpo", "--noise-step", "10", "povid"),
     ("online-bdhs", "--temperature", "0.5", "online-dpo, mixed-dpo, rloo, ppo, grpo"),
-    ("grpo", "--top-p", "0.9", "online-dpo, mixed-dpo"), ("online-dpo", "--bdhs-embedder", "e", "online-bdhs"),
+    ("dpo", "--top-p", "0.9", "online-dpo, mixed-dpo, rloo, ppo, grpo"), ("online-dpo", "--bdhs-embedder", "e", "online-bdhs"),
     ("rm", "--sft-weight", "1", "dpo, ipo, slic, ddpo, povid, online-dpo, mixed-dpo, online-bdhs"),
     ("online-dpo", "--ref-cache", "c", "dpo, ipo, slic, ddpo, povid"),
     ("dpo", "--stop-on-collapse", None, "rloo, ppo, grpo"), ("rloo", "--no-whiten-rewards", None, "ppo"),
