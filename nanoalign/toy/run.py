@@ -42,6 +42,7 @@ ALIGN = {
                 "temperature": 0.7, "yesno": 2, "sft_weight": 1.0},
     "dpo": {"beta": 0.3},
     "ddpo": {"beta": 0.3, "lr": 2e-4},
+    "ppo": {"lr": 2.5e-5},  # 1e-4 / --ppo-epochs: 4 Adam steps per batch of rollouts; at 1e-4 the captions collapsed
 }
 COLD_MIN, CACHED_MIN = "about 12 min", "about 2 min"  # the ddpo default run on 2 idle cores (docs/log.md)
 EVAL_LIMIT = 100  # held-out scenes evaluated (CHAIR) during the alignment, 8 times; the final table uses all
