@@ -15,7 +15,10 @@ def test_ctrl_c_is_one_line(world, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     p = subprocess.Popen([sys.executable, TRAIN, *argv(world, tmp_path, "--algo", "dpo", "--max-steps", 400,
                                                          "--save-every", 1)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                         # a suite started in the background (`pytest &` in a script) inherits SIGINT ignored, and
+                         # Python then installs no KeyboardInterrupt handler: give the run a terminal's default
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     t = time.time()
     while not (tmp_path / "step-000001" / "train_state.json").exists():
         assert p.poll() is None and time.time() - t < 240, p.stderr.read()[-2000:] if p.poll() is not None else ""
