@@ -75,8 +75,8 @@ def make_rollout(algo_loss: str, policy, reference, reward_fn, items, examples, 
     k, image_token = args.k, processor.tokenizer.image_token_id
     stop = lambda row, ids: ids[-1] == image_token  # noqa: E731  a sampled <image> ends the response (dropped)
     ro = engine.sample(policy, prompt_batch(items, images, processor), n_per_prompt=k, temperature=args.temperature,
-                       top_p=args.top_p, max_new_tokens=args.max_new_tokens, end_ids=processor.end_ids, generator=generator,
-                       pad_id=processor.pad_id, stop_fn=stop)
+                       top_p=args.top_p, max_new_tokens=args.max_new_tokens, end_ids=processor.end_ids,
+                       generator=generator, pad_id=processor.pad_id, stop_fn=stop)
     eos = processor.tokenizer.eos_id if processor.tokenizer.eos_id is not None else processor.end_ids[0]
     responses = [[t for t in ids if t != image_token] or [eos] for ids in ro.ids]  # (B,) lists of ids
     rep = lambda xs: [x for x in xs for _ in range(k)]  # noqa: E731  prompt i -> rows i*k .. i*k+k-1
