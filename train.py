@@ -162,7 +162,7 @@ def parse_args(argv=None, toy_algo=None):
     g.add_argument("--annotator", default=None, help="oracle[:SCENES.jsonl] | rm:PATH | vlm:PATH (nanoalign/annotate.py"
                    "; default oracle on the toy world)")
     g.add_argument("--annotator-both-orders", action="store_true", help="vlm: ask in both orders, keep agreements")
-    g.add_argument("--alpha", type=float, default=0.5, help="mixed-dpo: probability of the offline pair (our default)")
+    g.add_argument("--alpha", type=float, default=0.5, help="mixed-dpo: probability of the offline pair (default 0.5: our choice)")
     g.add_argument("--bdhs-embedder", default="bow", help="online-bdhs similarity embedder: bow (built-in bag of "
                    "words) or a sentence-transformers name/folder")
     g = p.add_argument_group("reward model and RL (rm, rloo, ppo, grpo; nanoalign/rlstep.py)")

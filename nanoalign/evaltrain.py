@@ -59,11 +59,9 @@ def add_args(p) -> None:
 
 
 def check_args(args) -> str | None:
-    """The eval options' consistency -> an error line, or None."""
+    """The eval options' consistency -> an error line, or None (their values: nanoalign.runs.ARG_RULES)."""
     if (args.eval_data is None) != (args.eval_task is None):
         return "--eval-data and --eval-task go together"
-    if args.eval_every < 0 or (args.eval_limit is not None and args.eval_limit < 1) or args.eval_batch_size < 1:
-        return "--eval-every must be >= 0, --eval-limit and --eval-batch-size >= 1"
     if args.eval_task == "chair" and not args.eval_annotations:
         return "--eval-task chair needs --eval-annotations (the COCO objects of each image)"
     if args.keep_best is not None:

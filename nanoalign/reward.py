@@ -340,10 +340,16 @@ def _checked(spec: str, fn):
             values = fn(examples, images, responses)
         except Exception as e:
             raise ValueError(_blame(spec, fn, examples, images, responses, e)) from None
-        values = values.tolist() if isinstance(values, torch.Tensor) else list(values)
+        if isinstance(values, torch.Tensor) and values.dim() == 1:
+            values = values.tolist()
+        elif isinstance(values, (str, bytes, dict)) or not hasattr(values, "__len__"):
+            raise ValueError(f"reward {spec}: returned {type(values).__name__} {values!r:.40}; it must return a list "
+                             f"of {n} numbers, one per response (fn(images, prompts, responses))")
+        values = list(values)
         if len(values) != n:
-            raise ValueError(f"reward {spec}: returned {len(values)} values for {n} examples "
-                             f"({', '.join(ex.id for ex in examples[:5])}{', ...' if n > 5 else ''})")
+            raise ValueError(f"reward {spec}: returned {len(values)} values for {n} responses (examples "
+                             f"{', '.join(ex.id for ex in examples[:5])}{', ...' if n > 5 else ''}: --k responses "
+                             "each)")
         out = []
         for ex, v in zip(examples, values):
             try:

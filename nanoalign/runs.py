@@ -14,7 +14,8 @@ writes there besides checkpoints (metrics.jsonl, curves.png) and prints about it
 A folder "holds a run" when it has metrics.jsonl, a step-* folder or final/. Without --resume or --overwrite such a
 folder is refused. With --resume the saved run's settings (train_state.json's args and world size) are compared with
 the new ones: every difference that makes exact resumption impossible is named in one line, unless
---allow-changed is given; a finished run (final/ exists) says so and train.py exits 0.
+--allow-changed is given; a finished run (final/ exists) says so and train.py exits 0; with other settings (say a
+larger --max-steps) it is refused, as is another --algo even with --allow-changed.
 """
 from __future__ import annotations
 
@@ -67,7 +68,18 @@ ARG_RULES = {
     "clip_value": (lambda v: _FINITE(v) and v > 0, "must be a finite number > 0"),
     "gamma_ppo": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
     "lam": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+    "top_p": (lambda v: 0 < v <= 1, "must be in (0, 1] (1 = off)"),
+    "alpha": (lambda v: 0 <= v <= 1, "must be in [0, 1] (the probability of the offline pair)"),
+    "guard_len_min": (lambda v: _FINITE(v) and v >= 0, "must be a finite number >= 0 (tokens)"),
+    "guard_len_max": (lambda v: v > 0, "must be > 0 (tokens; inf = off)"),
+    "guard_entropy": (lambda v: _FINITE(v) and v >= 0, "must be a finite number >= 0 (nats per token)"),
+    "guard_kl": (lambda v: v > 0, "must be > 0 (nats; inf = off)"),
+    "eval_every": (lambda v: v >= 0, "must be >= 0 (0 = only before and after)"),
+    "eval_limit": (lambda v: v >= 1, "must be >= 1"),
+    "eval_max_new_tokens": (lambda v: v >= 1, "must be >= 1"),
+    "eval_batch_size": (lambda v: v >= 1, "must be >= 1"),
 }
+ANY_VALUE = ("seed", "toy_seed")  # the numeric options every value of which is fine (a test holds the rest to a rule)
 
 
 def add_args(p) -> None:
@@ -239,6 +251,15 @@ def prepare_out(args, world: int) -> str:
         return "resume"
     state = tu.load_train_state(ckpt)
     diffs = changed_settings(state.get("args") or {}, vars(args), state.get("world"), world)
+    saved_algo = (state.get("args") or {}).get("algo")
+    if saved_algo is not None and saved_algo != getattr(args, "algo", saved_algo):  # even with --allow-changed
+        raise ValueError(f"--resume: {ckpt} is a --algo {saved_algo} run; --algo {args.algo} cannot continue it (its "
+                         f"train state is another algorithm's): start a new run with --model {out / 'final'} or a "
+                         f"step folder's weights, and another --out")
+    if diffs and ckpt.name == "final":  # a finished run is not extended: say so instead of 'nothing to do'
+        raise ValueError(f"--resume: {out} is finished ({ckpt}); --resume continues an interrupted run, it does not "
+                         f"extend a finished one ({'; '.join(diffs)}): start a new run with --model {ckpt} and "
+                         "another --out")
     if diffs and not getattr(args, "allow_changed", False):
         raise ValueError(f"--resume: {ckpt} was trained with other settings ({'; '.join(diffs)}): exact resumption "
                          "is impossible; give --allow-changed to continue anyway, or use another --out")

@@ -189,7 +189,10 @@ def test_user_function_reward(tmp_path):
         "    if any('boom' in r for r in responses):\n        raise RuntimeError('cannot judge')\n"
         "    return [1.0] * len(responses)\n"
         "def nan(images, prompts, responses):\n    return [float('nan') if r == 'x' else 0.0 for r in responses]\n"
-        "def short(images, prompts, responses):\n    return [0.0]\n")
+        "def short(images, prompts, responses):\n    return [0.0]\n"
+        "def none(images, prompts, responses):\n    return None\n"
+        "def one(images, prompts, responses):\n    return 3.0\n"
+        "def text(images, prompts, responses):\n    return 'abc'\n")
     exs = _examples(3)
     f = rw.load_reward(f"{tmp_path}/rules.py:length")
     assert torch.equal(f(exs, [None] * 3, ["a", "bbb", ""]), torch.tensor([1.0, 3.0, 0.0]))
@@ -197,8 +200,11 @@ def test_user_function_reward(tmp_path):
         rw.load_reward(f"{tmp_path}/rules.py:picky")(exs, [None] * 3, ["a", "boom", "c"])
     with pytest.raises(ValueError, match="example ex2: non-finite reward nan"):
         rw.load_reward(f"{tmp_path}/rules.py:nan")(exs, [None] * 3, ["a", "b", "x"])
-    with pytest.raises(ValueError, match="returned 1 values for 3 examples"):
+    with pytest.raises(ValueError, match="returned 1 values for 3 responses"):
         rw.load_reward(f"{tmp_path}/rules.py:short")(exs, [None] * 3, ["a", "b", "c"])
+    for name, shown in (("none", "NoneType None"), ("one", "float 3.0"), ("text", "str 'abc'")):  # not a list: one line
+        with pytest.raises(ValueError, match=f"returned {shown}; it must return a list of 3 numbers"):
+            rw.load_reward(f"{tmp_path}/rules.py:{name}")(exs, [None] * 3, ["a", "b", "c"])
     with pytest.raises(ValueError, match="has no function 'nope'"):
         rw.load_reward(f"{tmp_path}/rules.py:nope")
     with pytest.raises(ValueError, match="cannot import no_such_module_xyz"):

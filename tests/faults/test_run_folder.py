@@ -113,3 +113,18 @@ def test_resume_allow_changed_lr_uses_the_new_rate(world, tmp_path):
     lr = lambda d: {r["step"]: r["lr"] for r in steps(d)}  # noqa: E731
     assert lr(tmp_path / "a")[3] == lr(tmp_path / "b")[3] and lr(tmp_path / "a")[4] == lr(tmp_path / "b")[4]
     assert lr(tmp_path / "a")[2] == pytest.approx(10 * lr(tmp_path / "b")[2])  # before the resume: the old rate
+
+
+def test_resume_refuses_another_algo_and_extending_a_finished_run(world, tmp_path):
+    """--resume of a finished run with a larger --max-steps (it said 'nothing to do' after a warning that promised
+    the change), or with another --algo even under --allow-changed (a ppo run continued as rloo) -> one line
+    naming the way on (a new run from the weights), nothing trained."""
+    main(world, tmp_path, "--algo", "dpo", "--max-steps", 2, "--save-every", 1)
+    with pytest.raises(ValueError, match=r"is finished .*does not extend a finished one \(--max-steps: 2 -> 3\)"):
+        main(world, tmp_path, "--algo", "dpo", "--max-steps", 3, "--resume", "--allow-changed")
+    import shutil
+    shutil.rmtree(tmp_path / "final")
+    assert list(tmp_path.glob("step-*"))
+    with pytest.raises(ValueError, match="is a --algo dpo run; --algo ipo cannot continue it"):
+        main(world, tmp_path, "--algo", "ipo", "--max-steps", 2, "--resume", "--allow-changed")
+    assert [r["step"] for r in steps(tmp_path)] == [1, 2]
