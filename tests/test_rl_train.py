@@ -266,7 +266,7 @@ def test_rl_forward_passes(world, tmp_path, rewards_file, monkeypatch, algo, ext
         calls.append("reference" if not any(p.requires_grad for p in model.parameters()) else "policy")
         return real(model, b, device)
     monkeypatch.setattr(rlstep, "forward", counted)
-    run(world, tmp_path, "--algo", algo, "--max-steps", 2, "--reward", f"{rewards_file}:length", *RL_ARGS, *extra)
+    run(world, tmp_path, "--algo", algo, "--max-steps", 2, "--reward", f"{rewards_file}:length", *rl_args(algo), *extra)
     assert {k: calls.count(k) for k in per_step} == {k: 2 * v for k, v in per_step.items()}
 
 
@@ -277,7 +277,7 @@ def test_live_logps_equal_a_fresh_forward(world, tmp_path, rewards_file, monkeyp
     (loss, KL, rewards, grad norm) and final weights."""
     from safetensors.torch import load_file
     from nanoalign import rlstep
-    args = ["--algo", algo, "--max-steps", 3, "--reward", f"{rewards_file}:length", *RL_ARGS]
+    args = ["--algo", algo, "--max-steps", 3, "--reward", f"{rewards_file}:length", *rl_args(algo)]
     live = run(world, tmp_path / "live", *args)
     real = rlstep.rl_objective
 
