@@ -586,9 +586,10 @@ if __name__ == "__main__":
     _args = parse_args()
     if _args.model is None and _args.data is None:  # the built-in toy-world run (nanoalign/toy/run.py)
         from nanoalign.toy.run import default_run
-        run(lambda: default_run(_args, main, parse_args, ALGOS), lambda: runs.interrupted_line(_args.out, sys.argv))
+        body = lambda: default_run(_args, main, parse_args, ALGOS)  # noqa: E731
     else:
-        run(lambda: main(_args), lambda: runs.interrupted_line(_args.out, sys.argv))
+        body = lambda: main(_args)  # noqa: E731
+    run(body, lambda: runs.interrupted_line(_args.out, sys.argv))
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

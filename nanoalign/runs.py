@@ -124,7 +124,7 @@ def check_args(parser, args, only_for: dict | None = None) -> None:
     for name, (ok, reason) in ARG_RULES.items():
         v = getattr(args, name, None)
         if v is not None and not ok(v):
-            parser.error(f"--{name.replace('_', '-')} {v}: {reason}")
+            parser.error(f"{_given(name, v)}: {reason}")
     dtype = getattr(args, "dtype", "fp32")
     if getattr(args, "amp", False) and dtype != "fp32":
         parser.error(f"--amp keeps fp32 weights and computes in bf16; it does not combine with --dtype {dtype} (drop "
