@@ -35,8 +35,8 @@ REWARD = "def length(images, prompts, responses):\n    return [float(len(r.split
 # own wall time_s, then the whole run's peak RSS
 OURS = ("import json, resource, sys, time; sys.path.insert(0, {repo!r}); sys.path.insert(0, {bench!r}); import train; "
         "from bench_rl import anon_mb; {patch}"
-        "cpu, anon = [], []; w = train.tu.MetricsLog.write; "
-        "train.tu.MetricsLog.write = lambda self, rec: ((cpu.append(time.process_time()), anon.append(anon_mb())) if "
+        "cpu, anon = [], []; w = train.runs.MetricsLog.write; "
+        "train.runs.MetricsLog.write = lambda self, rec: ((cpu.append(time.process_time()), anon.append(anon_mb())) if "
         "'step' in rec else None, w(self, rec))[1]; "
         "train.main(train.parse_args(sys.argv[2:])); "
         "json.dump({{'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 'cpu': cpu, "
