@@ -319,8 +319,8 @@ def collate(items: list[Encoded], which: list[str], processor, images: list[Imag
     chosen sequences are rows [0, P) and the rejected ones rows [P, 2P). images[i] is item i's image or None
     (text-only); a batch may mix both.
     Returns input_ids (R,T), attention_mask (R,T), labels (R,T) (-100 off-response and on the later questions of a
-    conversation), token_weights (R,T) float, pixel_values / image_sizes of the images present (each processed
-    once; None when no item has one) and image_index (n_rows_with_image,): the image of each `<image>` occurrence
+    conversation), token_weights (R,T) float, pixel_values / image_sizes of the distinct images present (each
+    processed once, an image object shared by several items once; None when no item has one) and image_index (n_rows_with_image,): the image of each `<image>` occurrence
     in row order, for the model's forward (the vision tower runs once per image, not once per row), and row_image
     (R,): each row's image among those present, -1 for a text-only row (select_rows uses it).
     vision_always: a batch without any image still carries one blank crop_size x crop_size image that no row uses
@@ -356,9 +356,12 @@ def collate(items: list[Encoded], which: list[str], processor, images: list[Imag
         batch["attention_mask"] = torch.nn.functional.pad(batch["attention_mask"], (0, extra), value=0)
         batch["labels"] = torch.nn.functional.pad(batch["labels"], (0, extra), value=-100)
         batch["token_weights"] = torch.nn.functional.pad(batch["token_weights"], (0, extra), value=0.0)
-    batch["row_image"] = row_image([im is not None for im in images], len(which))
-    if bool((batch["row_image"] >= 0).any()):
-        batch.update(processor.image_processor.process([im for im in images if im is not None]))
+    # one image object shown by several items (an RL rollout's k samples of a prompt, the two samples of an online
+    # pair) is processed and run through the vision tower once: the rows index the same features
+    pos, distinct = image_positions(images)
+    batch["row_image"] = row_image(pos, len(which))
+    if distinct:
+        batch.update(processor.image_processor.process(distinct))
         batch["image_index"] = batch["row_image"][batch["row_image"] >= 0]
     elif vision_always:
         S = processor.image_processor.crop_size
@@ -367,15 +370,27 @@ def collate(items: list[Encoded], which: list[str], processor, images: list[Imag
     return batch
 
 
-def row_image(has_image: list[bool], n_sides: int) -> torch.Tensor:
-    """(R,) long for a batch of n_sides blocks of len(has_image) rows (row r shows item r % len(has_image)): the
-    position of the row's image among the images present, -1 for a text-only row.
-    E.g. has_image [True, False, True], 2 sides -> [0, -1, 1, 0, -1, 1]."""
-    pos, k = [], 0
-    for h in has_image:
-        pos.append(k if h else -1)
-        k += bool(h)
-    return torch.tensor(pos * n_sides, dtype=torch.long)
+def image_positions(images: list) -> tuple[list[int], list]:
+    """-> (pos, distinct): pos[i] the position of images[i] among the distinct image objects in order of first
+    appearance (-1 for None), and those objects. The same object twice counts once (identity, not pixel equality:
+    two files with equal pixels are two images). E.g. [a, None, a, b] -> ([0, -1, 0, 1], [a, b])."""
+    first, pos, distinct = {}, [], []
+    for im in images:
+        if im is None:
+            pos.append(-1)
+            continue
+        if id(im) not in first:
+            first[id(im)] = len(distinct)
+            distinct.append(im)
+        pos.append(first[id(im)])
+    return pos, distinct
+
+
+def row_image(pos: list[int], n_sides: int) -> torch.Tensor:
+    """(R,) long for a batch of n_sides blocks of len(pos) rows (row r shows item r % len(pos)): each row's image
+    among the images of the batch (pos from image_positions), -1 for a text-only row.
+    E.g. pos [0, -1, 1], 2 sides -> [0, -1, 1, 0, -1, 1]."""
+    return torch.tensor(list(pos) * n_sides, dtype=torch.long)
 
 
 def select_rows(batch: dict, rows, vision_always: bool = False) -> dict:

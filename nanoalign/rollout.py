@@ -61,8 +61,7 @@ def noisy_self(policy, items: list, b: dict, processor, noise_step: int, device)
     for it, toks in zip(items, argmax.split(scored.sum(1).tolist())):
         it.noisy_ids, it.noisy_w = toks.tolist(), None
     b3 = collate(items, ["chosen", "rejected", "noisy"], processor, [None] * P)  # text only, then b's images:
-    has_image = (b["row_image"][:P] >= 0).tolist()  # (P,) which examples show an image
-    b3["row_image"] = row_image(has_image, 3)  # (3P,)
+    b3["row_image"] = row_image(b["row_image"][:P].tolist(), 3)  # (3P,) each example's image in b, as in b
     b3.update(pixel_values=b["pixel_values"], image_sizes=b["image_sizes"],
               image_index=None if b["pixel_values"] is None else b3["row_image"][b3["row_image"] >= 0])
     return b3

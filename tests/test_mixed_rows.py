@@ -113,6 +113,39 @@ def test_mixed_batch_rows_equal_rows_alone(world):
     assert kept["pixel_values"] is b["pixel_values"] and kept["image_index"].tolist() == []
 
 
+def test_shared_image_object_runs_the_tower_once(world):
+    """An image object shown by several items (an RL rollout's k samples of one prompt) is processed once and its
+    features feed every row that shows it: the same hidden states and the same parameter gradients as k separate
+    copies of the image (the reference: each row with its own image, as before the sharing)."""
+    model, processor = load_pretrained(world / "ckpt")
+    exs, _ = load_examples(str(world / "prefs.jsonl"), "prefs", str(world / "img"))
+    enc, _ = encode_all(exs, processor, str(world / "img"), "vicuna_nosys", 4096)
+    items = enc[:4]  # ids 0 (text), 1, 2 (image), 3 (text)
+    a, c = open_image(exs[items[1].index], None), open_image(exs[items[2].index], None)
+    rows = [items[1], items[1], items[0], items[2], items[1]]
+    shared = collate(rows, ["chosen"], processor, [a, a, None, c, a])
+    copies = collate(rows, ["chosen"], processor, [a.copy(), a.copy(), None, c, a.copy()])
+    assert shared["pixel_values"].shape[0] == 2 and copies["pixel_values"].shape[0] == 4
+    assert shared["row_image"].tolist() == [0, 0, -1, 1, 0] and shared["image_index"].tolist() == [0, 0, 1, 0]
+    assert torch.equal(shared["input_ids"], copies["input_ids"])
+
+    def run(b):
+        model.zero_grad()
+        h = model(b["input_ids"], b["pixel_values"], b["image_sizes"], b["attention_mask"],
+                  image_index=b["image_index"])
+        (h.float() ** 2).mean().backward()
+        return h.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    h1, g1 = run(shared)
+    h2, g2 = run(copies)
+    torch.testing.assert_close(h1, h2, atol=1e-5, rtol=1e-5)
+    assert g1.keys() == g2.keys() and any(n.startswith("vision_tower") for n in g1)
+    for n in g1:
+        torch.testing.assert_close(g1[n], g2[n], atol=1e-5, rtol=1e-4, msg=n)
+    part = select_rows(shared, slice(3, 5))  # a part of the batch keeps pointing at the shared features
+    assert part["image_index"].tolist() == [1, 0]
+
+
 def test_vision_always_blank_image(world):
     """collate(vision_always=True) on a text-only batch: one blank crop-size image, used by no row."""
     _, processor = load_pretrained(world / "ckpt")
