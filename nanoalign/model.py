@@ -561,11 +561,12 @@ class LlavaModel(nn.Module):
         return x
 
     def forward(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None, position_ids=None,
-                image_index=None):
+                image_index=None, kv=None):
         """input_ids (B,T) -> final-normed hidden states (B,T,H). Generation (KV cache): nanoalign.engine.
 
         attention_mask (B,T), 1 = real token (left padding). position_ids (B,T) default: from the attention mask
-        (cumsum - 1), else arange(T). image_index: see embed."""
+        (cumsum - 1), else arange(T). image_index: see embed. kv: an object whose attend(q, k, v, mask) every
+        layer's attention calls instead of plain attention (nanoalign.forward's packed shared prompts)."""
         B, T = input_ids.shape
         x = self.embed(input_ids, pixel_values, image_sizes, image_index)
         if position_ids is None:
@@ -584,7 +585,7 @@ class LlavaModel(nn.Module):
         ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in lm.layers:
             if ckpt:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, kv, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask)
+                x = layer(x, cos, sin, mask, kv)
         return lm.norm(x)
