@@ -20,7 +20,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_rl import add, floor_mb, header, make_world, run_ours, run_peer, write  # noqa: E402
+from bench_rl import (add, add_world_args, floor_mb, header, make_world, run_ours, run_peer,  # noqa: E402
+                      use_world_args, write)
 
 JUDGE = ("from nanoalign import annotate; import torch; "
          "train.load_annotator = lambda spec, *a, **k: annotate.Annotator(spec, score=lambda ex, im, resp: "
@@ -52,20 +53,23 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--max-new", type=int, default=16)
     p.add_argument("--prompts", type=int, default=2)
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "online"))
+    add_world_args(p)
+    p.add_argument("--out", default=None, help="OUT.md / OUT.json (default bench/results/online, online_llava with "
+                                               "--config llava)")
     a = p.parse_args(argv)
+    use_world_args(a, "online")
     res = {(side, "online-dpo"): {"t": [], "cpu": [], "mem": [], "mem_all": [], "anon": [], "len": []}
            for side in ("ours", "trl")}
     kept = []
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
-        make_world(d)
+        make_world(d, config=a.config)
         floor = floor_mb(a.peer_python)
         for rep in range(a.reps):
             add(res[("ours", "online-dpo")], f"rep {rep} ours", *ours(d, a, rep, kept))
             add(res[("trl", "online-dpo")], f"rep {rep} trl", *trl(d, a, rep))
     cmd = (f"python bench/bench_online.py --peer-python PEER --reps {a.reps} --steps {a.steps} --max-new {a.max_new} "
-           f"--prompts {a.prompts}")
+           f"--prompts {a.prompts} {a.world_flags}".strip())
     head = header(cmd, a.peer_python) + [
         f"Judge on both sides: the longer response in characters is chosen. Ours kept {int(sum(kept))} of "
         f"{a.prompts * len(kept)} pairs (ties dropped; TRL keeps every pair).", ""]

@@ -80,14 +80,24 @@ def never_end(ckpt: Path, token_ids):
 
 
 
-def make_world(d: Path, n: int = 16):
-    """d/ckpt (the tiny llava, chat template, EOS and <image> never sampled), d/img/{i}.png, d/prompts.jsonl (n rows
-    of prefs with the same question), d/bench_reward.py (the word-count reward for train.py's --reward)."""
+def make_world(d: Path, n: int = 16, config: str = "tiny"):
+    """d/ckpt (chat template, EOS and <image> never sampled), d/img/{i}.png, d/prompts.jsonl (n rows of prefs with the
+    same question), d/bench_reward.py (the word-count reward for train.py's --reward). config "tiny": the tests' tiny
+    llava (hidden 32, 16 image tokens); "llava": bench_step.py's LLaVA-proportion model (576 image tokens, hidden
+    512, 4 layers, vocabulary 32,064)."""
     sys.path.insert(0, str(REPO / "tests"))
     import numpy as np
     from PIL import Image
-    from test_generate import tiny_checkpoint
-    _, proc = tiny_checkpoint(str(d / "ckpt"), "llava")
+    if config == "llava":
+        import bench_step
+        from transformers import AutoProcessor
+        bench_step.use_config("llava")
+        bench_step.build_world(d / "llava")
+        (d / "llava" / "ckpt").rename(d / "ckpt")
+        proc = AutoProcessor.from_pretrained(str(d / "ckpt"))
+    else:
+        from test_generate import tiny_checkpoint
+        _, proc = tiny_checkpoint(str(d / "ckpt"), "llava")
     proc.chat_template = TEMPLATE
     proc.save_pretrained(str(d / "ckpt"))
     never_end(d / "ckpt", [proc.tokenizer.eos_token_id, proc.tokenizer.convert_tokens_to_ids("<image>")])
@@ -101,9 +111,12 @@ def make_world(d: Path, n: int = 16):
     (d / "bench_reward.py").write_text(REWARD)
 
 
+THREADS = {}  # --threads N: OMP_NUM_THREADS / MKL_NUM_THREADS of both sides' processes (empty: inherited)
+
+
 def call(cmd, cwd):
     """Run one side in a fresh process; its stderr tail on failure."""
-    r = subprocess.run(cmd, cwd=str(cwd), capture_output=True, text=True)
+    r = subprocess.run(cmd, cwd=str(cwd), capture_output=True, text=True, env=dict(os.environ, **THREADS))
     if r.returncode:
         raise SystemExit(f"error: {' '.join(map(str, cmd[:3]))} ... failed (exit {r.returncode}):\n{r.stderr[-3000:]}")
 
@@ -177,22 +190,44 @@ def main(argv=None):
     p.add_argument("--max-new", type=int, default=16)
     p.add_argument("--prompts", type=int, default=2)
     p.add_argument("--algos", nargs="+", default=["grpo", "rloo"])
-    p.add_argument("--out", default=str(REPO / "bench" / "results" / "rl"))
+    add_world_args(p)
+    p.add_argument("--out", default=None, help="OUT.md / OUT.json (default bench/results/rl, rl_llava with "
+                                               "--config llava)")
     a = p.parse_args(argv)
+    use_world_args(a, "rl")
     res = {(side, algo): {"t": [], "cpu": [], "mem": [], "mem_all": [], "anon": [], "len": []}
            for side in ("ours", "trl")
            for algo in a.algos}
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
-        make_world(d)
+        make_world(d, config=a.config)
         floor = floor_mb(a.peer_python)
         for rep in range(a.reps):
             for algo in a.algos:
                 for side, fn in (("ours", ours), ("trl", trl)):
                     add(res[(side, algo)], f"rep {rep} {side} {algo}", *fn(algo, d, a, rep))
-    cmd = (f"python bench/bench_rl.py --peer-python PEER --reps {a.reps} --steps {a.steps} --k {a.k} "
+    cmd = (f"python bench/bench_rl.py --peer-python PEER --reps {a.reps} --steps {a.steps} --k {a.k} {a.world_flags}"
            f"--max-new {a.max_new} --prompts {a.prompts}")
     write(a.out, header(cmd, a.peer_python), res, a.algos, floor)
+
+
+def add_world_args(p):
+    p.add_argument("--config", choices=["tiny", "llava"], default="tiny",
+                   help="tiny (the tests' llava: hidden 32, 16 image tokens) or llava (bench_step.py's LLaVA "
+                        "proportions: 576 image tokens, hidden 512, 4 layers, vocabulary 32,064)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="OMP / MKL threads of both sides' processes (0: inherited; 1 on a shared machine, where a "
+                        "2-thread process waits at barriers for a descheduled sibling)")
+
+
+def use_world_args(a, name: str):
+    if a.threads < 0:
+        raise SystemExit("error: --threads must be >= 0")
+    if a.threads:
+        THREADS.update(OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
+    a.out = a.out or str(REPO / "bench" / "results" / (name if a.config == "tiny" else f"{name}_{a.config}"))
+    a.world_flags = (f"--config {a.config} " if a.config != "tiny" else "") + \
+        (f"--threads {a.threads} " if a.threads else "")
 
 
 def add(r: dict, tag: str, t, cpu, mem, mem_all, anon, ln):
