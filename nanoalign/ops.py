@@ -396,7 +396,9 @@ def token_logprobs(hidden, weight, labels):
 
     hidden (B, T, H) any float dtype; weight (V, H) the LM head; labels (B, T) int64, -100 = not scored (already
     shifted: labels[b, t] is the token predicted from hidden[b, t]). Returns (B, T) float32, 0 at unscored positions.
-    Differentiable w.r.t. hidden and weight (grads in their dtypes). Only rows with a label are projected.
+    Differentiable w.r.t. hidden and weight (grads in their dtypes). Only rows with a label are projected. With
+    the weight frozen (LoRA: hidden requires grad, weight does not) the forward also returns dlogp/dh from
+    logprob_rows_fwd_dh and the backward only scales it: 2 matmuls over the logits instead of 3.
     """
     _check_inputs(hidden, weight, labels)
     return _TokenLogprobs.apply(hidden, weight, labels, torch.is_grad_enabled())
@@ -544,7 +546,8 @@ def preference_loss(hidden, weight, labels, token_weights, ref_logps, loss_type=
       sft_weight >= 0: adds sft_weight * mean over pairs of the chosen response's token-mean NLL (unweighted);
       fused: True = loss and gradients in one pass (see _FusedPreferenceLoss), False = token_logprobs + autograd
         (the reference path); chunk_pairs: pairs per fused chunk (None = all; the row primitive already bounds
-        memory to one tile, so chunking only bounds the gathered rows).
+        memory to one tile, so chunking only bounds the gathered rows). With the weight frozen (LoRA) the fused
+        forward takes grad_hidden = g * dlogp/dh from logprob_rows_fwd_dh: no backward primitive runs.
     Scores: s = sum_t w_t logp_t over scored tokens for policy and reference alike; rho = (s_pi(c) - s_ref(c)) -
     (s_pi(r) - s_ref(r)); loss = mean over pairs of L(rho) (+ SFT term).
     Returns (loss: fp32 scalar, metrics: dict of detached (P,) tensors reward_chosen, reward_rejected, margin
