@@ -7,10 +7,19 @@ Providers (same loss everywhere: DPO sigmoid, beta 0.1, summed token log-probs, 
   torch_chunked  nanoalign.ops.preference_loss with the pure-torch chunked row primitive
                  (NANOALIGN_LOGPROBS_BACKEND=torch)
   native         nanoalign.ops.preference_loss with the C++ row primitive (csrc/logprobs.cpp)
-and, on the N gathered scored rows of the same batch, the row primitives alone next to a plain matmul h @ w.T:
+  torch_chunked_frozen / native_frozen   the same with the LM head frozen (weight.requires_grad_(False), LoRA):
+                 torch chunked runs logprob_rows_fwd_dh_torch (full-V softmax per chunk of rows, 2 matmuls), native
+                 the C++ logprob_rows_fwd_dh; grad_hidden = g * D, no backward primitive
+and, on the N gathered scored rows of the same batch, the row primitives alone next to a plain matmul h @ w.T (the
+FLOP count each row's GFLOP/s uses is in its `FLOP` column):
   op_matmul      (N, H) @ (H, V) into a preallocated, warm output: 2 N V H FLOP, the machine's GEMM speed here
   op_native / op_torch_chunked   logprob_rows_fwd + logprob_rows_bwd: 2 N V H (fwd) + 6 N V H (bwd: logits again,
                  grad_h, grad_w) = 8 N V H FLOP
+  frozen head (need_grad_w=False):
+  op_native_frozen / op_torch_chunked_frozen   logprob_rows_fwd + logprob_rows_bwd(need_grad_w=False): 2 N V H +
+                 4 N V H (logits again, grad_h) = 6 N V H FLOP (the recomputing path)
+  op_native_dh / op_torch_dh   logprob_rows_fwd_dh + grad_h = g * D (native op / its pure-torch twin): 2 N V H
+                 (logits) + 2 N V H (E @ w) = 4 N V H FLOP
 
 Method. Every sample is a fresh subprocess: it builds the inputs, runs one tiny warm-up of the same provider
 (initialises MKL / OpenMP / imports), calls malloc_trim(0) so that freed heap pages cannot hide reuse, resets the
@@ -50,8 +59,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 V = 32000
 BETA = 0.1
 SCORED_FRACTION = 0.05  # 95% of positions ignored (image + prompt tokens)
-LOSS_PROVIDERS = ["naive", "liger", "torch_chunked", "native"]
-DEFAULT_PROVIDERS = ["torch_chunked", "native"]
+LOSS_PROVIDERS = ["naive", "liger", "torch_chunked", "native", "torch_chunked_frozen", "native_frozen"]
+DEFAULT_PROVIDERS = ["torch_chunked", "native", "torch_chunked_frozen", "native_frozen"]
 RESULTS = Path(__file__).resolve().parent / "results"
 
 # ----------------------------------------------------------------------------- inputs and providers
@@ -134,7 +143,8 @@ def _own_dpo(hidden, weight, labels, backend):
     return _RowsDPO.apply(hidden, weight, labels, ops.logprob_rows_fwd_torch, ops.logprob_rows_bwd_torch)
 
 
-LOSS_FN = {"naive": loss_naive, "liger": loss_liger, "torch_chunked": _ops_loss("torch"), "native": _ops_loss("native")}
+LOSS_FN = {"naive": loss_naive, "liger": loss_liger, "torch_chunked": _ops_loss("torch"), "native": _ops_loss("native"),
+           "torch_chunked_frozen": _ops_loss("torch"), "native_frozen": _ops_loss("native")}
 
 # ----------------------------------------------------------------------------- one sample (child process)
 
@@ -167,16 +177,21 @@ def _grad_error(hidden, weight, labels, ref_path):
     gh = hidden.grad.reshape(-1, hidden.shape[-1])
     ignored = gh.index_fill(0, flat, 0.0).abs().max().item()  # must be 0
     err_h = ((gh[flat].double() - ref["grad_h"]).abs().max() / ref["grad_h"].abs().max()).item()
+    if weight.grad is None:  # frozen head: hidden's grad only
+        return err_h, ignored, ref["loss"]
     err_w = ((weight.grad.double() - ref["grad_w"]).abs().max() / ref["grad_w"].abs().max()).item()
     return max(err_h, err_w), ignored, ref["loss"]
 
 
 def child_loss(provider, H, T, P, ref_path):
     fn = LOSS_FN[provider]
+    frozen = provider.endswith("_frozen")  # LM head frozen (LoRA)
     tiny = make_inputs(H, 64, 1, seed=1)
+    tiny[1].requires_grad_(not frozen)
     fn(*tiny).backward()  # warm-up: imports, thread pools, MKL, the cached native build
     del tiny
     hidden, weight, labels = make_inputs(H, T, P)
+    weight.requires_grad_(not frozen)
     have_reset = _reset_peak()
     base = _rss_kb("VmRSS")
     t0 = time.perf_counter()
@@ -208,6 +223,8 @@ def child_ops(H, T, P, first="native"):
     torch.mm(h, w.T, out=mm_out)
     native.logprob_rows_bwd(h[:8], w, y[:8], native.logprob_rows_fwd(h[:8], w, y[:8])[1], g[:8])  # warm-up
     torch_bwd(h[:8], w, y[:8], torch_fwd(h[:8], w, y[:8])[1], g[:8])
+    native.logprob_rows_fwd_dh(h[:8], w, y[:8])
+    ops.logprob_rows_fwd_dh_torch(h[:8], w, y[:8])
     out = {"rows": h.shape[0]}
 
     def timed(f):
@@ -222,6 +239,19 @@ def child_ops(H, T, P, first="native"):
         tf, (_, lse) = timed(lambda: fwd(h, w, y))
         tb, _ = timed(lambda: bwd(h, w, y, lse, g))
         out[name + "_fwd"], out[name + "_bwd"] = tf, tb
+    # frozen head: forward + backward without grad_w (6 N V H) against the forward that returns D (4 N V H)
+    frozen = [("native_frozen", native.logprob_rows_fwd, native.logprob_rows_bwd),
+              ("torch_chunked_frozen", torch_fwd, torch_bwd)]
+    for name, fwd, bwd in (frozen if first == "native" else frozen[::-1]):
+        tf, (_, lse) = timed(lambda: fwd(h, w, y))
+        tb, _ = timed(lambda: bwd(h, w, y, lse, g, need_grad_w=False))
+        out[name + "_fwd"], out[name + "_bwd"] = tf, tb
+    dh = [("native_dh", native.logprob_rows_fwd_dh), ("torch_dh", ops.logprob_rows_fwd_dh_torch)]
+    for name, fwd_dh in (dh if first == "native" else dh[::-1]):
+        def run():
+            _, _, D = fwd_dh(h, w, y)
+            return g[:, None] * D  # grad_h: the whole backward
+        out[name], _ = timed(run)
     return out
 
 
@@ -375,7 +405,10 @@ def speedups(shape_rows):
     get = {r["provider"]: r for r in shape_rows if r["status"] == "ok"}
     out = []
     for name, a, b in (("speedup_loss", "torch_chunked", "native"),
-                       ("speedup_op", "op_torch_chunked_fwd+bwd", "op_native_fwd+bwd")):
+                       ("speedup_op", "op_torch_chunked_fwd+bwd", "op_native_fwd+bwd"),
+                       ("speedup_loss_frozen", "torch_chunked_frozen", "native_frozen"),
+                       ("speedup_op_frozen", "op_torch_chunked_frozen_fwd+bwd", "op_native_dh"),
+                       ("speedup_op_dh", "op_native_frozen_fwd+bwd", "op_native_dh")):
         if a in get and b in get:
             r = {k: get[b][k] for k in ("H", "T", "pairs", "rows", "cpu", "load")}
             out.append(dict(r, provider=name, status="ok", n=get[b]["n"], speedup=get[a]["t_p50"] / get[b]["t_p50"]))
@@ -403,19 +436,31 @@ def summarize(H, T, P, samples):
         mm_gflops = flop / pct(mm, .5) / 1e9
         out.append({"H": H, "T": T, "pairs": P, "rows": ok[0]["rows"], "provider": "op_matmul", "status": "ok",
                     "n": len(mm), "t_p20": pct(mm, .2), "t_p50": pct(mm, .5), "t_p80": pct(mm, .8),
-                    "gflops": mm_gflops, "pct_of_matmul": 100.0})
-        for name in ("native", "torch_chunked"):
-            for part, f in (("fwd", 1), ("bwd", 3), ("fwd+bwd", 4)):
-                ts = [r[name + "_fwd"] + r[name + "_bwd"] if part == "fwd+bwd" else r[f"{name}_{part}"] for r in ok]
-                gf = f * flop / pct(ts, .5) / 1e9
-                out.append({"H": H, "T": T, "pairs": P, "rows": ok[0]["rows"], "provider": f"op_{name}_{part}",
-                            "status": "ok", "n": len(ts), "t_p20": pct(ts, .2), "t_p50": pct(ts, .5),
-                            "t_p80": pct(ts, .8), "gflops": gf, "pct_of_matmul": 100.0 * gf / mm_gflops})
+                    "gflops": mm_gflops, "pct_of_matmul": 100.0, "flop": "2NVH"})
+        cases = [(name, part, f) for name in ("native", "torch_chunked") for part, f in
+                 (("fwd", 1), ("bwd", 3), ("fwd+bwd", 4))]  # f: FLOP in units of 2 N V H
+        cases += [(name, "fwd+bwd", 3) for name in ("native_frozen", "torch_chunked_frozen")]
+        cases += [(name, None, 2) for name in ("native_dh", "torch_dh")]
+        for name, part, f in cases:
+            if part is not None and name + "_fwd" not in ok[0] or part is None and name not in ok[0]:
+                continue  # an older child without this case
+            ts = [r[name] if part is None else r[name + "_fwd"] + r[name + "_bwd"] if part == "fwd+bwd"
+                  else r[f"{name}_{part}"] for r in ok]
+            gf = f * flop / pct(ts, .5) / 1e9
+            out.append({"H": H, "T": T, "pairs": P, "rows": ok[0]["rows"], "status": "ok", "n": len(ts),
+                        "provider": f"op_{name}" + (f"_{part}" if part else ""), "flop": f"{2 * f}NVH",
+                        "t_p20": pct(ts, .2), "t_p50": pct(ts, .5), "t_p80": pct(ts, .8), "gflops": gf,
+                        "pct_of_matmul": 100.0 * gf / mm_gflops})
     return out
 
 
 FIELDS = ["H", "T", "pairs", "rows", "provider", "status", "n", "t_p20", "t_p50", "t_p80", "peak_mb",
-          "grad_rel_err", "loss_abs_err", "ignored_grad", "gflops", "pct_of_matmul", "speedup", "cpu", "load"]
+          "grad_rel_err", "loss_abs_err", "ignored_grad", "flop", "gflops", "pct_of_matmul", "speedup", "cpu", "load"]
+SPEEDUPS = {"speedup_loss": "native vs torch chunked, whole DPO loss",
+            "speedup_op": "native vs torch chunked, row primitives fwd+bwd, op level",
+            "speedup_loss_frozen": "frozen head: native vs torch chunked, whole DPO loss",
+            "speedup_op_frozen": "frozen head: native fwd_dh + g*D vs torch chunked fwd + bwd, op level",
+            "speedup_op_dh": "frozen head: native fwd_dh + g*D vs native fwd + bwd, op level"}
 
 
 def _fmt(v, spec):
@@ -432,19 +477,19 @@ def write_outputs(rows, meta, notes, out_dir):
         for r in rows:
             wr.writerow(r)
     lines = [f"# `python bench/bench_logprobs.py {' '.join(sys.argv[1:])}`", "", f"Run: {json.dumps(meta)}", "",
-             "| CPU | load | H | T | pairs | rows | provider | p20 s | p50 s | p80 s | peak MB | grad rel err | GFLOP/s "
-             "| % matmul | native speedup |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| CPU | load | H | T | pairs | rows | provider | p20 s | p50 s | p80 s | peak MB | grad rel err | FLOP "
+             "| GFLOP/s | % matmul | native speedup |", "|---" * 16 + "|"]
     for r in rows:
         head = f"| {r.get('cpu', '')} | {_fmt(r.get('load'), '.1f')} | {r['H']} | {r['T']} | {r['pairs']} | {r['rows']} "
         if r["status"] != "ok":
-            lines.append(head + f"| {r['provider']} | {r['status']} ||||||||")
+            lines.append(head + f"| {r['provider']} | {r['status']} |||||||||")
         elif r["provider"].startswith("speedup"):
-            what = "whole DPO loss" if r["provider"] == "speedup_loss" else "row primitives, op level"
-            lines.append(head + f"| native vs torch chunked, {what} ||||||||| **{r['speedup']:.2f}x** |")
+            lines.append(head + f"| {SPEEDUPS[r['provider']]} ||||||||| **{r['speedup']:.2f}x** |")
         else:
             lines.append(head + f"| {r['provider']} | {r['t_p20']:.3f} | {r['t_p50']:.3f} | {r['t_p80']:.3f} | "
                          f"{_fmt(r.get('peak_mb'), '.0f')} | {_fmt(r.get('grad_rel_err'), '.1e')} | "
-                         f"{_fmt(r.get('gflops'), '.1f')} | {_fmt(r.get('pct_of_matmul'), '.0f')} | |")
+                         f"{r.get('flop', '')} | {_fmt(r.get('gflops'), '.1f')} | "
+                         f"{_fmt(r.get('pct_of_matmul'), '.0f')} | |")
     lines.append("")
     lines += ["- " + n for n in notes + targets(rows)]
     text = "\n".join(lines) + "\n"
@@ -465,6 +510,8 @@ def targets(rows):
         if prov == "speedup_op":
             out.append(f"target native >= 1.2x torch chunked, row primitives fwd+bwd, H={H} T={T} pairs={P}: "
                        f"{r['speedup']:.2f}x -> {'MET' if r['speedup'] >= 1.2 else 'NOT met'}")
+        if prov in ("speedup_loss_frozen", "speedup_op_frozen", "speedup_op_dh"):
+            out.append(f"{SPEEDUPS[prov]}, H={H} T={T} pairs={P}: {r['speedup']:.2f}x")
         if prov == "op_native_fwd+bwd":
             out.append(f"target native >= 85% of matmul, H={H} T={T} pairs={P}: {r['gflops']:.1f} GFLOP/s = "
                        f"{r['pct_of_matmul']:.0f}% -> {'MET' if r['pct_of_matmul'] >= 85 else 'NOT met'}")

@@ -6,8 +6,8 @@
 // from a copy of this file placed there so that every checkout with the same source shares the build):
 //   torch.utils.cpp_extension.load(name="nanoalign_native_<hash>", sources=["<that folder>/logprobs.cpp"],
 //       extra_cflags=["-O3", "-fopenmp", "-march=native"], extra_ldflags=["-fopenmp"], is_python_module=False)
-// then torch.ops.nanoalign.logprob_rows_fwd / logprob_rows_bwd (row_tile, v_block: the tile shape, chosen by
-// native.py from the L2 size: a square of fp32 filling half the L2 a thread has; 0 = 256 x 256).
+// then torch.ops.nanoalign.logprob_rows_fwd / logprob_rows_bwd / logprob_rows_fwd_dh (row_tile, v_block: the tile
+// shape, chosen by native.py from the L2 size: a square of fp32 filling half the L2 a thread has; 0 = 256 x 256).
 //
 // Design. The (N, V) logits are cut into tiles of ROW_TILE rows x V_BLOCK vocabulary columns. OpenMP threads take
 // groups of consecutive vocabulary blocks, first come first served; partial sums belong to groups, not threads, so
@@ -33,6 +33,20 @@
 //   * the w block a thread works on (256 x H) stays in cache across all row tiles.
 // bf16/fp16 inputs are converted to fp32 (h once, w one block at a time into a private buffer); all arithmetic and
 // accumulation is fp32; grad_h / grad_w are returned in h.dtype / w.dtype.
+//
+// Frozen LM head (LoRA: w needs no gradient): logprob_rows_fwd_dh(h, w, y) -> (logp, lse, D), D (N, H) = dlogp/dh.
+// The gradient of logp_n = z_n[y_n] - lse_n with respect to h_n is D_n = w[y_n] - sum_v p_nv w_v, which does not
+// depend on the upstream gradient g, so the backward is just grad_h = g[:, None] * D, and D is accumulated in the
+// forward while each logits tile is hot: 2 GEMMs per tile (logits, then E @ w_block) instead of the 3 of fwd +
+// frozen bwd (logits, logits again, G @ w_block). Per group and row, with the running max m and sum s of the
+// forward, an accumulator A_row (H floats) = sum_v exp(z_v - m) w_v: when a block raises the max m_old -> m_new, s
+// and A_row are multiplied by exp(m_old - m_new) (flash attention's online softmax), the tile is overwritten with
+// E = exp(z - m_new) (its sum, in the forward's order, is the forward's s: logp and lse are the forward's bits) and
+// A_tile += E @ w_block. The groups' (m, A) are merged in group order through the backward's pool (GradHMerge with
+// a rescaling merge: A = A exp(M - M') + A_g exp(m_g - M'), M' = max(M, m_g)), so D is the same bit for bit
+// whichever thread ran which group; at the end E_n[w] = exp(M_n - lse_n) A_n and D_n = w[y_n] - E_n[w]. Rows are
+// done in chunks so that the pool fits partial_bytes(), as in the backward. A row whose logits are all -inf or
+// include a NaN has lse -inf or NaN and gets NaN in D (exp(M - lse) is NaN), as the backward gives NaN there.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -44,6 +58,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <mutex>
 #include <tuple>
@@ -92,9 +107,13 @@ int64_t n_groups(int64_t nvb, int nt) { return std::max<int64_t>(1, std::min<int
 // take(k) waits while the pool is empty, except for the group next in line to be added, which gets a new buffer:
 // the pool is at most pool_cap buffers plus those rare extras, and nothing can wait forever (the waiters all hold
 // later groups; the group next in line never waits, finishes, is added and frees buffers).
+// fwd_dh uses it with a merge hook instead of the add: merge(k, partial) is called for every group k = 0, 1, ... in
+// group order (group 0's partial is the output buffer itself).
 class GradHMerge {
  public:
-  GradHMerge(int64_t ng, int64_t pool_cap, int64_t numel) : ng_(ng), cap_(pool_cap), numel_(numel) {}
+  using Merge = std::function<void(int64_t, float*)>;
+  GradHMerge(int64_t ng, int64_t pool_cap, int64_t numel, Merge merge = nullptr)
+      : ng_(ng), cap_(pool_cap), numel_(numel), merge_(std::move(merge)) {}
   void start(float* gh, int64_t n) {  // a new row chunk: gh (n floats), written by group 0
     gh_ = gh;
     n_ = n;
@@ -117,9 +136,12 @@ class GradHMerge {
     ready_[grp] = p;
     while (next_ < ng_ && ready_[next_] != nullptr) {
       float* q = ready_[next_];
+      if (merge_) merge_(next_, q);
       if (q != gh_) {  // group 0's partial is grad_h itself
+        if (!merge_) {
 #pragma omp simd
-        for (int64_t i = 0; i < n_; ++i) gh_[i] += q[i];
+          for (int64_t i = 0; i < n_; ++i) gh_[i] += q[i];
+        }
         free_.push_back(q);
       }
       ++next_;
@@ -129,6 +151,7 @@ class GradHMerge {
 
  private:
   const int64_t ng_, cap_, numel_;
+  const Merge merge_;
   float* gh_ = nullptr;
   int64_t n_ = 0, next_ = 0;
   std::vector<float*> ready_, free_;
@@ -242,6 +265,53 @@ inline void row_scaled_exp(float* row, int64_t n, float shift, float scale) {
 #endif
 }
 
+// row[j] = exp(row[j] - shift) for j in [0, n), in place; returns their sum, added in row_sum_exp's order (so the
+// same bits as row_sum_exp(row, n, shift) on the row before).
+inline float row_exp_sum(float* row, int64_t n, float shift) {
+#if defined(__AVX2__) && defined(__FMA__)
+  const __m256 s = _mm256_set1_ps(shift);
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 2 * VEC <= n; j += 2 * VEC) {
+    const __m256 e0 = exp8(_mm256_sub_ps(_mm256_loadu_ps(row + j), s));
+    const __m256 e1 = exp8(_mm256_sub_ps(_mm256_loadu_ps(row + j + VEC), s));
+    _mm256_storeu_ps(row + j, e0);
+    _mm256_storeu_ps(row + j + VEC, e1);
+    acc0 = _mm256_add_ps(acc0, e0);
+    acc1 = _mm256_add_ps(acc1, e1);
+  }
+  for (; j < n; j += VEC) {
+    const __m256i m = lanes(n - j);
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_maskload_ps(row + j, m), s));
+    _mm256_maskstore_ps(row + j, m, e);
+    acc0 = _mm256_add_ps(acc0, _mm256_and_ps(e, _mm256_castsi256_ps(m)));
+  }
+  return hsum8(_mm256_add_ps(acc0, acc1));
+#else
+  float acc = 0.f;
+  for (int64_t j = 0; j < n; ++j) {
+    row[j] = exp1(row[j] - shift);
+    acc += row[j];
+  }
+  return acc;
+#endif
+}
+
+// Merge the per-group (max, sum) pairs of rows [n0, n1) in group order: lse = M + log(sum_g s_g exp(m_g - M)),
+// logp = target - lse. mp, sp: (ng, N) row-major.
+void merge_lse(const float* mp, const float* sp, int64_t ng, int64_t N, int64_t n0, int64_t n1, const float* tp,
+               float* lp, float* op) {
+  for (int64_t n = n0; n < n1; ++n) {
+    float M = NEG_INF;
+    for (int64_t t = 0; t < ng; ++t) M = std::max(M, mp[t * N + n]);
+    double s = 0.0;
+    for (int64_t t = 0; t < ng; ++t)  // a group whose max is still -inf holds a sum of 0 (or NaN: propagate it)
+      s += mp[t * N + n] == NEG_INF ? sp[t * N + n] : sp[t * N + n] * std::exp(static_cast<double>(mp[t * N + n] - M));
+    lp[n] = M == NEG_INF ? (std::isnan(s) ? static_cast<float>(s) : NEG_INF) : M + static_cast<float>(std::log(s));
+    op[n] = tp[n] - lp[n];
+  }
+}
+
 bool is_float_type(at::ScalarType t) {
   return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
 }
@@ -331,6 +401,8 @@ std::tuple<at::Tensor, at::Tensor> logprob_rows_fwd(const at::Tensor& h, const a
         for (int64_t i = 0; i < rt; ++i) {
           const float* row = S + i * V_BLOCK;
           const int64_t n = r0 + i;
+          const int64_t yy = yp[n] - v0;
+          if (yy >= 0 && yy < bv) tp[n] = row[yy];  // (before the skip below: an all -inf row's target is -inf)
           const float m_new = std::max(m_t[n], row_max(row, bv));
           if (m_new == NEG_INF) {  // every logit so far is -inf or NaN (max skips NaN): nothing to add, but a NaN
             for (int64_t j = 0; j < bv; ++j)  // must reach lse as it does from a row where some logits are finite
@@ -340,28 +412,14 @@ std::tuple<at::Tensor, at::Tensor> logprob_rows_fwd(const at::Tensor& h, const a
           const float acc = row_sum_exp(row, bv, m_new);
           s_t[n] = s_t[n] * exp1(m_t[n] - m_new) + acc;
           m_t[n] = m_new;
-          const int64_t yy = yp[n] - v0;
-          if (yy >= 0 && yy < bv) tp[n] = row[yy];
         }
       }
     }
     }
   }
 
-  // Merge the per-group (max, sum) pairs in group order: lse = M + log(sum_t s_t exp(m_t - M)).
-  const float* mp = run_max.data_ptr<float>();
-  const float* sp = run_sum.data_ptr<float>();
-  float* lp = lse.data_ptr<float>();
-  float* op = logp.data_ptr<float>();
-  for (int64_t n = 0; n < N; ++n) {
-    float M = NEG_INF;
-    for (int64_t t = 0; t < ng; ++t) M = std::max(M, mp[t * N + n]);
-    double s = 0.0;
-    for (int64_t t = 0; t < ng; ++t)  // a group whose max is still -inf holds a sum of 0 (or NaN: propagate it)
-      s += mp[t * N + n] == NEG_INF ? sp[t * N + n] : sp[t * N + n] * std::exp(static_cast<double>(mp[t * N + n] - M));
-    lp[n] = M == NEG_INF ? (std::isnan(s) ? static_cast<float>(s) : NEG_INF) : M + static_cast<float>(std::log(s));
-    op[n] = tp[n] - lp[n];
-  }
+  merge_lse(run_max.data_ptr<float>(), run_sum.data_ptr<float>(), ng, N, 0, N, tp, lse.data_ptr<float>(),
+            logp.data_ptr<float>());
   return {logp, lse};
 }
 
@@ -475,15 +533,155 @@ std::tuple<at::Tensor, at::Tensor> logprob_rows_bwd(const at::Tensor& h, const a
   return {grad_h, grad_w};
 }
 
+// Frozen-head forward (see the design note at the top): (logp (N,) fp32, lse (N,) fp32, D (N, H) h.dtype) with
+// D_n = dlogp_n / dh_n = w[y_n] - sum_v softmax(h_n w^T)_v w_v; logp and lse are logprob_rows_fwd's bits.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> logprob_rows_fwd_dh(const at::Tensor& h, const at::Tensor& w,
+                                                                   const at::Tensor& y, int64_t row_tile,
+                                                                   int64_t v_block) {
+  check_rows(h, w, y, "logprob_rows_fwd_dh");
+  const int64_t N = h.size(0), H = h.size(1), V = w.size(0);
+  const Tiles tl = tiles_for(N, row_tile, v_block);
+  const int64_t ROW_TILE = tl.rows, V_BLOCK = tl.vocab;
+  auto f32 = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor logp = at::empty({N}, f32), lse = at::empty({N}, f32);
+  if (N == 0) return {logp, lse, at::empty({0, H}, h.options())};
+  at::Tensor h32 = f32_contig(h).detach();  // (N, H)
+  const bool w_f32 = w.scalar_type() == at::kFloat;
+  at::Tensor wc = w.contiguous().detach();  // (V, H)
+  at::Tensor yc = y.contiguous();
+  const int64_t nvb = (V + V_BLOCK - 1) / V_BLOCK;
+  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nvb)));
+  const int64_t ng = n_groups(nvb, nt);
+  at::Tensor run_max = at::full({ng, N}, NEG_INF, f32);  // per-group running max of each row
+  at::Tensor run_sum = at::zeros({ng, N}, f32);          // per-group sum of exp(logit - run_max)
+  at::Tensor target = at::empty({N}, f32);               // logit[n, y[n]]
+  // The groups' A partials (chunk, H): group 0 into D itself, the others from the pool, merged in group order; rows
+  // in chunks so that the pool fits partial_bytes() (the backward's rule).
+  const int64_t pool_cap = std::max<int64_t>(1, std::min<int64_t>(ng - 1, POOL_PER_THREAD * nt));
+  int64_t chunk = partial_bytes() / ((pool_cap + 1) * H * 4);
+  chunk = std::max<int64_t>(ROW_TILE, chunk / ROW_TILE * ROW_TILE);
+  chunk = std::min(chunk, N);
+  at::Tensor D32 = at::empty({N, H}, f32);         // A, merged, then D in place
+  at::Tensor merged_max = at::empty({chunk}, f32);  // max of the groups merged so far, per row of the chunk
+  at::Tensor scratch = at::empty({nt, ROW_TILE * V_BLOCK}, f32);
+  at::Tensor wbuf = w_f32 ? at::Tensor() : at::empty({nt, V_BLOCK * H}, f32);
+  const float* hp = h32.data_ptr<float>();
+  const int64_t* yp = yc.data_ptr<int64_t>();
+  float* tp = target.data_ptr<float>();
+  float* Mp = merged_max.data_ptr<float>();
+  int64_t c0 = 0, cn = 0;
+  float* acc = nullptr;  // D32's rows of the chunk: the merged A
+  // Group k's (m_k, A_k) into the merged (M, A), called in group order under the pool's lock:
+  // M' = max(M, m_k), A = A exp(M - M') + A_k exp(m_k - M'). Group 0 wrote A itself: M = m_0.
+  auto merge_group = [&](int64_t grp, float* q) {
+    const float* mg = run_max.data_ptr<float>() + grp * N + c0;
+    if (grp == 0) {
+      std::memcpy(Mp, mg, cn * sizeof(float));
+      return;
+    }
+    for (int64_t i = 0; i < cn; ++i) {
+      const float M = Mp[i], m = mg[i], M2 = std::max(M, m);
+      if (M2 == NEG_INF) continue;  // no finite logit in either yet: both A rows are 0 (lse carries any NaN)
+      const float ca = std::exp(M - M2), cb = std::exp(m - M2);  // M = -inf: ca = 0
+      float* a = acc + i * H;
+      const float* b = q + i * H;
+      if (ca == 1.f) {
+#pragma omp simd
+        for (int64_t k = 0; k < H; ++k) a[k] += cb * b[k];
+      } else {
+#pragma omp simd
+        for (int64_t k = 0; k < H; ++k) a[k] = ca * a[k] + cb * b[k];
+      }
+      Mp[i] = M2;
+    }
+  };
+  GradHMerge merge(ng, pool_cap, chunk * H, merge_group);
+
+  for (c0 = 0; c0 < N; c0 += chunk) {
+    cn = std::min(chunk, N - c0);
+    acc = D32.data_ptr<float>() + c0 * H;
+    merge.start(acc, cn * H);
+#pragma omp parallel num_threads(nt)
+    {
+      const int tid = omp_get_thread_num();
+      float* S = scratch.data_ptr<float>() + tid * ROW_TILE * V_BLOCK;
+      float* wb_buf = w_f32 ? nullptr : wbuf.data_ptr<float>() + tid * V_BLOCK * H;
+      auto opts = at::TensorOptions().dtype(at::kFloat);
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t grp = 0; grp < ng; ++grp) {
+      float* m_t = run_max.data_ptr<float>() + grp * N;
+      float* s_t = run_sum.data_ptr<float>() + grp * N;
+      float* P = grp == 0 ? acc : merge.take(grp);  // (cn, H) A partial of this group
+      const int64_t b_first = grp * nvb / ng;
+      for (int64_t b = b_first; b < (grp + 1) * nvb / ng; ++b) {
+        const int64_t v0 = b * V_BLOCK, bv = std::min(V_BLOCK, V - v0);
+        const float* wb = w_block_f32(wc, w_f32, v0, bv, wb_buf);
+        at::Tensor wb_t = at::from_blob(const_cast<float*>(wb), {bv, H}, opts);
+        for (int64_t r0 = c0; r0 < c0 + cn; r0 += ROW_TILE) {
+          const int64_t rt = std::min(ROW_TILE, c0 + cn - r0);
+          logits_tile(hp + r0 * H, wb, rt, bv, H, S, V_BLOCK);
+          // S <- E = exp(logit - m_new); s and the row's A rescaled when the max rises   (rt, bv)
+          for (int64_t i = 0; i < rt; ++i) {
+            float* row = S + i * V_BLOCK;
+            const int64_t n = r0 + i;
+            const int64_t yy = yp[n] - v0;
+            if (yy >= 0 && yy < bv) tp[n] = row[yy];
+            const float m_new = std::max(m_t[n], row_max(row, bv));
+            if (m_new == NEG_INF) {  // as in the forward; the row adds nothing to A
+              for (int64_t j = 0; j < bv; ++j)
+                if (std::isnan(row[j])) s_t[n] = std::numeric_limits<float>::quiet_NaN();
+              std::memset(row, 0, bv * sizeof(float));
+              continue;
+            }
+            const float alpha = exp1(m_t[n] - m_new);
+            const float sum = row_exp_sum(row, bv, m_new);
+            s_t[n] = s_t[n] * alpha + sum;
+            if (b != b_first && m_new != m_t[n]) {  // A_row *= exp(m_old - m_new) (not yet written on b_first)
+              float* a = P + (n - c0) * H;
+#pragma omp simd
+              for (int64_t k = 0; k < H; ++k) a[k] *= alpha;
+            }
+            m_t[n] = m_new;
+          }
+          at::Tensor E = at::from_blob(S, {rt, bv}, {V_BLOCK, 1}, opts);
+          at::Tensor P_t = at::from_blob(P + (r0 - c0) * H, {rt, H}, opts);
+          if (b == b_first) at::mm_out(P_t, E, wb_t);  // the group's first block: overwrite (nothing to zero)
+          else P_t.addmm_(E, wb_t);                    // A += E @ w_block   (rt, H)
+        }
+      }
+      merge.done(grp, P);
+      }
+    }
+    // This chunk's rows are complete: lse, logp, then D = w[y] - exp(M - lse) A in place.
+    float* lp = lse.data_ptr<float>();
+    merge_lse(run_max.data_ptr<float>(), run_sum.data_ptr<float>(), ng, N, c0, c0 + cn, tp, lp,
+              logp.data_ptr<float>());
+    at::Tensor wy = f32_contig(wc.index_select(0, yc.narrow(0, c0, cn)));  // (cn, H)
+    const float* wyp = wy.data_ptr<float>();
+    for (int64_t i = 0; i < cn; ++i) {
+      const float coef = std::exp(Mp[i] - lp[c0 + i]);  // 1 / sum_v exp(z_v - M); NaN for an all -inf / NaN row
+      float* d = acc + i * H;
+      const float* wr = wyp + i * H;
+#pragma omp simd
+      for (int64_t k = 0; k < H; ++k) d[k] = wr[k] - coef * d[k];
+    }
+  }
+  at::Tensor D = h.scalar_type() == at::kFloat ? D32 : D32.to(h.scalar_type());
+  return {logp, lse, D};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(nanoalign, m) {
   m.def("logprob_rows_fwd(Tensor h, Tensor w, Tensor y, int row_tile=0, int v_block=0) -> (Tensor, Tensor)");
   m.def("logprob_rows_bwd(Tensor h, Tensor w, Tensor y, Tensor lse, Tensor g, bool need_grad_w=True,"
         " int row_tile=0, int v_block=0) -> (Tensor, Tensor)");
+  m.def("logprob_rows_fwd_dh(Tensor h, Tensor w, Tensor y, int row_tile=0, int v_block=0)"
+        " -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(nanoalign, CPU, m) {
   m.impl("logprob_rows_fwd", &logprob_rows_fwd);
   m.impl("logprob_rows_bwd", &logprob_rows_bwd);
+  m.impl("logprob_rows_fwd_dh", &logprob_rows_fwd_dh);
 }

@@ -2,6 +2,7 @@
 
     logprob_rows_fwd(h (N,H), w (V,H), y (N,) int64) -> (logp (N,) fp32, lse (N,) fp32)
     logprob_rows_bwd(h, w, y, lse (N,), g (N,) = dL/dlogp) -> (grad_h (N,H) h.dtype, grad_w (V,H) w.dtype)
+    logprob_rows_fwd_dh(h, w, y) -> (logp, lse, D (N,H) h.dtype = dlogp/dh)   (frozen LM head: grad_h = g[:, None] D)
 
 logp[n] = logit[n, y[n]] - logsumexp_v logit[n, v] with logits = h @ w.T, computed tile by tile in fp32 and never
 held as an (N, V) tensor; see the header of csrc/logprobs.cpp for the design and CONTRACT.md for the contract.
@@ -160,7 +161,7 @@ def _l2_per_cpu() -> int | None:
 
 
 def available() -> bool:
-    """True when torch.ops.nanoalign.logprob_rows_{fwd,bwd} are usable (building them on the first call)."""
+    """True when torch.ops.nanoalign.logprob_rows_{fwd,bwd,fwd_dh} are usable (building them on the first call)."""
     if "ok" not in _STATE:
         if _ops_registered():
             _STATE["ok"] = True  # already registered in this process (e.g. loaded by hand)
@@ -184,6 +185,7 @@ def _ops_registered() -> bool:
     try:
         torch.ops.nanoalign.logprob_rows_fwd.default  # noqa: B018
         torch.ops.nanoalign.logprob_rows_bwd.default  # noqa: B018
+        torch.ops.nanoalign.logprob_rows_fwd_dh.default  # noqa: B018
         return True
     except (AttributeError, RuntimeError):
         return False
@@ -215,6 +217,17 @@ def logprob_rows_bwd(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, lse: tor
     gh, gw = torch.ops.nanoalign.logprob_rows_bwd(h.detach(), w.detach(), y, lse.detach(), g.detach(),
                                                   bool(need_grad_w), rows, vocab)
     return gh, (gw if need_grad_w else None)
+
+
+def logprob_rows_fwd_dh(h: torch.Tensor, w: torch.Tensor,
+                        y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Frozen-LM-head forward: (logp (N,) fp32, lse (N,) fp32, D (N,H) in h.dtype) with D[n] = dlogp[n]/dh[n] =
+    w[y[n]] - sum_v softmax(h[n] w^T)_v w[v], accumulated in the forward (2 GEMMs per logits tile instead of the 3
+    of forward + frozen backward); the gradient of sum(g * logp) w.r.t. h is then g[:, None] * D. logp and lse are
+    logprob_rows_fwd's. NaN in D for a row whose logits are all -inf or include a NaN. No autograd."""
+    _require(h, w, y, "logprob_rows_fwd_dh")
+    rows, vocab = tiles()
+    return torch.ops.nanoalign.logprob_rows_fwd_dh(h.detach(), w.detach(), y, rows, vocab)
 
 
 def build_info() -> dict:

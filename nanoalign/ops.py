@@ -7,6 +7,8 @@ Public entry points (the caller never chooses a backend):
 Both gather the scored rows (labels != -100) first and hand them to the row primitive of CONTRACT.md:
     logprob_rows_fwd(h (N,H), w (V,H), y (N,)) -> (logp (N,) fp32, lse (N,) fp32)
     logprob_rows_bwd(h, w, y, lse, g (N,) = dL/dlogp) -> (grad_h (N,H) h.dtype, grad_w (V,H) w.dtype)
+and, for a frozen LM head (LoRA: weight needs no grad while hidden does), the forward that also returns dlogp/dh:
+    logprob_rows_fwd_dh(h, w, y) -> (logp, lse, D (N,H) h.dtype), grad_h = g[:, None] * D (2 GEMMs, not 3)
 dispatched by device: CUDA -> Triton (nanoalign.kernels.logprobs); CPU -> the faster of native C++ (nanoalign.native)
 and the pure-torch chunked path below, measured once per machine, build and thread count and cached beside the
 native build (see _cpu_choice; the torch path with a one-line warning when the native op does not build).
@@ -93,6 +95,31 @@ def logprob_rows_bwd_torch(h, w, y, lse, g, block_rows=BLOCK_ROWS, block_v=BLOCK
         return grad_h.to(h.dtype), None
     grad_w.index_add_(0, y, g[:, None] * hf)
     return grad_h.to(h.dtype), grad_w.to(w.dtype)
+
+
+@torch.autocast("cpu", enabled=False)  # fp32 accumulation even inside --amp's autocast region
+@torch.autocast("cuda", enabled=False)
+def logprob_rows_fwd_dh_torch(h, w, y, block_rows=None, block_v=BLOCK_V):
+    """Frozen-LM-head forward, the pure-torch reference of csrc's logprob_rows_fwd_dh: (logp (N,) fp32, lse (N,)
+    fp32, D (N,H) h.dtype) with D[n] = dlogp[n]/dh[n] = w[y[n]] - softmax(h[n] w^T) @ w, so that grad_h of
+    sum(g * logp) is g[:, None] * D. Chunks of block_rows rows with a full-V softmax each (default: as many rows as
+    keep the (rows, V) fp32 probabilities at 16 MiB, 8 to 256); a non-fp32 w is converted block_v rows at a time."""
+    N, V = h.shape[0], w.shape[0]
+    if block_rows is None:
+        block_rows = max(8, min(BLOCK_ROWS, BLOCK_ROWS * BLOCK_V * 4 // V))
+    hf = h.float()  # (N, H)
+    blocks = [(0, w)] if w.dtype == torch.float32 else [(v0, w[v0:v0 + block_v]) for v0 in range(0, V, block_v)]
+    logp, lse = torch.empty(N, device=h.device), torch.empty(N, device=h.device)
+    D = w.index_select(0, y).float()  # (N, H) w[y], minus E_p[w] below
+    for r0 in range(0, N, block_rows):
+        r1 = min(N, r0 + block_rows)
+        logits = torch.cat([hf[r0:r1] @ wb.float().T for _, wb in blocks], 1)  # (br, V)
+        lse[r0:r1] = torch.logsumexp(logits, 1)
+        logp[r0:r1] = logits.gather(1, y[r0:r1, None])[:, 0] - lse[r0:r1]
+        p = logits.sub_(lse[r0:r1, None]).exp_()  # (br, V) softmax
+        for v0, wb in blocks:
+            D[r0:r1].addmm_(p[:, v0:v0 + wb.shape[0]], wb.float(), alpha=-1)
+    return logp, lse, D.to(h.dtype)
 
 
 # ----------------------------------------------------------------------------- dispatch
@@ -238,7 +265,8 @@ def _measure_cpu_backends(fns, rounds=None, budget_s=None, clock=time.perf_count
     return out
 
 
-_TORCH = types.SimpleNamespace(logprob_rows_fwd=logprob_rows_fwd_torch, logprob_rows_bwd=logprob_rows_bwd_torch)
+_TORCH = types.SimpleNamespace(logprob_rows_fwd=logprob_rows_fwd_torch, logprob_rows_bwd=logprob_rows_bwd_torch,
+                               logprob_rows_fwd_dh=logprob_rows_fwd_dh_torch)
 
 
 def logprob_rows_fwd(h, w, y):
@@ -262,6 +290,36 @@ def logprob_rows_bwd(h, w, y, lse, g, need_grad_w=True):
         return backend.logprob_rows_bwd(*args, need_grad_w=need_grad_w)  # skips the grad_w GEMM when frozen
     gh, gw = backend.logprob_rows_bwd(*args)
     return gh, (gw if need_grad_w else None)
+
+
+def _fwd_dh_fn(device):
+    """The chosen backend's frozen-head forward (native op or torch twin), None where it has none (Triton: the
+    callers keep today's forward + backward there)."""
+    return getattr(_backend(device), "logprob_rows_fwd_dh", None)
+
+
+def logprob_rows_fwd_dh(h, w, y):
+    """Dispatched frozen-LM-head forward: (logp (N,) fp32, lse (N,) fp32, D (N,H) h.dtype = dlogp/dh); the
+    gradient of sum(g * logp) w.r.t. h is g[:, None] * D. A backend without the op (Triton) runs its forward and
+    a backward with g = 1 (need_grad_w=False) instead. N == 0 handled here."""
+    if h.shape[0] == 0:
+        z = torch.zeros(0, dtype=torch.float32, device=h.device)
+        return z, z.clone(), torch.zeros_like(h)
+    args = (h.contiguous(), w.contiguous(), y.contiguous())
+    fn = _fwd_dh_fn(h.device)
+    if fn is not None:
+        return fn(*args)
+    logp, lse = logprob_rows_fwd(*args)
+    return logp, lse, logprob_rows_bwd(*args, lse, torch.ones_like(lse), need_grad_w=False)[0]
+
+
+def _frozen_head(ctx, grad_enabled, device):
+    """True when hidden needs a gradient and the LM head does not (LoRA), and the backend has a frozen-head
+    forward: the caller then takes D = dlogp/dh from logprob_rows_fwd_dh instead of running logprob_rows_bwd.
+    grad_enabled is torch.is_grad_enabled() outside the Function (inside forward grad mode is always off, and
+    ctx.needs_input_grad ignores it)."""
+    return bool(grad_enabled and ctx.needs_input_grad[0] and not ctx.needs_input_grad[1]
+                and _fwd_dh_fn(device) is not None)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -297,30 +355,40 @@ def _describe(x):
 
 class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels):
+    def forward(ctx, hidden, weight, labels, grad_enabled):
         B, T, H = hidden.shape
         flat = (labels.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)  # (N,) scored positions in B*T
         h = hidden.reshape(-1, H).index_select(0, flat)  # (N, H)
         y = labels.reshape(-1).index_select(0, flat).long()  # (N,)
-        logp, lse = logprob_rows_fwd(h, weight, y)
+        ctx.frozen_head = _frozen_head(ctx, grad_enabled, hidden.device)
+        if ctx.frozen_head:  # frozen LM head: D = dlogp/dh now, the backward is g * D (no logits recomputed)
+            logp, _, D = logprob_rows_fwd_dh(h, weight, y)
+            ctx.save_for_backward(D, flat)
+        else:
+            logp, lse = logprob_rows_fwd(h, weight, y)
+            ctx.save_for_backward(h, weight, y, lse, flat)
         out = torch.zeros(B * T, dtype=torch.float32, device=hidden.device)
         out[flat] = logp
-        ctx.save_for_backward(h, weight, y, lse, flat)
         ctx.hidden_shape = hidden.shape
         return out.view(B, T)
 
     @staticmethod
     def backward(ctx, grad_out):
-        h, weight, y, lse, flat = ctx.saved_tensors
         B, T, H = ctx.hidden_shape
-        g = grad_out.reshape(-1).index_select(0, flat).float()  # (N,) dL/dlogp
-        gh, gw = logprob_rows_bwd(h, weight, y, lse, g, need_grad_w=ctx.needs_input_grad[1])
+        if ctx.frozen_head:
+            D, flat = ctx.saved_tensors
+            g = grad_out.reshape(-1).index_select(0, flat).float()  # (N,) dL/dlogp
+            gh, gw = (g[:, None] * D.float()).to(D.dtype), None
+        else:
+            h, weight, y, lse, flat = ctx.saved_tensors
+            g = grad_out.reshape(-1).index_select(0, flat).float()  # (N,) dL/dlogp
+            gh, gw = logprob_rows_bwd(h, weight, y, lse, g, need_grad_w=ctx.needs_input_grad[1])
         grad_hidden = None
         if ctx.needs_input_grad[0]:
-            grad_hidden = torch.zeros(B * T, H, dtype=h.dtype, device=h.device)
+            grad_hidden = torch.zeros(B * T, H, dtype=gh.dtype, device=gh.device)
             grad_hidden[flat] = gh
             grad_hidden = grad_hidden.view(B, T, H)
-        return grad_hidden, (gw if ctx.needs_input_grad[1] else None), None
+        return grad_hidden, (gw if ctx.needs_input_grad[1] else None), None, None
 
 
 def token_logprobs(hidden, weight, labels):
@@ -328,10 +396,12 @@ def token_logprobs(hidden, weight, labels):
 
     hidden (B, T, H) any float dtype; weight (V, H) the LM head; labels (B, T) int64, -100 = not scored (already
     shifted: labels[b, t] is the token predicted from hidden[b, t]). Returns (B, T) float32, 0 at unscored positions.
-    Differentiable w.r.t. hidden and weight (grads in their dtypes). Only rows with a label are projected.
+    Differentiable w.r.t. hidden and weight (grads in their dtypes). Only rows with a label are projected. With
+    the weight frozen (LoRA: hidden requires grad, weight does not) the forward also returns dlogp/dh from
+    logprob_rows_fwd_dh and the backward only scales it: 2 matmuls over the logits instead of 3.
     """
     _check_inputs(hidden, weight, labels)
-    return _TokenLogprobs.apply(hidden, weight, labels)
+    return _TokenLogprobs.apply(hidden, weight, labels, torch.is_grad_enabled())
 
 
 # ----------------------------------------------------------------------------- preference_loss
@@ -370,7 +440,7 @@ class _FusedPreferenceLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, token_weights, ref_logps, loss_type, beta, average, sft_weight,
-                chunk_pairs):
+                chunk_pairs, grad_enabled):
         B, T, H = hidden.shape
         P = B // 2
         dev = hidden.device
@@ -389,7 +459,8 @@ class _FusedPreferenceLoss(torch.autograd.Function):
         if average:
             ref = torch.where(den > 0, ref / den.clamp_min(1e-30), torch.zeros_like(ref))
         hidden_rows = hidden.reshape(-1, H)
-        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        need_grad = grad_enabled and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
+        frozen = need_grad and _frozen_head(ctx, grad_enabled, dev)  # LoRA: grad_hidden = g * D from the forward
         grad_hidden = torch.zeros_like(hidden_rows) if need_grad else None  # (2P*T, H)
         grad_weight = None  # (V, H) fp32 accumulator over chunks
         pol = torch.zeros(B, device=dev, dtype=f64)  # (2P,) policy scores
@@ -401,7 +472,10 @@ class _FusedPreferenceLoss(torch.autograd.Function):
             tok = ((pair >= p0) & (pair < p1)).nonzero().squeeze(1)  # (n,) this chunk's tokens
             r = row[tok]  # (n,)
             h = hidden_rows.index_select(0, flat[tok])  # (n, H)
-            logp, lse = logprob_rows_fwd(h, weight, y[tok])  # (n,), (n,)
+            if frozen:
+                logp, lse, D = logprob_rows_fwd_dh(h, weight, y[tok])  # (n,), (n,), (n, H) dlogp/dh
+            else:
+                logp, lse = logprob_rows_fwd(h, weight, y[tok])  # (n,), (n,)
             pol.index_add_(0, r, w_tok[tok] * logp.to(f64))
             if average:
                 for s in (c, rej):
@@ -420,6 +494,9 @@ class _FusedPreferenceLoss(torch.autograd.Function):
             g = dscore[r] * w_tok[tok]  # (n,) dL/dlogp (float64; the row primitive takes it as fp32)
             if sft_weight:
                 g = g + torch.where(r < P, -sft_weight / (P * n_tok[r].clamp_min(1)), 0.0)
+            if frozen:
+                grad_hidden[flat[tok]] = (g.float()[:, None] * D.float()).to(grad_hidden.dtype)
+                continue
             gh, gw = logprob_rows_bwd(h, weight, y[tok], lse, g, need_grad_w=ctx.needs_input_grad[1])
             grad_hidden[flat[tok]] = gh
             if gw is not None:
@@ -449,7 +526,7 @@ class _FusedPreferenceLoss(torch.autograd.Function):
                 grad_weight.mul_(grad_loss)
         grad_hidden = grad_hidden if ctx.needs_input_grad[0] else None
         grad_weight = grad_weight if ctx.needs_input_grad[1] else None
-        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None, None
 
 
 def preference_loss(hidden, weight, labels, token_weights, ref_logps, loss_type="dpo", beta=0.1, average=False,
@@ -469,7 +546,8 @@ def preference_loss(hidden, weight, labels, token_weights, ref_logps, loss_type=
       sft_weight >= 0: adds sft_weight * mean over pairs of the chosen response's token-mean NLL (unweighted);
       fused: True = loss and gradients in one pass (see _FusedPreferenceLoss), False = token_logprobs + autograd
         (the reference path); chunk_pairs: pairs per fused chunk (None = all; the row primitive already bounds
-        memory to one tile, so chunking only bounds the gathered rows).
+        memory to one tile, so chunking only bounds the gathered rows). With the weight frozen (LoRA) the fused
+        forward takes grad_hidden = g * dlogp/dh from logprob_rows_fwd_dh: no backward primitive runs.
     Scores: s = sum_t w_t logp_t over scored tokens for policy and reference alike; rho = (s_pi(c) - s_ref(c)) -
     (s_pi(r) - s_ref(r)); loss = mean over pairs of L(rho) (+ SFT term).
     Returns (loss: fp32 scalar, metrics: dict of detached (P,) tensors reward_chosen, reward_rejected, margin
@@ -483,7 +561,8 @@ def preference_loss(hidden, weight, labels, token_weights, ref_logps, loss_type=
     _check_pref_inputs(hidden, weight, labels, token_weights, ref_logps, loss_type, beta, sft_weight)
     if fused:
         loss, stats = _FusedPreferenceLoss.apply(hidden, weight, labels, token_weights, ref_logps, loss_type,
-                                                 float(beta), bool(average), float(sft_weight), chunk_pairs)
+                                                 float(beta), bool(average), float(sft_weight), chunk_pairs,
+                                                 torch.is_grad_enabled())
         pc, pr, rc, rr, nll, pair_loss = stats.unbind(1)
     else:
         loss, (pc, pr, rc, rr, nll, pair_loss) = _unfused(hidden, weight, labels, token_weights, ref_logps,

@@ -164,6 +164,7 @@ def test_bitwise_reproducible_under_cpu_contention():
     # and the last bits of lse and grad_h -- followed the OS scheduler: two toy SFT runs side by side diverged. Here
     # two busy-looping processes compete for the cores while the op runs 25 times with 2 threads; every run must be
     # bit-identical to the first. (With schedule(dynamic, 1) it failed 3 of 3 tries; with static it passed 3 of 3.)
+    # The frozen-head forward (logprob_rows_fwd_dh: per-group D partials merged in group order) is held to the same.
     import subprocess
     import sys
     h, w, y, g = _inputs(96, 64, 8192, torch.float32, seed=5)
@@ -176,7 +177,7 @@ def test_bitwise_reproducible_under_cpu_contention():
         for _ in range(25):
             logp, lse = native.logprob_rows_fwd(h, w, y)
             gh, gw = native.logprob_rows_bwd(h, w, y, lse, g)
-            out = [t.clone() for t in (logp, lse, gh, gw)]
+            out = [t.clone() for t in (logp, lse, gh, gw) + native.logprob_rows_fwd_dh(h, w, y)]
             if first is None:
                 first = out
             for a, b in zip(out, first):
@@ -316,3 +317,90 @@ def test_backward_partials_pool_reused_across_groups_and_chunks(threads, dtype, 
     _, _, r_gh, r_gw = _ref(h, w, y, g)
     for a, b in ((gh, r_gh), (gw, r_gw), (gh_c, r_gh), (gw_c, r_gw), (gh_frozen, r_gh)):
         assert _rel(a, b) < TOL[dtype][1]
+
+
+# ----------------------------------------------------------------------------- frozen LM head: logprob_rows_fwd_dh
+
+
+def _ref_dh(h, w, y):
+    """float64 D = dlogp/dh per row (rows are independent, so the gradient of sum(logp) is every row's D)."""
+    h64 = h.double().requires_grad_()
+    logits = h64 @ w.double().T  # (N, V)
+    logp = torch.log_softmax(logits, 1).gather(1, y[:, None])[:, 0]
+    (D,) = torch.autograd.grad(logp.sum(), h64)
+    return D
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tiles", [(0, 0), (16, 32), (8, 7)])
+@pytest.mark.parametrize("n,hdim,v", [(300, 33, 1000), (7, 17, 513), (1, 9, 255)])
+def test_fwd_dh_matches_float64(dtype, tiles, n, hdim, v):
+    # D and grad_h = g * D against float64 autograd through full logits; odd N, H and V, tiles from the default to
+    # 8 x 7 (143 vocabulary blocks in 4 groups per thread: the online rescale and the group merge both run). logp and
+    # lse must be logprob_rows_fwd's bits (same tiles, same groups, same summation order).
+    h, w, y, g = _inputs(n, hdim, v, dtype, scale=2.0, seed=9)
+    logp, lse, D = torch.ops.nanoalign.logprob_rows_fwd_dh(h, w, y, *tiles)
+    logp_f, lse_f = torch.ops.nanoalign.logprob_rows_fwd(h, w, y, *tiles)
+    assert torch.equal(logp, logp_f) and torch.equal(lse, lse_f)
+    assert D.dtype == h.dtype and D.shape == h.shape
+    _, _, r_gh, _ = _ref(h, w, y, g)
+    r_D = _ref_dh(h, w, y)
+    tol = TOL[dtype][1]
+    assert _rel(D, r_D) < tol
+    assert _rel(g[:, None] * D.float(), r_gh) < tol
+    # the same gradient as the frozen backward, which recomputes the logits
+    gh_bwd, _ = torch.ops.nanoalign.logprob_rows_bwd(h, w, y, lse, g, False, *tiles)
+    assert _rel(g[:, None] * D.float(), gh_bwd.double()) < tol
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fwd_dh_row_chunks_and_pool(threads, dtype, monkeypatch):
+    # With a 1-byte partial budget the 150 rows are done in 16-row chunks and the 4 * threads groups' partials are
+    # taken from (and returned to) the pool: D must not change by a bit (chunks are whole row tiles, and each row's
+    # groups are merged in the same order), and must match float64.
+    h, w, y, _ = _inputs(150, 24, 700, dtype, scale=2.0, seed=10)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        whole = torch.ops.nanoalign.logprob_rows_fwd_dh(h, w, y, 16, 32)
+        monkeypatch.setenv("NANOALIGN_NATIVE_PARTIAL_BYTES", "1")
+        chunked = torch.ops.nanoalign.logprob_rows_fwd_dh(h, w, y, 16, 32)
+    finally:
+        torch.set_num_threads(old)
+    for a, b in zip(whole, chunked):
+        assert torch.equal(a, b)
+    assert _rel(chunked[2], _ref_dh(h, w, y)) < TOL[dtype][1]
+
+
+def test_fwd_dh_large_logits_and_edge_rows():
+    # Logits of order 1e3 (the max rises block after block: every rescale runs) stay finite and right; a NaN row and
+    # a row whose logits are all -inf give NaN in D, as the backward gives NaN there; the other rows are unaffected.
+    h, w, y, g = _inputs(40, 16, 300, torch.float32, scale=300.0, seed=11)
+    w = w.abs()  # all positive: a row of h of -inf gives logits of -inf only
+    h[3] = float("nan")
+    h[5] = float("-inf")
+    _, lse, D = torch.ops.nanoalign.logprob_rows_fwd_dh(h, w, y, 16, 32)
+    gh_bwd, _ = torch.ops.nanoalign.logprob_rows_bwd(h, w, y, lse, torch.ones(40), False, 16, 32)
+    for r in (3, 5):
+        assert torch.isnan(D[r]).all() and torch.isnan(gh_bwd[r]).all()
+    ok = [r for r in range(40) if r not in (3, 5)]
+    assert torch.isfinite(D[ok]).all()
+    r_D = _ref_dh(h[ok], w, y[ok])
+    # fp32 logits of ~1e3 carry absolute errors of ~1e-4, which the peaked softmax passes on: the tolerance scales
+    # with the largest logit (the backward, which recomputes the logits, has the same error: 2e-5 here)
+    zmax = (h[ok].double() @ w.double().T).abs().max().item()
+    assert zmax > 500 and _rel(D[ok], r_D) < 1e-7 * zmax
+    assert _rel(D[ok], gh_bwd[ok].double()) < 1e-5
+
+
+def test_fwd_dh_public_wrapper_and_bad_input():
+    h, w, y, _ = _inputs(10, 16, 50, torch.float32)
+    logp, lse, D = native.logprob_rows_fwd_dh(h, w, y)
+    assert _rel(D, _ref_dh(h, w, y)) < 1e-5
+    empty = native.logprob_rows_fwd_dh(h[:0], w, y[:0])
+    assert [tuple(t.shape) for t in empty] == [(0,), (0,), (0, 16)]
+    with pytest.raises(ValueError, match="logprob_rows_fwd_dh: y must be in"):
+        native.logprob_rows_fwd_dh(h, w, torch.full((10,), 50))
+    with pytest.raises(ValueError, match="logprob_rows_fwd_dh: hidden sizes differ"):
+        native.logprob_rows_fwd_dh(h, w[:, :8], y)

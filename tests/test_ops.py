@@ -241,7 +241,8 @@ def test_fused_equals_unfused(loss_type, dtype, average, sft_weight, chunk_pairs
 
 @pytest.mark.parametrize("fused", [True, False])
 def test_no_grad_and_frozen_weight(backend, fused):
-    # a frozen LM head (LoRA) gets no grad; hidden's grad is unchanged
+    # a frozen LM head (LoRA) gets no grad; hidden's grad is the trainable head's within fp32 rounding (the frozen
+    # path takes dlogp/dh from logprob_rows_fwd_dh instead of the backward: same math, other summation order)
     hidden, weight, labels, tw, ref = make_pairs(2, 11, 16, 97, torch.float32)
     with torch.no_grad():
         l0, _ = ops.preference_loss(hidden, weight, labels, tw, ref, "ipo", 0.1, fused=fused)
@@ -251,7 +252,129 @@ def test_no_grad_and_frozen_weight(backend, fused):
     l2, _ = ops.preference_loss(h2, weight, labels, tw, ref, "ipo", 0.1, fused=fused)
     l2.backward()
     assert torch.allclose(l0, l2) and weight.grad is None
-    assert torch.allclose(h2.grad, h.grad, rtol=1e-6, atol=1e-9)
+    assert rel_err(h2.grad, h.grad.double()) < 1e-6
+
+
+# ----------------------------------------------------------------------------- frozen LM head (LoRA)
+
+
+def ref_dh(h, w, y):
+    """float64 D = dlogp/dh per row, by autograd through full logits, log_softmax and gather."""
+    h64 = h.double().requires_grad_()
+    logp = F.log_softmax(h64 @ w.double().T, dim=1).gather(1, y[:, None]).squeeze(1)
+    return torch.autograd.grad(logp.sum(), h64)[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N,H,V,block_rows,block_v", [(300, 33, 1000, None, 4096), (7, 17, 203, 3, 64),
+                                                     (1, 9, 255, None, 100)])
+def test_fwd_dh_torch_twin(dtype, N, H, V, block_rows, block_v):
+    # the pure-torch reference of the native op: D and grad_h = g * D against float64 autograd; logp / lse too
+    h, w, y, gout = make_rows(N, H, V, dtype, seed=2)
+    logp, lse, D = ops.logprob_rows_fwd_dh_torch(h, w, y, block_rows=block_rows, block_v=block_v)
+    logp64, gh64, _ = ref_rows(h, w, y, gout)
+    assert D.dtype == dtype and D.shape == h.shape and logp.dtype == lse.dtype == torch.float32
+    assert rel_err(logp, logp64) < 1e-5
+    assert rel_err(lse, torch.logsumexp(h.double() @ w.double().T, 1)) < 1e-5
+    assert rel_err(D, ref_dh(h, w, y)) < TOL[dtype]
+    assert rel_err(gout[:, None] * D.float(), gh64) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fwd_dh_dispatch(backend, dtype):
+    h, w, y, _ = make_rows(300, 64, 3001, dtype, seed=3)
+    logp, lse, D = ops.logprob_rows_fwd_dh(h, w, y)
+    assert rel_err(logp, ref_rows(h, w, y, torch.ones(300))[0]) < 1e-5
+    assert rel_err(D, ref_dh(h, w, y)) < TOL[dtype]
+    z = ops.logprob_rows_fwd_dh(h[:0], w, y[:0])
+    assert z[0].shape == (0,) and z[2].shape == (0, 64) and z[2].dtype == dtype
+
+
+def _no_backward(*a, **k):
+    raise AssertionError("logprob_rows_bwd called: the frozen-head path must take D from logprob_rows_fwd_dh")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_logprobs_frozen_head(backend, dtype, monkeypatch):
+    # weight frozen (LoRA): the same values and grad_hidden as the trainable-head path within rounding, without
+    # ever calling the backward primitive; against float64 too
+    hidden, weight, labels = make_batch(3, 37, 48, 1001, dtype)
+    labels[1] = -100
+    gout = torch.randn(3, 37, generator=torch.Generator().manual_seed(5))
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    out = ops.token_logprobs(h, w, labels)
+    (out * gout).sum().backward()
+    monkeypatch.setattr(ops, "logprob_rows_bwd", _no_backward)
+    h2 = hidden.clone().requires_grad_()
+    out2 = ops.token_logprobs(h2, weight, labels)
+    (out2 * gout).sum().backward()
+    h64 = hidden.double().requires_grad_()
+    (ref_token_logprobs(h64, weight.double(), labels) * gout.double()).sum().backward()
+    assert torch.equal(out, out2.detach()) or rel_err(out2, out.double()) < 1e-6
+    assert h2.grad.dtype == dtype and (h2.grad[1] == 0).all()
+    assert rel_err(h2.grad, h.grad.double()) < TOL[dtype] and rel_err(h2.grad, h64.grad) < TOL[dtype]
+
+
+def test_no_grad_takes_the_plain_forward(monkeypatch):
+    # under torch.no_grad() (reference log-probs, evaluation) nothing needs D, even when hidden requires grad
+    monkeypatch.setenv("NANOALIGN_LOGPROBS_BACKEND", "torch")
+    monkeypatch.setattr(ops._TORCH, "logprob_rows_fwd_dh", lambda *a: pytest.fail("D computed under no_grad"))
+    monkeypatch.setattr(ops, "logprob_rows_bwd", _no_backward)
+    hidden, weight, labels, tw, ref = make_pairs(2, 11, 16, 97, torch.float32)
+    h = hidden.clone().requires_grad_()
+    with torch.no_grad():
+        ops.token_logprobs(h, weight, labels)
+        ops.preference_loss(h, weight, labels, tw, ref, "dpo", 0.1)
+
+
+@pytest.mark.parametrize("loss_type", ["dpo", "ipo", "slic"])
+@pytest.mark.parametrize("dtype,average,sft_weight,chunk_pairs", [(torch.float32, False, 0.0, None),
+                                                                  (torch.float32, True, 0.3, 1),
+                                                                  (torch.bfloat16, False, 0.1, 2)])
+def test_preference_loss_frozen_head(backend, loss_type, dtype, average, sft_weight, chunk_pairs, monkeypatch):
+    # every loss type of the fused loss with the weight frozen: the same loss, metrics and grad_hidden as the
+    # trainable head within fp32 rounding, without the backward primitive
+    hidden, weight, labels, tw, ref = make_pairs(3, 23, 40, 517, dtype, seed=4)
+    labels[4] = -100  # a rejected response with no scored token
+    kw = dict(average=average, sft_weight=sft_weight, chunk_pairs=chunk_pairs)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss, m = ops.preference_loss(h, w, labels, tw, ref, loss_type, 0.5, **kw)
+    (2.5 * loss).backward()
+    monkeypatch.setattr(ops, "logprob_rows_bwd", _no_backward)
+    h2 = hidden.clone().requires_grad_()
+    loss2, m2 = ops.preference_loss(h2, weight, labels, tw, ref, loss_type, 0.5, **kw)
+    (2.5 * loss2).backward()
+    assert weight.grad is None and h2.grad.dtype == dtype
+    assert torch.allclose(loss, loss2, rtol=1e-6)
+    for k in m:
+        assert torch.allclose(m[k], m2[k], rtol=1e-5, atol=1e-6), k
+    tol = 1e-5 if dtype == torch.float32 else TOL[dtype]
+    assert rel_err(h2.grad, h.grad.double()) < tol
+    h64 = hidden.double().requires_grad_()
+    loss64, _ = ref_preference_loss(h64, weight.double(), labels, tw, ref, loss_type, 0.5, average, sft_weight)
+    (2.5 * loss64).backward()
+    assert rel_err(h2.grad, h64.grad) < TOL[dtype]
+
+
+def test_frozen_head_without_the_op_keeps_forward_and_backward(monkeypatch):
+    # a backend without logprob_rows_fwd_dh (the Triton kernels) keeps today's forward + backward
+    import types
+    plain = types.SimpleNamespace(logprob_rows_fwd=ops.logprob_rows_fwd_torch,
+                                  logprob_rows_bwd=ops.logprob_rows_bwd_torch)
+    monkeypatch.setattr(ops, "_backend", lambda device: plain)
+    calls = []
+    bwd = ops.logprob_rows_bwd
+    monkeypatch.setattr(ops, "logprob_rows_bwd", lambda *a, **k: calls.append(k) or bwd(*a, **k))
+    hidden, weight, labels, tw, ref = make_pairs(2, 11, 16, 97, torch.float32)
+    h = hidden.clone().requires_grad_()
+    ops.preference_loss(h, weight, labels, tw, ref, "dpo", 0.1)[0].backward()
+    assert calls and all(k == {"need_grad_w": False} for k in calls)
+    h64 = hidden.double().requires_grad_()
+    ref_preference_loss(h64, weight.double(), labels, tw, ref, "dpo", 0.1, False, 0.0)[0].backward()
+    assert rel_err(h.grad, h64.grad) < 1e-5
+    _, _, D = ops.logprob_rows_fwd_dh(*make_rows(5, 8, 13, torch.float32)[:3])  # fwd + backward with g = 1
+    h5, w5, y5, _ = make_rows(5, 8, 13, torch.float32)
+    assert rel_err(D, ref_dh(h5, w5, y5)) < 1e-5
 
 
 def test_preference_loss_all_ignored(backend):
