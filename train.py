@@ -107,9 +107,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PATHS = ("model", "data", "image_root", "eval_data", "eval_image_root", "eval_annotations", "eval_synonyms")  # exist
 
 
-def parse_args(argv=None, toy_algo=None):
+def parse_args(argv=None, toy_algo=None, check=True):
     """Command line -> namespace. Without --model/--data (the toy world's run) the toy's settings for the algorithm
-    (toy_algo, else --algo; nanoalign.toy.run.train_defaults) are the defaults, so any option given overrides them."""
+    (toy_algo, else --algo; nanoalign.toy.run.train_defaults) are the defaults, so any option given overrides them.
+    check=False: no refusals (the toy reads train.py's defaults for its alignment run's command line this way)."""
     p = Parser(prog="python train.py", description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelp)
     g = p.add_argument_group("what to train")
     g.add_argument("--algo", default="ddpo", choices=list(ALGOS), help="the algorithm (default ddpo)")
@@ -213,16 +214,27 @@ def parse_args(argv=None, toy_algo=None):
     # options away from their defaults: --resume of a run saved by an older version, which lacks the newer options,
     # counts a newer option as changed only when it is one of these (runs.changed_settings)
     args.non_default = sorted(k for k, v in vars(args).items() if v != p.get_default(k))
+    if not check:
+        return args
     if args.algo in RL and args.reward is None:
         if args.model is not None:
             p.error(f"--algo {args.algo} needs --reward (rm:PATH, oracle[:SCENES] or module:function)")
         args.reward = "oracle"
     if (args.model is None) != (args.data is None):
         p.error("--model and --data go together (give neither for the built-in toy-world run)")
-    runs.check_args(p, args, ONLY_FOR)  # values, combinations, options the run would not read
+    runs.check_args(p, args, argv, ONLY_FOR)  # values, combinations, options given that the run would not read
     if evaltrain.check_args(args):
         p.error(evaltrain.check_args(args))
     return args
+
+
+def check_paths(args) -> None:
+    """ValueError `no such file or folder: P (--option)` for the first path option (or --reward / --annotator spec's
+    path) that does not exist: before any model loads, and before the toy world is built for a toy run."""
+    bad = missing_path([(f"--{k.replace('_', '-')}", getattr(args, k)) for k in PATHS] + [
+        ("--reward", spec_path(args.reward)), ("--annotator", spec_path(args.annotator))], hub_ok=("--model",))
+    if bad:
+        raise ValueError(bad)
 
 
 def main(args):
@@ -236,10 +248,7 @@ def main(args):
     if cuda:
         torch.cuda.set_device(device)
     torch.manual_seed(args.seed)  # same initial weights/adapters on every rank
-    bad = missing_path([(f"--{k.replace('_', '-')}", getattr(args, k)) for k in PATHS] + [  # one line, before
-        ("--reward", spec_path(args.reward)), ("--annotator", spec_path(args.annotator))], hub_ok=("--model",))
-    if bad:
-        raise ValueError(bad)
+    check_paths(args)
     out = Path(args.out)
     if runs.prepare_out(args, world) == "finished":  # lock, refusals, the resume settings check
         tu.print0(f"{out}: this run is finished ({out / 'final'}); nothing to do")
@@ -586,7 +595,7 @@ if __name__ == "__main__":
     _args = parse_args()
     if _args.model is None and _args.data is None:  # the built-in toy-world run (nanoalign/toy/run.py)
         from nanoalign.toy.run import default_run
-        body = lambda: default_run(_args, main, parse_args, ALGOS)  # noqa: E731
+        body = lambda: (check_paths(_args), default_run(_args, main, parse_args, ALGOS))  # noqa: E731
     else:
         body = lambda: main(_args)  # noqa: E731
     run(body, lambda: runs.interrupted_line(_args.out, sys.argv))

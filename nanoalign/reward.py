@@ -241,11 +241,17 @@ def load_reward_model(path, policy_tokenizer=None, device="cpu", dtype=torch.flo
 
 
 # ----------------------------------------------------------------------------------------------- rewards for RL
-def load_reward(spec: str, policy_tokenizer=None, device="cpu", max_len: int = 4096):
+def load_reward(spec: str, policy_tokenizer=None, device="cpu", max_len: int = 4096, option: str = "--reward"):
     """`--reward` spec -> score(examples, images, responses) -> (N,) float32 (see the module docstring).
-    ValueError with one line for an unknown spec, a module or function that cannot be found, or a bad RM folder."""
+    ValueError with one line for an unknown spec, a module or function that cannot be found, or a bad RM folder; a
+    path of the spec (rm:P, oracle:P, FILE.py:fn) that does not exist is `no such file or folder: P (option)`
+    (option: the command-line option the spec came from, for the line)."""
+    from nanoalign.cli import missing_path, spec_path
     if not isinstance(spec, str) or not spec:
-        raise ValueError("--reward: empty spec (expected rm:PATH, oracle[:SCENES] or module:function)")
+        raise ValueError(f"{option}: empty spec (expected rm:PATH, oracle[:SCENES] or module:function)")
+    bad = missing_path([(option, spec_path(spec))])
+    if bad:
+        raise ValueError(bad)
     if spec.startswith("rm:"):
         rm = load_reward_model(spec[3:], policy_tokenizer, device, max_len=max_len)
         return _checked(spec, rm.score)
@@ -253,15 +259,13 @@ def load_reward(spec: str, policy_tokenizer=None, device="cpu", max_len: int = 4
         return _checked(spec, oracle_reward(spec[len("oracle:"):] or None))
     mod, sep, name = spec.rpartition(":")
     if not sep or not mod or not name:
-        raise ValueError(f"--reward {spec!r}: expected rm:PATH, oracle[:SCENES] or module:function")
+        raise ValueError(f"{option} {spec!r}: expected rm:PATH, oracle[:SCENES] or module:function")
     return _checked(spec, user_reward(_import_function(spec, mod, name)))
 
 
 def _import_function(spec: str, mod: str, name: str):
     try:
         if mod.endswith(".py"):
-            if not os.path.isfile(mod):
-                raise FileNotFoundError(f"no file {mod}")
             s = importlib.util.spec_from_file_location(Path(mod).stem, mod)
             module = importlib.util.module_from_spec(s)
             s.loader.exec_module(module)
@@ -313,7 +317,7 @@ def _default_oracle():
 
 def _read_scenes(path: str) -> dict:
     if not os.path.isfile(path):
-        raise ValueError(f"--reward oracle:{path}: scenes file not found")
+        raise ValueError(f"oracle:{path}: not a file (expected a toy world's scenes_*.jsonl)")
     out = {}
     with open(path) as f:
         for n, line in enumerate(f, 1):
