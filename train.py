@@ -39,7 +39,7 @@ from nanoalign.data import FORMATS, load_examples
 from nanoalign.lora import DEFAULT_TARGETS, adapters_off, apply_lora, load_lora_adapter, lora_modules
 from nanoalign.objective import objective, pair_mean_over_ranks
 from nanoalign.refcache import build_cache, reference_logps
-from nanoalign.reward import load_reward, reward_head, save_reward_head
+from nanoalign.reward import check_oracle, load_reward, reward_head, save_reward_head
 from nanoalign.tokenizer import TEMPLATE_CHOICES
 
 
@@ -282,6 +282,8 @@ def main(args):
     tu.print0(f"data: {len(examples)} examples from {args.data} ({args.data_format}); {skipped.total()} rows skipped")
     if skipped.total():
         tu.print0(str(skipped))
+    check_oracle(args.reward if algo.reward == "reward" else None, examples, args.data)  # the toy's judge: scenes
+    check_oracle(args.annotator if algo.reward == "annotator" else None, examples, args.data, "--annotator")
     gamma = args.gamma if algo.weights == "ddpo" else None  # DDPO's token weights, set once at encoding
     encoded, _ = encode_all(examples, processor, args.image_root, args.template, args.max_len, gamma, args.strict,
                             log=tu.print0)

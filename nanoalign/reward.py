@@ -296,9 +296,7 @@ def oracle_reward(scenes_path: str | None = None, oracle_fn=None):
         fn = oracle_fn or _default_oracle()
         out = []
         for ex, resp in zip(examples, responses):
-            scene = ex.extra.get("scene") if isinstance(ex.extra, dict) else None
-            if scene is None and isinstance(ex.image, str):
-                scene = by_image.get(os.path.basename(ex.image))
+            scene = _scene(ex, by_image)
             if scene is None:
                 where = f"; its image {os.path.basename(ex.image)!r} is not in {scenes_path}" if scenes_path else \
                     " (give oracle:SCENES.jsonl, the toy world's scenes file)"
@@ -308,6 +306,35 @@ def oracle_reward(scenes_path: str | None = None, oracle_fn=None):
             out.append(s["score"] if isinstance(s, dict) else s)
         return out
     return score
+
+
+def _scene(ex, by_image: dict):
+    """The toy scene of an example: its row's `scene` key, else by_image[its image's file name], else None."""
+    scene = ex.extra.get("scene") if isinstance(ex.extra, dict) else None
+    if scene is None and isinstance(ex.image, str):
+        scene = by_image.get(os.path.basename(ex.image))
+    return scene
+
+
+def check_oracle(spec: str | None, examples, data: str, option: str = "--reward") -> None:
+    """Before training: ValueError (one line) when `spec` is the toy world's oracle (oracle[:SCENES]) and an example
+    of `data` has no scene for it (nanoalign.toy.oracle scores a response against its scene; a user's data has
+    none), naming the data file, the first such row and how many, and what to use instead. Other specs: nothing."""
+    if not spec or not (spec == "oracle" or spec.startswith("oracle:")):
+        return
+    scenes = spec[len("oracle:"):] or None
+    by_image = _read_scenes(scenes) if scenes else {}
+    missing = [ex for ex in examples if _scene(ex, by_image) is None]
+    if not missing:
+        return
+    ex = missing[0]
+    row = ex.id if ex.id.startswith(("line ", "row ")) else f"id {ex.id}"  # a row without an id: its label
+    why = (f"no scene: its image {os.path.basename(ex.image)!r} is not in {scenes}" if scenes and
+           isinstance(ex.image, str) else "no 'scene' key" + (f" and no image to look up in {scenes}" if scenes else ""))
+    instead = "--annotator rm:PATH (a reward model) or vlm:PATH (a judge VLM)" if option == "--annotator" else \
+        "--reward FILE.py:FN (your own rule) or rm:PATH (a reward model)"
+    raise ValueError(f"{option} {spec} is the toy world's judge and needs each row's toy scene: {data}: {row} "
+                     f"({len(missing)} of {len(examples)} rows) has {why}; for this data use {instead}")
 
 
 def _default_oracle():
