@@ -94,6 +94,7 @@ ONLY_FOR = {
     "temperature": SAMPLING, "max_new_tokens": SAMPLING, "top_p": SAMPLING,
     "annotator": _rows(reward="annotator"), "annotator_both_orders": _rows(reward="annotator"),
     "alpha": _rows(responses="mixed"), "bdhs_embedder": _rows(responses="bdhs"),
+    "no_signal_limit": _rows(responses=("sampled", "mixed", "bdhs", "k_samples")),
     **{k: list(RL) for k in ("reward", "k", "guard_len_min", "guard_len_max", "guard_entropy", "guard_kl",
                              "stop_on_collapse")},
     "reward_norm": ["rloo"], "grpo_loss": ["grpo"], "clip_ratio": ["ppo", "grpo"],
@@ -188,6 +189,13 @@ def parse_args(argv=None, toy_algo=None, check=True):
                    "length (tokens)")
     g.add_argument("--guard-entropy", type=float, default=0.01, help="collapse guard: min entropy (nats/token)")
     g.add_argument("--guard-kl", type=float, default=20.0, help="collapse guard: max sequence KL (nats)")
+    g.add_argument("--no-signal-limit", type=int, default=64, help="stop (exit 2) a run that has nothing to learn "
+                   "from: online-dpo / mixed-dpo / online-bdhs when the first N pairs sampled were all dropped (the "
+                   "annotator's verdict unparseable, tie, inconsistent; identical responses; ...); rloo / grpo when "
+                   "each of the first N prompts got one reward for all its --k samples (ppo: all samples of each "
+                   "micro-batch), so the advantages hold no reward signal. Counted over steps and ranks since the "
+                   "run started or resumed, checked after each step. A run that ends with nothing learned exits 2 as "
+                   "well, without final/; 0 = neither check (default 64)")
     g.add_argument("--stop-on-collapse", action="store_true", help="stop before the update of a step that crosses "
                    "a guard bound (the newest --save-every checkpoint is the last good one)")
     g = p.add_argument_group("data and run")
@@ -430,6 +438,7 @@ def main(args):
             tu.save_checkpoint(out, "best", model, model_config, processor, lora_layers, step=0)
     progress = tu.Progress(max_steps, start_step)
     last_save = None
+    seen = Counter()  # --no-signal-limit: online: STAT_KEYS; RL: prompts / flat; both: steps (this run's, all ranks)
 
     def end_step(rec: dict, step: int) -> Path | None:
         """Every branch's end of a step: evaluation, the metrics line, the progress bar, the --save-every
@@ -503,9 +512,17 @@ def main(args):
                    "rollout_tokens_per_s": tu.all_mean(rm["rollout_tokens"] * len(rolls) / (t1 - t0)) * world,
                    "train_tokens_per_s": tu.all_mean(n_tokens / (time.time() - t1)) * world,
                    "peak_mem_mb": tu.peak_memory_mb(), "time_s": time.time() - t0}
+            flat = tu.all_mean(sum(r["flat_prompts"] for r in rolls)) * world  # prompts without a reward signal
+            rec["flat_share"] = flat / (len(step_ids) * world)
             if skipped:
                 rec["skipped"] = f"{skipped} of {epochs * n_mb} updates: non-finite gradients (--skip-nonfinite)"
             last_save = end_step(rec, step) or last_save
+            seen.update(steps=1, applied=skipped < epochs * n_mb, prompts=len(step_ids) * world, flat=round(flat),
+                        reward_sum=rec["reward_mean"])
+            stop = rlstep.no_signal(seen, args.no_signal_limit, step + 1, args.algo, args.reward)
+            if stop:
+                progress.close()
+                raise tu.Stop(stop)
             continue
         for micro in range(args.grad_accum):
             # batch: P examples, rows [chosen | rejected] (sft: [chosen]); vision_always: a text-only batch still runs
@@ -550,12 +567,16 @@ def main(args):
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v) / args.grad_accum
             n_tokens += int(b["attention_mask"].sum())
-        skip = online and tu.all_mean(float(ostats["online"] + ostats["offline"])) == 0  # no pair on any rank
+        if online:  # the online stages' counts summed over ranks (same keys on every rank)
+            total = {k: tu.all_mean(float(ostats[k])) * world for k in rollout.STAT_KEYS}
+            seen.update({k: round(v) for k, v in total.items() if k != "rollout_s"}, steps=1)
+        skip = online and total["online"] + total["offline"] == 0  # no pair on any rank
         where = f"step {step + 1}, rank {rank}, examples {step_ids} (last checkpoint: {last_save or 'none'})"
         grad_norm = tu.optimizer_step(model, optimizer, head, head_optimizer, args.clip, where, args.skip_nonfinite,
                                       apply=not skip, scaler=scaler)  # None: skipped (fp16 overflow, --skip-nonfinite)
         lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler's, or a resumed run's)
         tu.step_schedules(grad_norm is not None and not skip, scheduler, head_schedule)
+        seen.update(steps=not online, applied=grad_norm is not None and not skip)  # (online: counted above)
         if grad_norm is None:
             continue
 
@@ -565,7 +586,6 @@ def main(args):
         if scaler.is_enabled():
             rec["loss_scale"] = scaler.get_scale()  # the scale the next step uses
         if online:
-            total = {k: tu.all_mean(float(ostats[k])) * world for k in rollout.STAT_KEYS}  # same keys on all ranks
             rec.update(rollout.online_metrics(total, rec, args.beta, world))
             rec["train_s"] = rec["time_s"] - rec["rollout_s"]
             if skip:
@@ -574,7 +594,22 @@ def main(args):
         if algo.data == "pairs":
             rec["resp_len"] = tu.all_mean(float((b["labels"] != -100).sum(1).float().mean()))
         last_save = end_step(rec, step) or last_save
+        stop = online and rollout.nothing_kept(seen, args.no_signal_limit, step + 1, args.algo, args.annotator)
+        if stop:
+            progress.close()
+            raise tu.Stop(stop)
     progress.close()
+    # a run that learned nothing fails (exit 2, no final/): no step updated the model (each skipped: no online pair,
+    # --skip-nonfinite), or no RL prompt had a reward signal. --no-signal-limit 0: online and RL runs not checked
+    checked = args.no_signal_limit or not (online or algo.responses == "k_samples")
+    stop = None if not checked else \
+        rollout.nothing_kept(seen, 0, max_steps, args.algo, args.annotator, end=True) if online else \
+        rlstep.no_signal(seen, 0, max_steps, args.algo, args.reward, end=True) if algo.responses == "k_samples" else None
+    if checked and not stop and seen["steps"] and not seen["applied"]:
+        stop = (f"error: {args.algo}: none of the run's {seen['steps']} steps updated the model (each was skipped, "
+                "see the lines above): nothing was learned, final/ is not saved")
+    if stop:
+        raise tu.Stop(stop)
 
     # -------------------------------------------------------------------------------------------------------- save
     final = save("final", max_steps)

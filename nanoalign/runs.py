@@ -34,7 +34,7 @@ from nanoalign import trainutil as tu
 
 # settings that may change across a resume without changing any step's numbers
 RESUME_FREE = {"out", "resume", "overwrite", "allow_changed", "wandb", "save_every", "keep", "strict", "ref_cache",
-               "grad_checkpointing", "toy_cache", "skip_nonfinite", "non_default"}
+               "grad_checkpointing", "toy_cache", "skip_nonfinite", "non_default", "no_signal_limit"}
 
 # argument -> (test, reason); None (unset) passes every test
 _FINITE = lambda v: math.isfinite(v)
@@ -76,6 +76,7 @@ ARG_RULES = {
     "guard_len_max": (lambda v: v > 0, "must be > 0 (tokens; inf = off)"),
     "guard_entropy": (lambda v: _FINITE(v) and v >= 0, "must be a finite number >= 0 (nats per token)"),
     "guard_kl": (lambda v: v > 0, "must be > 0 (nats; inf = off)"),
+    "no_signal_limit": (lambda v: v >= 0, "must be >= 0 (0 = no check)"),
     "eval_every": (lambda v: v >= 0, "must be >= 0 (0 = only before and after)"),
     "eval_limit": (lambda v: v >= 1, "must be >= 1"),
     "eval_max_new_tokens": (lambda v: v >= 1, "must be >= 1"),
