@@ -525,24 +525,22 @@ def main(args):
                 raise tu.Stop(stop)
             continue
         for micro in range(args.grad_accum):
-            # batch: P examples, rows [chosen | rejected] (sft: [chosen]); vision_always: a text-only batch still runs
-            # the vision tower on a blank image (zero gradients), so 1 rank and N FSDP ranks update it alike
             idx = batch_indices(step, micro)
             step_ids += [examples[encoded[i].index].id for i in idx]
             items = [encoded[i] for i in idx]
-            b = collate(items, sides, processor, [open_image(examples[it.index], args.image_root) for it in items],
-                        vision_always=True)
-            # rollout: responses made during training, appended as more blocks of P rejected rows
-            if algo.responses == "noisy_self":
-                b = rollout.noisy_self(model, items, b, processor, args.noise_step, device)
-            # reward: RL scores its samples in rlstep.make_rollout above
-            # online: the policy's samples, ordered by the annotator (reward stage), or BDHS; rows [chosen | rejected..]
-            if online:
-                images = [open_image(examples[it.index], args.image_root) for it in items]
+            images = [open_image(examples[it.index], args.image_root) for it in items]  # opened once per micro-step
+            if online:  # rollout + reward: the policy's samples ordered by the annotator, or BDHS; the batch of the
+                # kept pairs, rows [chosen | rejected..] (the data's pairs are collated there, for mixed-dpo)
                 gens = [rollout.prompt_generator(args.seed, step, examples[it.index].id, device) for it in items]
                 b, items, st = rollout.online(algo.responses, model, items, [examples[it.index] for it in items],
                                               images, processor, annotator, online_settings, gens)
                 ostats.update(st)
+            else:  # batch: P examples, rows [chosen | rejected] (sft: [chosen]); vision_always: a text-only batch
+                # still runs the vision tower on a blank image (zero gradients), so 1 rank and N FSDP ranks update it
+                # alike. (reward: RL scores its samples in rlstep.make_rollout above)
+                b = collate(items, sides, processor, images, vision_always=True)
+                if algo.responses == "noisy_self":  # rollout: POVID's response, appended as P more rejected rows
+                    b = rollout.noisy_self(model, items, b, processor, args.noise_step, device)
             # reference: per-token reference log-probs of every response row (online + LoRA: adapters off)
             ref = None
             if online:
