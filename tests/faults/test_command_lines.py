@@ -131,6 +131,8 @@ def test_option_that_needs_another(world, tmp_path, capsys, given, line):
                                                                     "by grpo"),
     (["--algo", "dpo", "--alpha", "0.5"], "--alpha 0.5: used only by --algo mixed-dpo, not by dpo"),
     (["--eval-every", "0"], "--eval-every 0: does nothing without --eval-task"),
+    (["--algo", "dpo", "--no-signal-limit", "64"], "--no-signal-limit 64: used only by --algo online-dpo, mixed-dpo, "
+                                                   "online-bdhs, rloo, ppo, grpo, not by dpo"),
 ])
 def test_option_given_at_its_default_value(world, tmp_path, capsys, given, line):
     """An option the run would not read, typed at its default value (--lora-dropout 0 without --lora-rank,
