@@ -39,7 +39,7 @@ from nanoalign.data import FORMATS, load_examples
 from nanoalign.lora import DEFAULT_TARGETS, adapters_off, apply_lora, load_lora_adapter, lora_modules
 from nanoalign.objective import objective, pair_mean_over_ranks
 from nanoalign.refcache import build_cache, reference_logps
-from nanoalign.reward import load_reward, reward_head, save_reward_head
+from nanoalign.reward import check_oracle, load_reward, reward_head, save_reward_head
 from nanoalign.tokenizer import TEMPLATE_CHOICES
 
 
@@ -94,6 +94,7 @@ ONLY_FOR = {
     "temperature": SAMPLING, "max_new_tokens": SAMPLING, "top_p": SAMPLING,
     "annotator": _rows(reward="annotator"), "annotator_both_orders": _rows(reward="annotator"),
     "alpha": _rows(responses="mixed"), "bdhs_embedder": _rows(responses="bdhs"),
+    "no_signal_limit": _rows(responses=("sampled", "mixed", "bdhs", "k_samples")),
     **{k: list(RL) for k in ("reward", "k", "guard_len_min", "guard_len_max", "guard_entropy", "guard_kl",
                              "stop_on_collapse")},
     "reward_norm": ["rloo"], "grpo_loss": ["grpo"], "clip_ratio": ["ppo", "grpo"],
@@ -107,9 +108,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PATHS = ("model", "data", "image_root", "eval_data", "eval_image_root", "eval_annotations", "eval_synonyms")  # exist
 
 
-def parse_args(argv=None, toy_algo=None):
+def parse_args(argv=None, toy_algo=None, check=True):
     """Command line -> namespace. Without --model/--data (the toy world's run) the toy's settings for the algorithm
-    (toy_algo, else --algo; nanoalign.toy.run.train_defaults) are the defaults, so any option given overrides them."""
+    (toy_algo, else --algo; nanoalign.toy.run.train_defaults) are the defaults, so any option given overrides them.
+    check=False: no refusals (the toy reads train.py's defaults for its alignment run's command line this way)."""
     p = Parser(prog="python train.py", description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelp)
     g = p.add_argument_group("what to train")
     g.add_argument("--algo", default="ddpo", choices=list(ALGOS), help="the algorithm (default ddpo)")
@@ -187,6 +189,13 @@ def parse_args(argv=None, toy_algo=None):
                    "length (tokens)")
     g.add_argument("--guard-entropy", type=float, default=0.01, help="collapse guard: min entropy (nats/token)")
     g.add_argument("--guard-kl", type=float, default=20.0, help="collapse guard: max sequence KL (nats)")
+    g.add_argument("--no-signal-limit", type=int, default=64, help="stop (exit 2) a run that has nothing to learn "
+                   "from: online-dpo / mixed-dpo / online-bdhs when the first N pairs sampled were all dropped (the "
+                   "annotator's verdict unparseable, tie, inconsistent; identical responses; ...); rloo / grpo when "
+                   "each of the first N prompts got one reward for all its --k samples (ppo: all samples of each "
+                   "micro-batch), so the advantages hold no reward signal. Counted over steps and ranks since the "
+                   "run started or resumed, checked after each step. A run that ends with nothing learned exits 2 as "
+                   "well, without final/; 0 = neither check (default 64)")
     g.add_argument("--stop-on-collapse", action="store_true", help="stop before the update of a step that crosses "
                    "a guard bound (the newest --save-every checkpoint is the last good one)")
     g = p.add_argument_group("data and run")
@@ -213,16 +222,27 @@ def parse_args(argv=None, toy_algo=None):
     # options away from their defaults: --resume of a run saved by an older version, which lacks the newer options,
     # counts a newer option as changed only when it is one of these (runs.changed_settings)
     args.non_default = sorted(k for k, v in vars(args).items() if v != p.get_default(k))
+    if not check:
+        return args
     if args.algo in RL and args.reward is None:
         if args.model is not None:
             p.error(f"--algo {args.algo} needs --reward (rm:PATH, oracle[:SCENES] or module:function)")
         args.reward = "oracle"
     if (args.model is None) != (args.data is None):
         p.error("--model and --data go together (give neither for the built-in toy-world run)")
-    runs.check_args(p, args, ONLY_FOR)  # values, combinations, options the run would not read
+    runs.check_args(p, args, argv, ONLY_FOR)  # values, combinations, options given that the run would not read
     if evaltrain.check_args(args):
         p.error(evaltrain.check_args(args))
     return args
+
+
+def check_paths(args) -> None:
+    """ValueError `no such file or folder: P (--option)` for the first path option (or --reward / --annotator spec's
+    path) that does not exist: before any model loads, and before the toy world is built for a toy run."""
+    bad = missing_path([(f"--{k.replace('_', '-')}", getattr(args, k)) for k in PATHS] + [
+        ("--reward", spec_path(args.reward)), ("--annotator", spec_path(args.annotator))], hub_ok=("--model",))
+    if bad:
+        raise ValueError(bad)
 
 
 def main(args):
@@ -236,10 +256,7 @@ def main(args):
     if cuda:
         torch.cuda.set_device(device)
     torch.manual_seed(args.seed)  # same initial weights/adapters on every rank
-    bad = missing_path([(f"--{k.replace('_', '-')}", getattr(args, k)) for k in PATHS] + [  # one line, before
-        ("--reward", spec_path(args.reward)), ("--annotator", spec_path(args.annotator))], hub_ok=("--model",))
-    if bad:
-        raise ValueError(bad)
+    check_paths(args)
     out = Path(args.out)
     if runs.prepare_out(args, world) == "finished":  # lock, refusals, the resume settings check
         tu.print0(f"{out}: this run is finished ({out / 'final'}); nothing to do")
@@ -273,6 +290,8 @@ def main(args):
     tu.print0(f"data: {len(examples)} examples from {args.data} ({args.data_format}); {skipped.total()} rows skipped")
     if skipped.total():
         tu.print0(str(skipped))
+    check_oracle(args.reward if algo.reward == "reward" else None, examples, args.data)  # the toy's judge: scenes
+    check_oracle(args.annotator if algo.reward == "annotator" else None, examples, args.data, "--annotator")
     gamma = args.gamma if algo.weights == "ddpo" else None  # DDPO's token weights, set once at encoding
     encoded, _ = encode_all(examples, processor, args.image_root, args.template, args.max_len, gamma, args.strict,
                             log=tu.print0)
@@ -419,6 +438,7 @@ def main(args):
             tu.save_checkpoint(out, "best", model, model_config, processor, lora_layers, step=0)
     progress = tu.Progress(max_steps, start_step)
     last_save = None
+    seen = Counter()  # --no-signal-limit: online: STAT_KEYS; RL: prompts / flat; both: steps (this run's, all ranks)
 
     def end_step(rec: dict, step: int) -> Path | None:
         """Every branch's end of a step: evaluation, the metrics line, the progress bar, the --save-every
@@ -492,29 +512,35 @@ def main(args):
                    "rollout_tokens_per_s": tu.all_mean(rm["rollout_tokens"] * len(rolls) / (t1 - t0)) * world,
                    "train_tokens_per_s": tu.all_mean(n_tokens / (time.time() - t1)) * world,
                    "peak_mem_mb": tu.peak_memory_mb(), "time_s": time.time() - t0}
+            flat = tu.all_mean(sum(r["flat_prompts"] for r in rolls)) * world  # prompts without a reward signal
+            rec["flat_share"] = flat / (len(step_ids) * world)
             if skipped:
                 rec["skipped"] = f"{skipped} of {epochs * n_mb} updates: non-finite gradients (--skip-nonfinite)"
             last_save = end_step(rec, step) or last_save
+            seen.update(steps=1, applied=skipped < epochs * n_mb, prompts=len(step_ids) * world, flat=round(flat),
+                        reward_sum=rec["reward_mean"])
+            stop = rlstep.no_signal(seen, args.no_signal_limit, step + 1, args.algo, args.reward)
+            if stop:
+                progress.close()
+                raise tu.Stop(stop)
             continue
         for micro in range(args.grad_accum):
-            # batch: P examples, rows [chosen | rejected] (sft: [chosen]); vision_always: a text-only batch still runs
-            # the vision tower on a blank image (zero gradients), so 1 rank and N FSDP ranks update it alike
             idx = batch_indices(step, micro)
             step_ids += [examples[encoded[i].index].id for i in idx]
             items = [encoded[i] for i in idx]
-            b = collate(items, sides, processor, [open_image(examples[it.index], args.image_root) for it in items],
-                        vision_always=True)
-            # rollout: responses made during training, appended as more blocks of P rejected rows
-            if algo.responses == "noisy_self":
-                b = rollout.noisy_self(model, items, b, processor, args.noise_step, device)
-            # reward: RL scores its samples in rlstep.make_rollout above
-            # online: the policy's samples, ordered by the annotator (reward stage), or BDHS; rows [chosen | rejected..]
-            if online:
-                images = [open_image(examples[it.index], args.image_root) for it in items]
+            images = [open_image(examples[it.index], args.image_root) for it in items]  # opened once per micro-step
+            if online:  # rollout + reward: the policy's samples ordered by the annotator, or BDHS; the batch of the
+                # kept pairs, rows [chosen | rejected..] (the data's pairs are collated there, for mixed-dpo)
                 gens = [rollout.prompt_generator(args.seed, step, examples[it.index].id, device) for it in items]
                 b, items, st = rollout.online(algo.responses, model, items, [examples[it.index] for it in items],
                                               images, processor, annotator, online_settings, gens)
                 ostats.update(st)
+            else:  # batch: P examples, rows [chosen | rejected] (sft: [chosen]); vision_always: a text-only batch
+                # still runs the vision tower on a blank image (zero gradients), so 1 rank and N FSDP ranks update it
+                # alike. (reward: RL scores its samples in rlstep.make_rollout above)
+                b = collate(items, sides, processor, images, vision_always=True)
+                if algo.responses == "noisy_self":  # rollout: POVID's response, appended as P more rejected rows
+                    b = rollout.noisy_self(model, items, b, processor, args.noise_step, device)
             # reference: per-token reference log-probs of every response row (online + LoRA: adapters off)
             ref = None
             if online:
@@ -539,12 +565,16 @@ def main(args):
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v) / args.grad_accum
             n_tokens += int(b["attention_mask"].sum())
-        skip = online and tu.all_mean(float(ostats["online"] + ostats["offline"])) == 0  # no pair on any rank
+        if online:  # the online stages' counts summed over ranks (same keys on every rank)
+            total = {k: tu.all_mean(float(ostats[k])) * world for k in rollout.STAT_KEYS}
+            seen.update({k: round(v) for k, v in total.items() if k != "rollout_s"}, steps=1)
+        skip = online and total["online"] + total["offline"] == 0  # no pair on any rank
         where = f"step {step + 1}, rank {rank}, examples {step_ids} (last checkpoint: {last_save or 'none'})"
         grad_norm = tu.optimizer_step(model, optimizer, head, head_optimizer, args.clip, where, args.skip_nonfinite,
                                       apply=not skip, scaler=scaler)  # None: skipped (fp16 overflow, --skip-nonfinite)
         lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler's, or a resumed run's)
         tu.step_schedules(grad_norm is not None and not skip, scheduler, head_schedule)
+        seen.update(steps=not online, applied=grad_norm is not None and not skip)  # (online: counted above)
         if grad_norm is None:
             continue
 
@@ -554,7 +584,6 @@ def main(args):
         if scaler.is_enabled():
             rec["loss_scale"] = scaler.get_scale()  # the scale the next step uses
         if online:
-            total = {k: tu.all_mean(float(ostats[k])) * world for k in rollout.STAT_KEYS}  # same keys on all ranks
             rec.update(rollout.online_metrics(total, rec, args.beta, world))
             rec["train_s"] = rec["time_s"] - rec["rollout_s"]
             if skip:
@@ -563,7 +592,22 @@ def main(args):
         if algo.data == "pairs":
             rec["resp_len"] = tu.all_mean(float((b["labels"] != -100).sum(1).float().mean()))
         last_save = end_step(rec, step) or last_save
+        stop = online and rollout.nothing_kept(seen, args.no_signal_limit, step + 1, args.algo, args.annotator)
+        if stop:
+            progress.close()
+            raise tu.Stop(stop)
     progress.close()
+    # a run that learned nothing fails (exit 2, no final/): no step updated the model (each skipped: no online pair,
+    # --skip-nonfinite), or no RL prompt had a reward signal. --no-signal-limit 0: online and RL runs not checked
+    checked = args.no_signal_limit or not (online or algo.responses == "k_samples")
+    stop = None if not checked else \
+        rollout.nothing_kept(seen, 0, max_steps, args.algo, args.annotator, end=True) if online else \
+        rlstep.no_signal(seen, 0, max_steps, args.algo, args.reward, end=True) if algo.responses == "k_samples" else None
+    if checked and not stop and seen["steps"] and not seen["applied"]:
+        stop = (f"error: {args.algo}: none of the run's {seen['steps']} steps updated the model (each was skipped, "
+                "see the lines above): nothing was learned, final/ is not saved")
+    if stop:
+        raise tu.Stop(stop)
 
     # -------------------------------------------------------------------------------------------------------- save
     final = save("final", max_steps)
@@ -586,7 +630,7 @@ if __name__ == "__main__":
     _args = parse_args()
     if _args.model is None and _args.data is None:  # the built-in toy-world run (nanoalign/toy/run.py)
         from nanoalign.toy.run import default_run
-        body = lambda: default_run(_args, main, parse_args, ALGOS)  # noqa: E731
+        body = lambda: (check_paths(_args), default_run(_args, main, parse_args, ALGOS))  # noqa: E731
     else:
         body = lambda: main(_args)  # noqa: E731
     run(body, lambda: runs.interrupted_line(_args.out, sys.argv))

@@ -161,13 +161,19 @@ def left_padded(rows: list[list[int]], pad_id: int) -> dict:
 
 def load_annotator(spec: str, policy_tokenizer=None, device="cpu", both_orders: bool = False,
                    template: str = "vicuna_v1") -> Annotator:
-    """`--annotator` spec -> Annotator. Raises ValueError with one line naming the spec when it cannot be loaded."""
+    """`--annotator` spec -> Annotator. Raises ValueError with one line naming the spec when it cannot be loaded, or
+    `no such file or folder: P (--annotator)` when the spec's path (rm:P, vlm:P, oracle:P) does not exist."""
+    from nanoalign.cli import missing_path, spec_path
     if not isinstance(spec, str) or not spec:
         raise ValueError("--annotator: empty spec (expected oracle[:SCENES], rm:PATH or vlm:PATH)")
+    bad = missing_path([("--annotator", spec_path(spec))])
+    if bad:
+        raise ValueError(bad)
     if spec == "oracle" or spec.startswith("oracle:") or spec.startswith("rm:"):
         from nanoalign.reward import load_reward
         try:
-            return Annotator(spec, score=load_reward(spec, policy_tokenizer, device), both_orders=both_orders)
+            return Annotator(spec, score=load_reward(spec, policy_tokenizer, device, option="--annotator"),
+                             both_orders=both_orders)
         except ValueError as e:
             raise ValueError(f"--annotator {spec}: {e}") from None
     if spec.startswith("vlm:"):

@@ -241,11 +241,17 @@ def load_reward_model(path, policy_tokenizer=None, device="cpu", dtype=torch.flo
 
 
 # ----------------------------------------------------------------------------------------------- rewards for RL
-def load_reward(spec: str, policy_tokenizer=None, device="cpu", max_len: int = 4096):
+def load_reward(spec: str, policy_tokenizer=None, device="cpu", max_len: int = 4096, option: str = "--reward"):
     """`--reward` spec -> score(examples, images, responses) -> (N,) float32 (see the module docstring).
-    ValueError with one line for an unknown spec, a module or function that cannot be found, or a bad RM folder."""
+    ValueError with one line for an unknown spec, a module or function that cannot be found, or a bad RM folder; a
+    path of the spec (rm:P, oracle:P, FILE.py:fn) that does not exist is `no such file or folder: P (option)`
+    (option: the command-line option the spec came from, for the line)."""
+    from nanoalign.cli import missing_path, spec_path
     if not isinstance(spec, str) or not spec:
-        raise ValueError("--reward: empty spec (expected rm:PATH, oracle[:SCENES] or module:function)")
+        raise ValueError(f"{option}: empty spec (expected rm:PATH, oracle[:SCENES] or module:function)")
+    bad = missing_path([(option, spec_path(spec))])
+    if bad:
+        raise ValueError(bad)
     if spec.startswith("rm:"):
         rm = load_reward_model(spec[3:], policy_tokenizer, device, max_len=max_len)
         return _checked(spec, rm.score)
@@ -253,15 +259,13 @@ def load_reward(spec: str, policy_tokenizer=None, device="cpu", max_len: int = 4
         return _checked(spec, oracle_reward(spec[len("oracle:"):] or None))
     mod, sep, name = spec.rpartition(":")
     if not sep or not mod or not name:
-        raise ValueError(f"--reward {spec!r}: expected rm:PATH, oracle[:SCENES] or module:function")
+        raise ValueError(f"{option} {spec!r}: expected rm:PATH, oracle[:SCENES] or module:function")
     return _checked(spec, user_reward(_import_function(spec, mod, name)))
 
 
 def _import_function(spec: str, mod: str, name: str):
     try:
         if mod.endswith(".py"):
-            if not os.path.isfile(mod):
-                raise FileNotFoundError(f"no file {mod}")
             s = importlib.util.spec_from_file_location(Path(mod).stem, mod)
             module = importlib.util.module_from_spec(s)
             s.loader.exec_module(module)
@@ -292,9 +296,7 @@ def oracle_reward(scenes_path: str | None = None, oracle_fn=None):
         fn = oracle_fn or _default_oracle()
         out = []
         for ex, resp in zip(examples, responses):
-            scene = ex.extra.get("scene") if isinstance(ex.extra, dict) else None
-            if scene is None and isinstance(ex.image, str):
-                scene = by_image.get(os.path.basename(ex.image))
+            scene = _scene(ex, by_image)
             if scene is None:
                 where = f"; its image {os.path.basename(ex.image)!r} is not in {scenes_path}" if scenes_path else \
                     " (give oracle:SCENES.jsonl, the toy world's scenes file)"
@@ -306,6 +308,35 @@ def oracle_reward(scenes_path: str | None = None, oracle_fn=None):
     return score
 
 
+def _scene(ex, by_image: dict):
+    """The toy scene of an example: its row's `scene` key, else by_image[its image's file name], else None."""
+    scene = ex.extra.get("scene") if isinstance(ex.extra, dict) else None
+    if scene is None and isinstance(ex.image, str):
+        scene = by_image.get(os.path.basename(ex.image))
+    return scene
+
+
+def check_oracle(spec: str | None, examples, data: str, option: str = "--reward") -> None:
+    """Before training: ValueError (one line) when `spec` is the toy world's oracle (oracle[:SCENES]) and an example
+    of `data` has no scene for it (nanoalign.toy.oracle scores a response against its scene; a user's data has
+    none), naming the data file, the first such row and how many, and what to use instead. Other specs: nothing."""
+    if not spec or not (spec == "oracle" or spec.startswith("oracle:")):
+        return
+    scenes = spec[len("oracle:"):] or None
+    by_image = _read_scenes(scenes) if scenes else {}
+    missing = [ex for ex in examples if _scene(ex, by_image) is None]
+    if not missing:
+        return
+    ex = missing[0]
+    row = ex.id if ex.id.startswith(("line ", "row ")) else f"id {ex.id}"  # a row without an id: its label
+    why = (f"no scene: its image {os.path.basename(ex.image)!r} is not in {scenes}" if scenes and
+           isinstance(ex.image, str) else "no 'scene' key" + (f" and no image to look up in {scenes}" if scenes else ""))
+    instead = "--annotator rm:PATH (a reward model) or vlm:PATH (a judge VLM)" if option == "--annotator" else \
+        "--reward FILE.py:FN (your own rule) or rm:PATH (a reward model)"
+    raise ValueError(f"{option} {spec} is the toy world's judge and needs each row's toy scene: {data}: {row} "
+                     f"({len(missing)} of {len(examples)} rows) has {why}; for this data use {instead}")
+
+
 def _default_oracle():
     from nanoalign.toy.oracle import oracle_score
     return oracle_score
@@ -313,7 +344,7 @@ def _default_oracle():
 
 def _read_scenes(path: str) -> dict:
     if not os.path.isfile(path):
-        raise ValueError(f"--reward oracle:{path}: scenes file not found")
+        raise ValueError(f"oracle:{path}: not a file (expected a toy world's scenes_*.jsonl)")
     out = {}
     with open(path) as f:
         for n, line in enumerate(f, 1):

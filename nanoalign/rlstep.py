@@ -117,11 +117,42 @@ def make_rollout(algo_loss: str, policy, reference, reward_fn, items, examples, 
     else:
         raise ValueError(f"make_rollout: unknown RL loss {algo_loss!r}")
     n_resp = mask.sum(1).float()
+    roll["flat_prompts"] = flat_prompts(rewards, k, algo_loss)
     roll["metrics"] = {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std(unbiased=False)),
                        "kl": float(kl_seq.mean()), "entropy": float(rl.entropy_estimate(old_logps, mask)),
                        "resp_len": float(n_resp.mean()), "ended_frac": sum(ro.ended) / len(ro.ended),
                        "rollout_tokens": float(n_resp.sum()), "rollout_s": rollout_s}
     return roll
+
+
+def flat_prompts(rewards: torch.Tensor, k: int, algo_loss: str) -> int:
+    """How many of a rollout's prompts got no learning signal from the reward: rewards (P * k,) in rl.group's order.
+    rloo / grpo: a prompt whose k rewards are all equal (its group-relative advantages are 0); ppo (k may be 1,
+    the baseline is the value head): every prompt when all P * k rewards are equal, else none."""
+    if algo_loss == "ppo":
+        return rewards.numel() // k if bool((rewards == rewards[0]).all()) else 0
+    g = rl.group(rewards, k)  # (P, k)
+    return int((g == g[:, :1]).all(1).sum())
+
+
+def no_signal(seen: dict, limit: int, step: int, algo: str, reward: str, end: bool = False) -> str | None:
+    """The one line (for trainutil.Stop, exit 2) of an RL run whose reward gives nothing to learn from, else None.
+    seen: "prompts" and "flat" (flat_prompts) summed over this run's steps (since it started or resumed) and ranks,
+    "steps", "reward_sum" (sum of the steps' mean rewards). During the run: the first `limit` prompts were all flat
+    (--no-signal-limit; 0 = no check, also not at the end); at the end (end True): every prompt of the run was."""
+    if not seen["prompts"] or seen["flat"] < seen["prompts"] or (not end and (not limit or seen["prompts"] < limit)):
+        return None
+    mean = seen["reward_sum"] / seen["steps"]
+    what = ("each prompt's samples got one reward" if algo != "ppo" else "every sample of each micro-batch got one "
+            "reward")
+    if end:
+        return (f"error: {algo}: in all {seen['steps']} steps of the run {what} (mean reward {mean:.4g}; "
+                f"{seen['prompts']} prompts): the advantages held no reward signal (only KL to the reference), nothing "
+                f"was learned from --reward {reward}; final/ is not saved")
+    return (f"error: step {step}: {algo}: for the first {seen['prompts']} prompts (steps 1-{seen['steps']} of this "
+            f"run, all ranks) {what} (mean reward {mean:.4g}): the advantages hold no reward signal (only KL to the "
+            f"reference), --reward {reward} gives nothing to learn from: stopping (--no-signal-limit {limit}; 0 = "
+            "no check)")
 
 
 def reward_stats_before_training(policy, reward_fn, encoded, examples, images_of, processor, args, device,

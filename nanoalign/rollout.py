@@ -225,6 +225,26 @@ STAT_KEYS = ("online", "offline", "parsed", "first_wins", "chosen_len", "rejecte
              *("dropped_" + r for r in DROP_REASONS))  # the same keys on every rank (summed collectively)
 
 
+def nothing_kept(seen: Counter, limit: int, step: int, algo: str, annotator: str | None, end: bool = False) \
+        -> str | None:
+    """The one line (for trainutil.Stop, exit 2) of an online run that has nothing to train on, else None.
+    seen: STAT_KEYS summed over this run's steps so far (since it started or resumed) and over ranks, plus "steps"
+    and "applied" (steps whose optimizer step ran). During the run (end False): the first `limit` pairs sampled
+    (online kept + dropped) were all dropped (--no-signal-limit; 0 = no check, also not at the end), so Online-DPO trains on nothing and
+    Mixed-DPO only on its offline pairs. At the end (end True): no optimizer step ran in the whole run."""
+    sampled = seen["online"] + sum(seen["dropped_" + r] for r in DROP_REASONS)
+    if seen["online"] or not sampled or (not end and (not limit or sampled < limit)) or (end and seen["applied"]):
+        return None
+    why = ", ".join(f"{r} {seen['dropped_' + r]}" for r in DROP_REASONS if seen["dropped_" + r])
+    judge = f"the annotator (--annotator {annotator}) " if annotator else "BDHS "
+    if end:
+        return (f"error: {algo}: no pair kept in any of the run's {seen['steps']} steps ({sampled} sampled, all "
+                f"dropped: {why}); {judge}left nothing to train on, so no step was taken and final/ is not saved")
+    return (f"error: step {step}: {algo} kept none of the first {sampled} pairs sampled (steps 1-{seen['steps']} of "
+            f"this run, all ranks; dropped: {why}); {judge}leaves no sampled pair to train on: stopping (--no-signal-limit "
+            f"{limit}; 0 = no check)")
+
+
 def online_metrics(total: dict, rec: dict, beta: float, world: int) -> dict:
     """Per-step metrics of the online stages. total: STAT_KEYS summed over micro-steps and ranks; rec: the step's
     record (the objective's metrics, means over ranks). Returns online_share, pairs, dropped_<reason> (counts),

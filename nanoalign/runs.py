@@ -2,7 +2,8 @@
 writes there besides checkpoints (metrics.jsonl, curves.png) and prints about it.
 
     add_args(parser)              train.py's options of the run folder: checkpoints, --resume, --overwrite
-    check_args(parser, args)      arguments that make no sense -> parser.error (exit 2) with the reason
+    given_options(parser, argv)   the options typed on the command line (whatever their value)
+    check_args(parser, args, argv)  arguments that make no sense -> parser.error (exit 2) with the reason
     prepare_out(args, world)      -> "new" | "resume" | "finished"; lock, refusals, the resume settings check
     lock(folder), release(folder) an exclusive lock on folder/.lock for the life of the run (also the toy cache)
     interrupted_line(out, argv)   Ctrl-C: where the last checkpoint is and the --resume command
@@ -19,6 +20,7 @@ larger --max-steps) it is refused, as is another --algo even with --allow-change
 """
 from __future__ import annotations
 
+import argparse
 import fcntl
 import json
 import math
@@ -32,7 +34,7 @@ from nanoalign import trainutil as tu
 
 # settings that may change across a resume without changing any step's numbers
 RESUME_FREE = {"out", "resume", "overwrite", "allow_changed", "wandb", "save_every", "keep", "strict", "ref_cache",
-               "grad_checkpointing", "toy_cache", "skip_nonfinite", "non_default"}
+               "grad_checkpointing", "toy_cache", "skip_nonfinite", "non_default", "no_signal_limit"}
 
 # argument -> (test, reason); None (unset) passes every test
 _FINITE = lambda v: math.isfinite(v)
@@ -74,6 +76,7 @@ ARG_RULES = {
     "guard_len_max": (lambda v: v > 0, "must be > 0 (tokens; inf = off)"),
     "guard_entropy": (lambda v: _FINITE(v) and v >= 0, "must be a finite number >= 0 (nats per token)"),
     "guard_kl": (lambda v: v > 0, "must be > 0 (nats; inf = off)"),
+    "no_signal_limit": (lambda v: v >= 0, "must be >= 0 (0 = no check)"),
     "eval_every": (lambda v: v >= 0, "must be >= 0 (0 = only before and after)"),
     "eval_limit": (lambda v: v >= 1, "must be >= 1"),
     "eval_max_new_tokens": (lambda v: v >= 1, "must be >= 1"),
@@ -93,8 +96,8 @@ def add_args(p) -> None:
     g.add_argument("--allow-changed", action="store_true", help="--resume even with settings that differ")
 
 
-# options read only with (or without) another: set away from its default otherwise, an option does nothing.
-# name -> (test of the namespace, why not); checked with --model/--data (the toy's own run picks its evaluation)
+# options read only with (or without) another: given otherwise (at any value), an option does nothing.
+# name -> (test of the namespace, why not); the eval_* ones only with --model/--data (the toy picks its evaluation)
 _LORA = (lambda a: a.lora_rank > 0, "does nothing without --lora-rank")
 _FULL = (lambda a: not a.lora_rank, "does nothing with --lora-rank (LoRA trains only its adapters)")
 _TOY = (lambda a: a.model is None, "does nothing with --model/--data (only the toy-world run reads it)")
@@ -117,10 +120,19 @@ def _given(name: str, v) -> str:
     return f"--{name.replace('_', '-')}" + ("" if v is True else f" {v:g}" if isinstance(v, float) else f" {v}")
 
 
-def check_args(parser, args, only_for: dict | None = None) -> None:
+def given_options(parser, argv) -> set[str]:
+    """The dests of the options typed in argv (None: sys.argv[1:]), whatever their value: an option typed at its
+    default value is still given (a user who typed it expects it to be read). Abbreviations and --x=v forms count."""
+    unset = object()
+    ns = argparse.Namespace(**{a.dest: unset for a in parser._actions if a.dest != argparse.SUPPRESS})
+    parser.parse_args(argv, namespace=ns)  # argparse sets a default only where the namespace lacks the attribute
+    return {k for k, v in vars(ns).items() if v is not unset}
+
+
+def check_args(parser, args, argv=None, only_for: dict | None = None) -> None:
     """parser.error (exit 2, one line) for the first argument that makes no sense: a value (ARG_RULES), a
-    combination, then an option the run would not read: only_for {name: [algorithms that read it]} (train.ONLY_FOR;
-    --eval-task prefs reads --beta too), ONLY_WITH."""
+    combination, then an option given in argv (given_options: typed, at any value) that the run would not read:
+    only_for {name: [algorithms that read it]} (train.ONLY_FOR; --eval-task prefs reads --beta too), ONLY_WITH."""
     for name, (ok, reason) in ARG_RULES.items():
         v = getattr(args, name, None)
         if v is not None and not ok(v):
@@ -143,13 +155,13 @@ def check_args(parser, args, only_for: dict | None = None) -> None:
         parser.error(f"--ppo-minibatches {args.ppo_minibatches}: must divide a rank's rollouts per step, --batch-size "
                      f"x --k x --grad-accum = {args.batch_size} x {args.k} x {args.grad_accum} = "
                      f"{args.batch_size * args.k * args.grad_accum}")
+    given = given_options(parser, argv)
     for name, algos in (only_for or {}).items():
-        v = getattr(args, name)
-        if args.algo not in algos and v != parser.get_default(name) and not (name == "beta" and
-                                                                              args.eval_task == "prefs"):
-            parser.error(f"{_given(name, v)}: used only by --algo {', '.join(algos)}, not by {args.algo}")
-    for name, (ok, why) in ONLY_WITH.items() if args.model is not None else ():
-        if getattr(args, name) != parser.get_default(name) and not ok(args):
+        if name in given and args.algo not in algos and not (name == "beta" and args.eval_task == "prefs"):
+            parser.error(f"{_given(name, getattr(args, name))}: used only by --algo {', '.join(algos)}, not by "
+                         f"{args.algo}")
+    for name, (ok, why) in ONLY_WITH.items():
+        if name in given and not ok(args) and not (args.model is None and name.startswith("eval_")):
             parser.error(f"{_given(name, getattr(args, name))}: {why}")
 
 

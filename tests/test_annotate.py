@@ -69,7 +69,8 @@ def test_oracle_annotator_on_toy_scenes():
 
 
 def test_load_errors_are_one_line(tmp_path):
-    for spec, pat in [("", "empty spec"), ("nope", "expected oracle"), (f"vlm:{tmp_path}/x", "cannot load the judge"),
+    for spec, pat in [("", "empty spec"), ("nope", "expected oracle"), (f"vlm:{tmp_path}", "cannot load the judge"),
+                      (f"vlm:{tmp_path}/x", r"^no such file or folder: .*/x \(--annotator\)$"),
                       (f"rm:{tmp_path}", r"^--annotator rm:")]:
         with pytest.raises(ValueError, match=pat) as e:
             load_annotator(spec)

@@ -122,8 +122,9 @@ def test_eval_keys_in_every_branch_of_the_loop(heldout, tmp_path, algo):
     """RL, online and reward-model steps evaluate on the same steps as the preference step (the loop's branches share
     its end of step); before, an RL run evaluated only at step 0."""
     d = heldout
-    extra = {"grpo": ["--k", 2, "--max-new-tokens", 4, "--reward", "oracle"],
-             "online-dpo": ["--max-new-tokens", 4, "--annotator", "oracle"], "rm": []}[algo]
+    extra = {"grpo": ["--k", 2, "--max-new-tokens", 4, "--reward", "oracle", "--no-signal-limit", 0],  # the oracle
+             "online-dpo": ["--max-new-tokens", 4, "--annotator", "oracle", "--no-signal-limit", 0],  # ties all: no
+             "rm": []}[algo]  # nothing-learned check (the eval keys are the point here)
     if algo != "rm":  # the toy judge's scenes: every row names its scene (none of the tiny world's words are kinds)
         rows = [json.loads(line) for line in open(d / "prefs.jsonl")]
         with open(d / f"prefs_{algo}.jsonl", "w") as f:

@@ -69,9 +69,13 @@ def test_online_dpo_rm_annotator(world, tmp_path, rm_dir):  # noqa: F811
 
 def test_garbage_vlm_annotator_drops_and_skips(world, tmp_path):  # noqa: F811
     """The tiny random checkpoint as a VLM judge answers noise: every verdict unparseable, every pair dropped and
-    counted, no optimizer step (logged), the run still finishes; both orders asked."""
-    recs = run(world, tmp_path, "--algo", "online-dpo", "--annotator", f"vlm:{world / 'ckpt'}",
-               "--annotator-both-orders", "--max-steps", 3, *ONLINE, data="llava.json", fmt="llava")
+    counted, no optimizer step (logged), both orders asked; the run goes through its 3 steps (fewer pairs than
+    --no-signal-limit) and then fails with one line: nothing was learned (tests/faults/test_nothing_learned.py)."""
+    with pytest.raises(SystemExit) as e:
+        run(world, tmp_path, "--algo", "online-dpo", "--annotator", f"vlm:{world / 'ckpt'}",
+            "--annotator-both-orders", "--max-steps", 3, *ONLINE, data="llava.json", fmt="llava")
+    assert e.value.code.startswith("error: online-dpo: no pair kept in any of the run's 3 steps (12 sampled")
+    recs = [r for r in map(json.loads, open(tmp_path / "metrics.jsonl")) if "step" in r]
     assert [r["step"] for r in recs] == [1, 2, 3]
     for r in recs:
         assert r["pairs"] == 0 and r["online_share"] == 0
@@ -176,7 +180,9 @@ def test_data_and_annotator_checks(world, tmp_path):  # noqa: F811
 
 def test_two_ranks_run_online(world, tmp_path):  # noqa: F811
     """online-dpo and mixed-dpo under torchrun (FSDP2, gloo); mixed at alpha 1 gives 1 rank's losses exactly (the
-    offline pairs do not depend on the rank split); online-dpo's 1-rank equality: tests/test_online_ranks.py."""
+    offline pairs do not depend on the rank split); online-dpo with a judge that keeps no pair runs its 3 steps on
+    both ranks and both stop with the nothing-learned line (no hang); online-dpo's 1-rank equality:
+    tests/test_online_ranks.py."""
     one = run(world, tmp_path / "one", "--algo", "dpo", "--max-steps", 3, "--lr", 1e-3)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     common = [os.path.join(REPO, "train.py"), "--model", str(world / "ckpt"), "--data", str(world / "prefs.jsonl"),
@@ -186,6 +192,9 @@ def test_two_ranks_run_online(world, tmp_path):  # noqa: F811
         r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                             *common, *extra, "--out", str(tmp_path / name)], capture_output=True, text=True, env=env,
                            timeout=600)
+        if name == "on":  # the random judge parses no verdict: every rank ends with the nothing-learned line
+            assert r.returncode != 0 and "error: online-dpo: no pair kept in any of the run's 3 steps" in r.stderr
+            continue
         assert r.returncode == 0, r.stderr[-3000:]
     two = [x for x in map(json.loads, open(tmp_path / "mix" / "metrics.jsonl")) if "step" in x]
     for a, b in zip(one, two):
@@ -200,8 +209,9 @@ def test_toy_world_runs_each_online_algo(tmp_path, monkeypatch):
     training scenes annotates, the summary has before / after rows."""
     from test_toy_run import _run
     for algo in ("online-dpo", "mixed-dpo", "online-bdhs"):
-        s = _run(tmp_path, algo, monkeypatch, algo=algo,  # BDHS samples with its own settings
-                 extra=["--max-new-tokens", "8"] if algo != "online-bdhs" else [])
+        s = _run(tmp_path, algo, monkeypatch, algo=algo,  # BDHS samples with its own settings; the untrained tiny
+                 extra=(["--max-new-tokens", "8"] if algo != "online-bdhs" else []) +  # base's pairs all tie:
+                 ["--no-signal-limit", "0"])  # no nothing-learned check in this 2-step smoke run
         assert s["algo"] == algo and "chair_i" in s["after"] and "recall" in s["after"]
         recs = [json.loads(x) for x in open(tmp_path / algo / "metrics.jsonl")]
         assert [r["step"] for r in recs if "loss" in r] == [1, 2]  # (step 0: the toy's eval of the initial policy)

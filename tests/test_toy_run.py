@@ -246,7 +246,7 @@ def test_every_train_option_survives_the_command_line_of_the_alignment_run(monke
               "--grpo-loss", "dapo", "--clip-ratio", "0.3", "--ppo-epochs", "2", "--ppo-minibatches", "3", "--vf-coef", "0.5", "--clip-value",
               "0.5", "--gamma-ppo", "0.99", "--lam", "0.9", "--kl-estimator", "k3", "--no-whiten-rewards",
               "--guard-len-min", "2", "--guard-len-max", "50", "--guard-entropy", "0.1", "--guard-kl", "5",
-              "--stop-on-collapse", "--annotator", "oracle", "--annotator-both-orders",
+              "--stop-on-collapse", "--no-signal-limit", "5", "--annotator", "oracle", "--annotator-both-orders",
               "--alpha", "0.25", "--top-p", "0.9", "--bdhs-embedder", "e", "--revision", "v1",
               "--dtype", "bf16", "--amp", "--eval-data", "e", "--eval-task", "chair", "--eval-every", "4",
               "--eval-limit", "9", "--eval-image-root", "ei", "--eval-annotations", "ea", "--eval-synonyms", "es",

@@ -65,6 +65,14 @@ def train_defaults(algo):
     return out
 
 
+def away_from_defaults(options: dict, parse_args, algo: str) -> dict:
+    """The options whose values differ from train.py's own defaults for --algo with --model/--data. train.py refuses
+    an option the run would not read whenever it is given, at any value (runs.check_args), so the alignment run's
+    command line leaves train.py's defaults out, as a user would."""
+    plain = vars(parse_args(["--algo", algo, "--model", "m", "--data", "d"], check=False))
+    return {k: v for k, v in options.items() if k not in plain or v != plain[k]}
+
+
 def default_run(args, train_main, parse_args, algos, settings=None):
     """The toy pipeline for `args` (train.py's namespace, parsed with train_defaults(args.algo) as defaults) ->
     the summary dict, on every rank. train_main / parse_args: train.py's main and parse_args; algos: train.py's
@@ -134,8 +142,9 @@ def default_run(args, train_main, parse_args, algos, settings=None):
         t = time.time()
         # every option of the command line reaches the alignment run (the toy's defaults or the user's values); the
         # toy owns data, model, output and template
-        aargs = {k: v for k, v in vars(args).items() if k not in _TOY_OWNED}
         train_algo = TOY_ONLY_ALGOS.get(algo, algo)
+        aargs = away_from_defaults({k: v for k, v in vars(args).items() if k not in _TOY_OWNED}, parse_args,
+                                   train_algo)
         if aargs.get("annotator") is None and algos[train_algo].reward == "annotator":  # the toy's judge on the
             aargs["annotator"] = f"oracle:{world['scenes_train']}"  # training scenes (online-dpo / mixed-dpo)
         aargs.update(algo=TOY_ONLY_ALGOS.get(algo, algo), model=base, data=pairs_path, data_format="prefs", out=out,

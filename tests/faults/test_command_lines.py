@@ -10,6 +10,7 @@ import train
 from common import REPO, argv
 
 from nanoalign import bdhs_cli, eval as eval_cli, eval_rm, generate, plot
+from nanoalign.lora import DEFAULT_TARGETS
 from nanoalign.toy import base as toy_base
 
 
@@ -113,13 +114,53 @@ def test_option_that_needs_another(world, tmp_path, capsys, given, line):
     assert rc == 2 and err == f"error: {line} (python train.py --help lists the options)\n", err
 
 
+@pytest.mark.parametrize("given,line", [
+    (["--lora-dropout", "0"], "--lora-dropout 0: does nothing without --lora-rank"),
+    (["--lora-dropout=0.0"], "--lora-dropout 0: does nothing without --lora-rank"),
+    (["--lora-targets", ",".join(DEFAULT_TARGETS)], f"--lora-targets {','.join(DEFAULT_TARGETS)}: does nothing "
+                                                     "without --lora-rank"),
+    (["--lora-rank", "4", "--projector-lr", "1e-5"], "--projector-lr 1e-05: does nothing with --lora-rank (LoRA "
+                                                     "trains only its adapters)"),
+    (["--algo", "dpo", "--temperature", "1.0"], "--temperature 1: used only by --algo online-dpo, mixed-dpo, rloo, "
+                                                "ppo, grpo, not by dpo"),
+    (["--algo", "dpo", "--k", "4"], "--k 4: used only by --algo rloo, ppo, grpo, not by dpo"),
+    (["--algo", "dpo", "--noise-st", "500"], "--noise-step 500: used only by --algo povid, not by dpo"),  # abbreviated
+    (["--algo", "sft", "--beta", "0.1"], "--beta 0.1: used only by --algo dpo, ipo, slic, ddpo, povid, online-dpo, "
+                                         "mixed-dpo, online-bdhs, rloo, ppo, grpo, not by sft"),
+    (["--algo", "grpo", "--reward", "oracle", "--ppo-epochs", "4"], "--ppo-epochs 4: used only by --algo ppo, not "
+                                                                    "by grpo"),
+    (["--algo", "dpo", "--alpha", "0.5"], "--alpha 0.5: used only by --algo mixed-dpo, not by dpo"),
+    (["--eval-every", "0"], "--eval-every 0: does nothing without --eval-task"),
+    (["--algo", "dpo", "--no-signal-limit", "64"], "--no-signal-limit 64: used only by --algo online-dpo, mixed-dpo, "
+                                                   "online-bdhs, rloo, ppo, grpo, not by dpo"),
+])
+def test_option_given_at_its_default_value(world, tmp_path, capsys, given, line):
+    """An option the run would not read, typed at its default value (--lora-dropout 0 without --lora-rank,
+    --temperature 1.0 / --k 4 / --alpha 0.5 with dpo, --beta 0.1 with sft, an abbreviation --noise-st 500) -> refused as
+    at any other value (the options typed are read from the command line, not guessed from their values), exit 2."""
+    rc, err = _exit(capsys, train.parse_args, argv(world, tmp_path, *given))
+    assert rc == 2 and err == f"error: {line} (python train.py --help lists the options)\n", err
+
+
+def test_toy_run_refuses_options_given_at_defaults(monkeypatch, capsys):
+    """The toy world's run (no --model/--data) with an option its algorithm never reads typed at its default value
+    (--gamma 5 with dpo, --lora-dropout 0 without --lora-rank) -> refused at once, before the world is built, exit 2;
+    an --eval-* option is not refused there (the toy sets --eval-task itself)."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    for given, line in ((["--gamma", "5"], "--gamma 5: used only by --algo ddpo, not by dpo"),
+                        (["--lora-dropout", "0"], "--lora-dropout 0: does nothing without --lora-rank")):
+        rc, err = _exit(capsys, train.parse_args, ["--algo", "dpo", *given])
+        assert rc == 2 and err == f"error: {line} (python train.py --help lists the options)\n", err
+    assert train.parse_args(["--algo", "dpo", "--eval-every", "3"]).eval_every == 3
+
+
 @pytest.mark.parametrize("algo,extra", [
     ("ppo", ["--reward", "oracle", "--ppo-epochs", "8", "--kl-estimator", "k3", "--temperature", "0.5"]),
     ("mixed-dpo", ["--alpha", "0.3", "--annotator", "oracle", "--top-p", "0.9"]),
     ("grpo", ["--reward", "oracle", "--grpo-loss", "dapo", "--clip-ratio", "0.3"]),
     ("ddpo", ["--gamma", "3", "--ddpo-average", "--sft-weight", "1"]),
     ("sft", ["--eval-task", "prefs", "--eval-data", "e.jsonl", "--beta", "0.2"]),  # prefs evaluation reads beta
-    ("dpo", ["--temperature", "1.0", "--k", "4"]),  # at their defaults: not set
+    ("dpo", ["--lr", "1e-5", "--batch-size", "4"]),  # read by every algorithm: accepted at their defaults too
 ])
 def test_option_the_algorithm_reads(world, tmp_path, algo, extra):
     """Options the chosen --algo reads, or others left at their defaults -> accepted."""
@@ -132,8 +173,8 @@ def test_toy_defaults_never_trip_the_check(monkeypatch, algo):
     that default_run builds from them) -> parses without an unused-option error."""
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     a = train.parse_args(["--algo", algo])
-    from nanoalign.toy.run import _TOY_OWNED
-    aargs = {k: v for k, v in vars(a).items() if k not in _TOY_OWNED}
+    from nanoalign.toy.run import _TOY_OWNED, away_from_defaults
+    aargs = away_from_defaults({k: v for k, v in vars(a).items() if k not in _TOY_OWNED}, train.parse_args, algo)
     if train.ALGOS[algo].reward == "annotator":  # as default_run does
         aargs["annotator"] = "oracle:scenes.jsonl"
     aargs.update(algo=algo, model="m", data="d", out="o", warmup_steps=1)
@@ -161,6 +202,38 @@ def test_missing_annotator_folder_from_the_command_line(world, tmp_path):
     "not a reward model")."""
     r = _run("train.py", *argv(world, tmp_path / "out", "--algo", "online-dpo", "--annotator", "rm:/nonexistent"))
     assert r.returncode == 2 and r.stderr == "error: no such file or folder: /nonexistent (--annotator)\n", r.stderr
+
+
+@pytest.mark.parametrize("spec,option", [("rm:{m}", "--annotator"), ("vlm:{m}", "--annotator"),
+                                         ("oracle:{m}", "--annotator"), ("rm:{m}", "--reward"),
+                                         ("oracle:{m}", "--reward"), ("{m}/rules.py:score", "--reward")])
+def test_missing_spec_path_in_the_loaders(tmp_path, spec, option):
+    """nanoalign.annotate.load_annotator / nanoalign.reward.load_reward (train.py's loaders, also called by other
+    code) given a spec whose path does not exist (rm:P, vlm:P, oracle:P, FILE.py:fn) -> `no such file or folder: P
+    (--annotator / --reward)`, not "not a reward model" or an import error."""
+    from nanoalign.annotate import load_annotator
+    from nanoalign.reward import load_reward
+    m = str(tmp_path / "nope")
+    spec = spec.format(m=m)
+    path = spec.split(":", 1)[1] if not spec.endswith(":score") else spec[:-len(":score")]
+    with pytest.raises(ValueError) as e:
+        (load_annotator if option == "--annotator" else load_reward)(spec)
+    assert str(e.value) == f"no such file or folder: {path} ({option})"
+
+
+@pytest.mark.parametrize("flag,spec", [("--annotator", "rm:/nonexistent"), ("--reward", "rm:/nonexistent"),
+                                       ("--eval-data", "/nonexistent.jsonl")])
+def test_missing_path_on_the_toy_run(tmp_path, flag, spec):
+    """The toy world's run (no --model/--data) with a path that does not exist (--annotator rm:P, --reward rm:P,
+    --eval-data P) -> `error: no such file or folder: P (--option)`, exit 2, before the toy world is built (it was
+    checked only after a cold build of ~12 minutes)."""
+    algo = {"--annotator": "online-dpo", "--reward": "grpo", "--eval-data": "dpo"}[flag]
+    extra = ["--eval-task", "pope"] if flag == "--eval-data" else []
+    r = _run("train.py", "--algo", algo, flag, spec, *extra, "--toy-cache", tmp_path / "cache", "--out",
+             tmp_path / "out")
+    path = spec.removeprefix("rm:")
+    assert r.returncode == 2 and r.stderr == f"error: no such file or folder: {path} ({flag})\n", r.stderr
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("tool,flag", [("eval", "--model"), ("eval", "--data"), ("eval", "--image-root"),

@@ -100,19 +100,24 @@ def test_resume_of_a_run_saved_before_an_option_existed(world, tmp_path):
     assert (tmp_path / "final").is_dir()
 
 
-def test_resume_allow_changed_lr_uses_the_new_rate(world, tmp_path):
-    """--resume --allow-changed with another --lr -> the steps after the checkpoint run on the new rate's schedule
-    (the fresh run's rate at the same step), not the saved rate (the restored scheduler carried the old one)."""
+@pytest.mark.parametrize("new_lr", [1e-4, 1e-5])  # 1e-5: train.py's default, typed on the command line
+def test_resume_allow_changed_lr_uses_the_new_rate(world, tmp_path, new_lr):
+    """--resume --allow-changed with another --lr, also when the new one is train.py's default typed explicitly
+    (--lr 1e-5 after a run at 1e-3) -> without --allow-changed refused naming `--lr: 0.001 -> 1e-05`; with it the
+    steps after the checkpoint run on the new rate's schedule (the fresh run's rate at the same step), not the saved
+    rate (the restored scheduler carried the old one)."""
     import shutil
     base = ["--algo", "dpo", "--max-steps", 4, "--save-every", 1]
     main(world, tmp_path / "a", *base, "--lr", 1e-3)
     shutil.rmtree(tmp_path / "a" / "final")
     shutil.rmtree(tmp_path / "a" / "step-000003")
-    main(world, tmp_path / "a", *base, "--lr", 1e-4, "--resume", "--allow-changed")
-    main(world, tmp_path / "b", *base, "--lr", 1e-4)
+    with pytest.raises(ValueError, match=f"--lr: 0.001 -> {new_lr}"):
+        main(world, tmp_path / "a", *base, "--lr", new_lr, "--resume")
+    main(world, tmp_path / "a", *base, "--lr", new_lr, "--resume", "--allow-changed")
+    main(world, tmp_path / "b", *base, "--lr", new_lr)
     lr = lambda d: {r["step"]: r["lr"] for r in steps(d)}  # noqa: E731
     assert lr(tmp_path / "a")[3] == lr(tmp_path / "b")[3] and lr(tmp_path / "a")[4] == lr(tmp_path / "b")[4]
-    assert lr(tmp_path / "a")[2] == pytest.approx(10 * lr(tmp_path / "b")[2])  # before the resume: the old rate
+    assert lr(tmp_path / "a")[2] == pytest.approx(1e-3 / new_lr * lr(tmp_path / "b")[2])  # before: the old rate
 
 
 def test_resume_refuses_another_algo_and_extending_a_finished_run(world, tmp_path):
