@@ -46,6 +46,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from nanoalign.batch import Unusable, collate, encode_example
+from nanoalign.forward import forward
 
 HEAD_FILE = "reward_head.safetensors"
 HEAD_FORMAT = "nanoalign.reward_head"
@@ -83,10 +84,7 @@ def last_response_index(labels: torch.Tensor) -> torch.Tensor:
 def sequence_rewards(model, head: nn.Module, batch: dict, device, rows=slice(None)) -> torch.Tensor:
     """r = head(h at the last response token) for the rows `rows` (a slice) of a `nanoalign.batch.collate` batch.
     model: LlavaModel (hidden states (R, T, H)); head: Linear(H, 1). Returns (R,) float32 with grad when enabled."""
-    to = lambda x: None if x is None else x.to(device)
-    h = model(batch["input_ids"][rows].to(device), to(batch["pixel_values"]), to(batch["image_sizes"]),
-              batch["attention_mask"][rows].to(device),
-              image_index=None if batch["image_index"] is None else to(batch["image_index"][rows]))  # (R, T, H)
+    h = forward(model, batch, device, rows)  # (R, T, H): rows cut by select_rows, a shared prompt run once
     pos = last_response_index(batch["labels"][rows]).to(device)  # (R,)
     h_last = h[torch.arange(h.shape[0], device=device), pos]  # (R, H)
     return head(h_last.to(head.weight.dtype)).squeeze(-1).float()
