@@ -240,7 +240,8 @@ def check_paths(args) -> None:
     """ValueError `no such file or folder: P (--option)` for the first path option (or --reward / --annotator spec's
     path) that does not exist: before any model loads, and before the toy world is built for a toy run."""
     bad = missing_path([(f"--{k.replace('_', '-')}", getattr(args, k)) for k in PATHS] + [
-        ("--reward", spec_path(args.reward)), ("--annotator", spec_path(args.annotator))], hub_ok=("--model",))
+        ("--reward", spec_path(args.reward)),
+        ("--annotator", spec_path(args.annotator, "--annotator"))], hub_ok=("--model",))
     if bad:
         raise ValueError(bad)
 

@@ -166,7 +166,7 @@ def load_annotator(spec: str, policy_tokenizer=None, device="cpu", both_orders: 
     from nanoalign.cli import missing_path, spec_path
     if not isinstance(spec, str) or not spec:
         raise ValueError("--annotator: empty spec (expected oracle[:SCENES], rm:PATH or vlm:PATH)")
-    bad = missing_path([("--annotator", spec_path(spec))])
+    bad = missing_path([("--annotator", spec_path(spec, "--annotator"))])
     if bad:
         raise ValueError(bad)
     if spec == "oracle" or spec.startswith("oracle:") or spec.startswith("rm:"):

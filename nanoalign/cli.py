@@ -32,14 +32,20 @@ class DefaultsHelp(argparse.RawTextHelpFormatter):
         return f"{h} (default: %(default)s)" if h else "(default: %(default)s)"
 
 
-def spec_path(spec: str | None) -> str | None:
+def spec_path(spec: str | None, option: str = "--reward") -> str | None:
     """The file or folder a --reward / --annotator spec reads: rm:PATH, vlm:PATH, oracle:SCENES -> that path; a bare
-    `oracle`, module:function or None -> None (a module is found by import), FILE.py:function -> FILE.py."""
+    `oracle`, module:function or None -> None (a module is found by import), FILE.py:function -> FILE.py.
+    ValueError `OPTION SPEC names no path (expected PREFIX:PATH)` for a prefix with nothing after it (`rm:` was read
+    as no path: nothing checked it before the model loaded, a toy run built its world first; option: the
+    command-line option, for the line)."""
     if not spec:
         return None
     for prefix in ("rm:", "vlm:", "oracle:"):
         if spec.startswith(prefix):
-            return spec[len(prefix):] or None
+            if not spec[len(prefix):]:
+                hint = "oracle or oracle:SCENES.jsonl" if prefix == "oracle:" else f"{prefix}PATH"
+                raise ValueError(f"{option} {spec} names no path (expected {hint})")
+            return spec[len(prefix):]
     module = spec.rpartition(":")[0]
     return module if module.endswith(".py") else None
 

@@ -247,7 +247,7 @@ def load_reward(spec: str, policy_tokenizer=None, device="cpu", max_len: int = 4
     from nanoalign.cli import missing_path, spec_path
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"{option}: empty spec (expected rm:PATH, oracle[:SCENES] or module:function)")
-    bad = missing_path([(option, spec_path(spec))])
+    bad = missing_path([(option, spec_path(spec, option))])
     if bad:
         raise ValueError(bad)
     if spec.startswith("rm:"):
