@@ -13,14 +13,13 @@ Ties: ours drops the pair (counted), TRL keeps it with the first sample chosen; 
 Each repetition runs ours then TRL (interleaved, fresh processes); times, CPU seconds and memory are measured as in
 bench_rl.py (first step of each run dropped; medians; peak RSS at the last step and over the whole run). TRL is never
 imported here (its venv runs bench/trl_online_peer.py)."""
-import argparse
 import statistics
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_rl import (add, add_world_args, floor_mb, header, make_world, run_ours, run_peer,  # noqa: E402
+from bench_rl import (Parser, add, add_world_args, floor_mb, header, make_world, run_ours, run_peer,  # noqa: E402
                       use_world_args, write)
 
 JUDGE = ("from nanoalign import annotate; import torch; "
@@ -47,7 +46,7 @@ def trl(d: Path, a, tag):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = Parser(prog="python bench/bench_online.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--peer-python", required=True, help="python of a venv with trl installed")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--steps", type=int, default=6)
@@ -57,7 +56,7 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="OUT.md / OUT.json (default bench/results/online, online_llava with "
                                                "--config llava)")
     a = p.parse_args(argv)
-    use_world_args(a, "online")
+    use_world_args(p, a, "online")
     res = {(side, "online-dpo"): {"t": [], "cpu": [], "mem": [], "mem_all": [], "anon": [], "len": []}
            for side in ("ours", "trl")}
     kept = []

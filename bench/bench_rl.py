@@ -20,7 +20,6 @@ less than wall time; it covers the whole loop on both sides: data, rollout, upda
 peak RSS (ru_maxrss) at the end of the last step (ours: the metrics line's peak_mem_mb; TRL: read in on_step_end),
 model load included, and the whole process's peak (ours then includes the end-of-run plot, matplotlib). TRL is never
 imported here (its own venv runs bench/trl_rl_peer.py)."""
-import argparse
 import json
 import os
 import statistics
@@ -30,6 +29,9 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from nanoalign.cli import Parser  # noqa: E402  (one-line argument errors, exit 2)
+
 REWARD = "def length(images, prompts, responses):\n    return [float(len(r.split())) for r in responses]\n"
 # ours in a fresh process: the process CPU time at each metrics line (one per step) is recorded beside train.py's
 # own wall time_s, then the whole run's peak RSS
@@ -182,7 +184,7 @@ def header(cmd: str, peer_python: str) -> list[str]:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = Parser(prog="python bench/bench_rl.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--peer-python", required=True, help="python of a venv with trl installed")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--steps", type=int, default=3)
@@ -194,7 +196,9 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="OUT.md / OUT.json (default bench/results/rl, rl_llava with "
                                                "--config llava)")
     a = p.parse_args(argv)
-    use_world_args(a, "rl")
+    if a.k < 2:
+        p.error(f"--k {a.k}: must be >= 2 (grpo and rloo compare each sample with the others of its prompt)")
+    use_world_args(p, a, "rl")
     res = {(side, algo): {"t": [], "cpu": [], "mem": [], "mem_all": [], "anon": [], "len": []}
            for side in ("ours", "trl")
            for algo in a.algos}
@@ -220,9 +224,16 @@ def add_world_args(p):
                         "2-thread process waits at barriers for a descheduled sibling)")
 
 
-def use_world_args(a, name: str):
-    if a.threads < 0:
-        raise SystemExit("error: --threads must be >= 0")
+def use_world_args(p, a, name: str):
+    """Checks the arguments both benchmarks share (p.error: one line, exit 2, before the world is built), then sets
+    the threads, the output path and the flags shown in the table's command."""
+    for flag, v, least, why in (("--reps", a.reps, 1, ""), ("--steps", a.steps, 2, " (the first step is dropped)"),
+                                ("--max-new", a.max_new, 1, ""), ("--prompts", a.prompts, 1, ""),
+                                ("--threads", a.threads, 0, " (0: inherited)")):
+        if v < least:
+            p.error(f"{flag} {v}: must be >= {least}{why}")
+    if not os.path.isfile(a.peer_python):
+        p.error(f"no such file or folder: {a.peer_python} (--peer-python)")
     if a.threads:
         THREADS.update(OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
     a.out = a.out or str(REPO / "bench" / "results" / (name if a.config == "tiny" else f"{name}_{a.config}"))

@@ -127,7 +127,8 @@ def spawn(world: Path, case: str, share: bool, threads: int) -> dict:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from nanoalign.cli import Parser  # one-line argument errors, exit 2
+    p = Parser(prog="python bench/bench_shared_prompts.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--cases", default="dpo,rl")
@@ -139,7 +140,12 @@ def main(argv=None):
         w, case, share, threads = json.loads(a.child)
         return child(Path(w), case, share, threads)
     if a.reps < 1:
-        raise SystemExit("error: --reps must be >= 1")
+        p.error(f"--reps {a.reps}: must be >= 1")
+    if a.threads < 1:
+        p.error(f"--threads {a.threads}: must be >= 1")
+    unknown = [c for c in a.cases.split(",") if c not in ("dpo", "rl")]
+    if unknown:
+        p.error(f"--cases {a.cases}: unknown case {unknown[0]!r} (choose from dpo, rl, comma-separated)")
     torch.set_num_threads(a.threads)
     from nanoalign import forward as fwd
     rows, lines = [], []

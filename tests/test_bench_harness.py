@@ -42,3 +42,43 @@ def test_online_bench_ours_side_runs(world):
     assert len(t) == 1 and len(cpu) == 1 and t[0] > 0 and cpu[0] > 0
     assert mem > 0 and anon > 0 and mean_len == ARGS.max_new
     assert len(kept) == 2 and all(0 <= k <= ARGS.prompts for k in kept)
+
+
+PEER = sys.executable  # an existing file: --peer-python is only checked to exist before the world is built
+
+
+@pytest.mark.parametrize("bench,args,line", [
+    ("bench_rl", ["--reps", "0"], "--reps 0: must be >= 1"),
+    ("bench_rl", ["--steps", "1"], "--steps 1: must be >= 2 (the first step is dropped)"),
+    ("bench_rl", ["--k", "1"], "--k 1: must be >= 2 (grpo and rloo compare each sample with the others of its "
+     "prompt)"),
+    ("bench_rl", ["--threads", "-1"], "--threads -1: must be >= 0 (0: inherited)"),
+    ("bench_rl", ["--max-new", "0"], "--max-new 0: must be >= 1"),
+    ("bench_rl", ["--config", "nope"], "argument --config: invalid choice: 'nope' (choose from 'tiny', 'llava')"),
+    ("bench_online", ["--prompts=-2"], "--prompts -2: must be >= 1"),
+    ("bench_online", ["--reps", "3", "--reps", "0"], "--reps 0: must be >= 1"),
+    ("bench_online", ["--threads", "x"], "argument --threads: invalid int value: 'x'"),
+    ("bench_shared_prompts", ["--threads", "0"], "--threads 0: must be >= 1"),
+    ("bench_shared_prompts", ["--reps", "0"], "--reps 0: must be >= 1"),
+    ("bench_shared_prompts", ["--cases", "dpo,ppo"], "--cases dpo,ppo: unknown case 'ppo' (choose from dpo, rl, "
+     "comma-separated)"),
+])
+def test_bad_bench_argument_is_one_line(capsys, bench, args, line):
+    """A bad argument of a benchmark: one line naming it, exit 2, before any world or model is built (a traceback
+    from torch.set_num_threads, exit 1 from a bare SystemExit, or argparse's usage block before)."""
+    import importlib
+    mod = importlib.import_module(bench)
+    peer = ["--peer-python", PEER] if bench != "bench_shared_prompts" else []
+    with pytest.raises(SystemExit) as e:
+        mod.main(peer + args)
+    assert e.value.code == 2
+    assert capsys.readouterr().err == f"error: {line} (python bench/{bench}.py --help lists the options)\n"
+
+
+def test_missing_peer_python_is_one_line(capsys, tmp_path):
+    import bench_online
+    with pytest.raises(SystemExit) as e:
+        bench_online.main(["--peer-python", str(tmp_path / "nope")])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == (f"error: no such file or folder: {tmp_path / 'nope'} (--peer-python) (python "
+                                       "bench/bench_online.py --help lists the options)\n")
