@@ -106,3 +106,25 @@ def test_gradient_checkpointing_takes_the_packed_path(world):
         _check_same(model, b)
     finally:
         model.gradient_checkpointing = False
+
+
+def test_rows_share_only_the_same_image_and_prompt(world):
+    """Rows share a prompt only when both its tokens and its image are the same: k = 2 samples each of (image A,
+    text P), (image B, text P), (image A, text Q), (no image, text P), (no image, text P + earlier turn) are 5 prompts
+    (the rule: one per distinct (image, prompt tokens)); the forward is the plain one's."""
+    model, processor, exs, enc, d = world
+    a, b_img = open_image(exs[0], str(d / "img")), open_image(exs[1], str(d / "img"))
+    base = replace(enc[0], rejected_ids=None, rejected_w=None, chosen_w=None, chosen_labelled=None)
+    other = replace(base, prompt_ids=base.prompt_ids[:-3] + [9, 10] + base.prompt_ids[-3:])  # text Q
+    text_only = replace(enc[2], rejected_ids=None, rejected_w=None, chosen_w=None, chosen_labelled=None)
+    history = replace(text_only, prompt_ids=[text_only.prompt_ids[0], 11, 12] + text_only.prompt_ids[1:])
+    items, images = [], []
+    for it, im in ((base, a), (base, b_img), (other, a), (text_only, None), (history, None)):
+        for resp in ([5, 6, 2], [7, 2]):
+            items.append(replace(it, chosen_ids=resp))
+            images.append(im)
+    bt = collate(items, ["chosen"], processor, images)
+    p = fwd.pack(bt, model.config.image_token_index)
+    assert p is not None and p.kv[0].shape[0] == 5
+    assert p.kv[4].tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]  # each row's prompt
+    _check_same(model, bt)
