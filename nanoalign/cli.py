@@ -32,29 +32,21 @@ class DefaultsHelp(argparse.RawTextHelpFormatter):
         return f"{h} (default: %(default)s)" if h else "(default: %(default)s)"
 
 
-EXPECTED = {"--reward": "expected rm:PATH, oracle[:SCENES] or module:function",
-            "--annotator": "expected oracle[:SCENES.jsonl], rm:PATH or vlm:PATH"}
-
-
 def spec_path(spec: str | None, option: str = "--reward") -> str | None:
-    """The file or folder a --reward / --annotator spec reads: rm:PATH, vlm:PATH (--annotator), oracle:SCENES -> that
-    path; a bare `oracle`, module:function (--reward) or None -> None (a module is found by import), FILE.py:function
-    -> FILE.py. ValueError, one line naming `option` (the command-line option the spec came from), for a spec that
-    is wrong by its text alone: no such form for the option (`rm`, `vlm:P` for --reward, `m:` or `:f`), or a prefix
-    with nothing after it (`rm:` was read as no path): checked with the paths, before a model loads or a toy run
-    builds its world (minutes), not at the load."""
+    """The file or folder a --reward / --annotator spec reads: rm:PATH, vlm:PATH, oracle:SCENES -> that path; a bare
+    `oracle`, module:function or None -> None (a module is found by import), FILE.py:function -> FILE.py.
+    ValueError `OPTION SPEC names no path (expected PREFIX:PATH)` for a prefix with nothing after it (`rm:` was read
+    as no path: nothing checked it before the model loaded, a toy run built its world first; option: the
+    command-line option, for the line)."""
     if not spec:
         return None
-    prefixes = ("rm:", "vlm:", "oracle:") if option == "--annotator" else ("rm:", "oracle:")
-    for prefix in prefixes:
+    for prefix in ("rm:", "vlm:", "oracle:"):
         if spec.startswith(prefix):
             if not spec[len(prefix):]:
                 hint = "oracle or oracle:SCENES.jsonl" if prefix == "oracle:" else f"{prefix}PATH"
                 raise ValueError(f"{option} {spec} names no path (expected {hint})")
             return spec[len(prefix):]
-    module, sep, name = spec.rpartition(":")
-    if spec != "oracle" and (option == "--annotator" or spec.startswith("vlm:") or not (sep and module and name)):
-        raise ValueError(f"{option} {spec!r}: {EXPECTED.get(option, EXPECTED['--reward'])}")
+    module = spec.rpartition(":")[0]
     return module if module.endswith(".py") else None
 
 
