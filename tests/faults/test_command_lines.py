@@ -224,8 +224,8 @@ def test_missing_spec_path_in_the_loaders(tmp_path, spec, option):
 @pytest.mark.parametrize("spec,option", [("rm:", "--annotator"), ("vlm:", "--annotator"), ("oracle:", "--annotator"),
                                          ("rm:", "--reward"), ("oracle:", "--reward")])
 def test_spec_without_its_path_in_the_loaders(spec, option):
-    """A spec whose prefix has nothing after it (`rm:`, `vlm:`, `oracle:`) names no path: one line naming the option
-    and what it expects, not a load of the current folder."""
+    """A --reward / --annotator spec whose prefix has nothing after it (`rm:`, `vlm:`, `oracle:`) -> the loaders
+    raise one line naming the option and the form it expects (`rm:PATH`), not a load of the current folder."""
     from nanoalign.annotate import load_annotator
     from nanoalign.reward import load_reward
     hint = "oracle or oracle:SCENES.jsonl" if spec == "oracle:" else f"{spec}PATH"
@@ -236,8 +236,8 @@ def test_spec_without_its_path_in_the_loaders(spec, option):
 
 @pytest.mark.parametrize("flag,spec,algo", [("--reward", "rm:", "grpo"), ("--annotator", "vlm:", "online-dpo")])
 def test_spec_without_its_path_on_the_toy_run(tmp_path, flag, spec, algo):
-    """`train.py --algo grpo --reward rm:` (the toy run): one line, exit 2, before the toy world is built (it built
-    the world for minutes, then failed at the load)."""
+    """`train.py --algo grpo --reward rm:` (the toy run) -> one line, exit 2, before the toy world is built (it
+    built the world for minutes, then failed at the load)."""
     r = _run("train.py", "--algo", algo, flag, spec, "--toy-cache", tmp_path / "cache", "--out", tmp_path / "out")
     assert r.returncode == 2 and r.stderr == f"error: {flag} {spec} names no path (expected {spec}PATH)\n", r.stderr
     assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
