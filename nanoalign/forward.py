@@ -117,7 +117,6 @@ class SharedPrompts:
         # (R,1,Lr,Lp+Lr): the prompt's real keys, then the response's own up to the query (itself at least)
         own = causal_r[None] & (r_keep[:, None, :] | torch.eye(Lr, dtype=torch.bool, device=p_idx.device)[None])
         self.mask_r = torch.cat([p_keep[group][:, None, :].expand(-1, Lr, -1), own], dim=2)[:, None]
-        self.p_out, self.r_out = p_idx[p_keep], r_idx[r_keep]  # (n_p,), (n_r,) packed positions written
 
     def attend(self, q, k, v, mask):
         """q (1,nh,Ttot,D), k/v (1,nkv,Ttot,D) (RoPE applied) -> (1,Ttot,nh*D)."""
@@ -127,9 +126,8 @@ class SharedPrompts:
         kr = torch.cat([kp[self.group], take(k, self.r_idx)], dim=2)  # (R,nkv,Lp+Lr,D)
         vr = torch.cat([vp[self.group], take(v, self.r_idx)], dim=2)
         out_r = attention(take(q, self.r_idx), kr, vr, self.mask_r)  # (R,Lr,nh*D)
-        out = out_p.new_zeros(q.shape[2], out_p.shape[-1])
-        out = out.index_put((self.p_out,), out_p[self.p_keep]).index_put((self.r_out,), out_r[self.r_keep])
-        return out[None]
+        # the real tokens in row-major order are the packed order itself (prompts, then responses)
+        return torch.cat([out_p[self.p_keep], out_r[self.r_keep]])[None]
 
 
 @torch.no_grad()
