@@ -97,6 +97,11 @@ def test_online_dpo_two_ranks_equal_one_rank(world, tmp_path, rm_dir):  # noqa: 
         assert a["pairs"] > 0
         for k in ("chosen_len", "rejected_len"):
             assert a[k] == b[k], k
-        for k in ("loss", "reward_chosen", "reward_rejected", "accuracy", "grad_norm"):
+        for k in ("loss", "accuracy", "grad_norm"):
             assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-7), k
+        # the implicit rewards beta * (policy - reference log-prob sum) are differences of sums of about -30 nats whose
+        # fp32 rounding (~1e-6 relative, more with the shared-prompt packing, which packs 2 pairs on 1 rank and 1 on
+        # each of 2) is ~3e-6 absolute before beta: bound them by that scale, not by their own (4e-3)
+        for k in ("reward_chosen", "reward_rejected"):
+            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), k
     json.dump({"one": one, "two": two}, open(tmp_path / "both.json", "w"))
