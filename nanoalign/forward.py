@@ -51,11 +51,13 @@ def pack(b: dict, image_token: int) -> Packed | None:
     """The packed layout of a right-padded batch whose rows share prompts, or None when sharing saves less than
     SHARE_MIN_SAVING of the tokens. A row's prompt is its tokens up to and including the one that predicts its first
     labelled token (the whole row when nothing is labelled); rows with the same prompt tokens and the same image
-    share it. A batch with an image token past a prompt (not what collate makes) is not packed."""
+    share it. A batch with an image token past a prompt, or not right padded (not what collate makes), is not packed."""
     ids, am, labels, ri = b["input_ids"], b["attention_mask"], b["labels"], b.get("row_image")
     if ri is None or ids.shape[0] < 2:
         return None
     R, T = ids.shape
+    if not bool((am.bool() == (torch.arange(T) < am.sum(1, keepdim=True))).all()):
+        return None  # not collate's right-padded layout (e.g. left padding): the plain forward reads the mask
     L = am.sum(1).tolist()  # (R,) real tokens (right padded)
     lab = labels != -100
     n = (torch.where(lab.any(1), lab.float().argmax(1), am.sum(1) - 1) + 1).tolist()  # (R,) prompt lengths

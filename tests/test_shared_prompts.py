@@ -89,6 +89,24 @@ def test_rl_samples_share_their_prompt(world):
     _check_same(model, b)
 
 
+def test_left_padded_batch_is_not_packed(world):
+    """pack reads collate's right-padded layout; a batch padded on the left (as the engine's prompt batches are) takes
+    the plain forward, which reads the mask."""
+    model, processor, exs, enc, d = world
+    items = enc[:3]
+    b = collate(items, ["chosen", "rejected"], processor, [open_image(exs[it.index], str(d / "img")) for it in items])
+    assert fwd.pack(b, model.config.image_token_index) is not None
+    left = dict(b)
+    for k, pad in (("input_ids", processor.pad_id), ("attention_mask", 0), ("labels", -100)):
+        shift = b[k].clone()
+        for r in range(shift.shape[0]):  # move each row's real tokens to the right end
+            n = int(b["attention_mask"][r].sum())
+            shift[r] = pad
+            shift[r, shift.shape[1] - n:] = b[k][r, :n]
+        left[k] = shift
+    assert fwd.pack(left, model.config.image_token_index) is None
+
+
 def test_distinct_prompts_are_not_packed(world):
     model, processor, exs, enc, d = world
     items = enc[:4]
