@@ -141,6 +141,7 @@ def _fsdp_worker(rank, world, store, ckpt_dir, inputs_path, out_path):
         if rank == 0:
             with open(out_path, "w") as f:
                 json.dump(res, f)
+        dist.barrier()  # gloo: a rank that tears down while its peer still reads the last collective aborts the peer
     finally:
         dist.destroy_process_group()
 

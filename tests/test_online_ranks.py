@@ -34,6 +34,7 @@ def _worker(rank, init, case, out):
     got = torch.stack([loss.detach(), metrics["accuracy"]])
     dist.all_reduce(got)
     torch.save({"loss": float(got[0]) / 2, "accuracy": float(got[1]) / 2, "grad": float(g) / 2}, f"{out}.{rank}")
+    dist.barrier()  # gloo: a rank that tears down while its peer still reads the last collective aborts the peer
     dist.destroy_process_group()
 
 

@@ -128,6 +128,7 @@ def _pairs_on_two_ranks(rank, port, args, out):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         pairs.build_pairs(*args, out_path=out, **PAIR_KW)
+        dist.barrier()  # gloo: a rank that tears down while its peer still reads the last all_gather aborts the peer
     finally:
         dist.destroy_process_group()
 
