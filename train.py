@@ -601,9 +601,11 @@ def main(args):
     # a run that learned nothing fails (exit 2, no final/): no step updated the model (each skipped: no online pair,
     # --skip-nonfinite), or no RL prompt had a reward signal. --no-signal-limit 0: online and RL runs not checked
     checked = args.no_signal_limit or not (online or algo.responses == "k_samples")
-    stop = None if not checked else \
-        rollout.nothing_kept(seen, 0, max_steps, args.algo, args.annotator, end=True) if online else \
-        rlstep.no_signal(seen, 0, max_steps, args.algo, args.reward, end=True) if algo.responses == "k_samples" else None
+    stop = None
+    if checked and online:
+        stop = rollout.nothing_kept(seen, 0, max_steps, args.algo, args.annotator, end=True)
+    elif checked and algo.responses == "k_samples":
+        stop = rlstep.no_signal(seen, 0, max_steps, args.algo, args.reward, end=True)
     if checked and not stop and seen["steps"] and not seen["applied"]:
         stop = (f"error: {args.algo}: none of the run's {seen['steps']} steps updated the model (each was skipped, "
                 "see the lines above): nothing was learned, final/ is not saved")

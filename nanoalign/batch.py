@@ -319,10 +319,11 @@ def collate(items: list[Encoded], which: list[str], processor, images: list[Imag
     chosen sequences are rows [0, P) and the rejected ones rows [P, 2P). images[i] is item i's image or None
     (text-only); a batch may mix both.
     Returns input_ids (R,T), attention_mask (R,T), labels (R,T) (-100 off-response and on the later questions of a
-    conversation), token_weights (R,T) float, pixel_values / image_sizes of the distinct images present (each
-    processed once, an image object shared by several items once; None when no item has one) and image_index (n_rows_with_image,): the image of each `<image>` occurrence
-    in row order, for the model's forward (the vision tower runs once per image, not once per row), and row_image
-    (R,): each row's image among those present, -1 for a text-only row (select_rows uses it).
+    conversation), token_weights (R,T) float, pixel_values / image_sizes of the distinct images present (each processed
+    once, an image object shared by several items once; None when no item has one) and image_index
+    (n_rows_with_image,): the image of each `<image>` occurrence in row order, for the model's forward (the vision
+    tower runs once per image, not once per row), and row_image (R,): each row's image among those present, -1 for a
+    text-only row (select_rows uses it).
     vision_always: a batch without any image still carries one blank crop_size x crop_size image that no row uses
     (image_index empty): under FSDP every rank must run the vision tower every step, since its parameters are
     gathered and its gradients reduced collectively (the model then adds 0 x its features).

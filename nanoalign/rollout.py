@@ -230,8 +230,9 @@ def nothing_kept(seen: Counter, limit: int, step: int, algo: str, annotator: str
     """The one line (for trainutil.Stop, exit 2) of an online run that has nothing to train on, else None.
     seen: STAT_KEYS summed over this run's steps so far (since it started or resumed) and over ranks, plus "steps"
     and "applied" (steps whose optimizer step ran). During the run (end False): the first `limit` pairs sampled
-    (online kept + dropped) were all dropped (--no-signal-limit; 0 = no check, also not at the end), so Online-DPO trains on nothing and
-    Mixed-DPO only on its offline pairs. At the end (end True): no optimizer step ran in the whole run."""
+    (online kept + dropped) were all dropped (--no-signal-limit; 0 = no check, also not at the end), so Online-DPO
+    trains on nothing and Mixed-DPO only on its offline pairs. At the end (end True): no optimizer step ran in the
+    whole run."""
     sampled = seen["online"] + sum(seen["dropped_" + r] for r in DROP_REASONS)
     if seen["online"] or not sampled or (not end and (not limit or sampled < limit)) or (end and seen["applied"]):
         return None
@@ -241,8 +242,8 @@ def nothing_kept(seen: Counter, limit: int, step: int, algo: str, annotator: str
         return (f"error: {algo}: no pair kept in any of the run's {seen['steps']} steps ({sampled} sampled, all "
                 f"dropped: {why}); {judge}left nothing to train on, so no step was taken and final/ is not saved")
     return (f"error: step {step}: {algo} kept none of the first {sampled} pairs sampled (steps 1-{seen['steps']} of "
-            f"this run, all ranks; dropped: {why}); {judge}leaves no sampled pair to train on: stopping (--no-signal-limit "
-            f"{limit}; 0 = no check)")
+            f"this run, all ranks; dropped: {why}); {judge}leaves no sampled pair to train on: stopping "
+            f"(--no-signal-limit {limit}; 0 = no check)")
 
 
 def online_metrics(total: dict, rec: dict, beta: float, world: int) -> dict:
